@@ -1,0 +1,237 @@
+"""Statistics that importance-aware methods ask for (``Method.needs``), gathered over calibration windows.
+
+- ``input_gram``: sum over tokens of x x^T for the target's input x (in x in), float64 accumulation.
+- ``input_abs_mean`` / ``input_sq_mean``: per input feature, mean |x| and mean x^2.
+- ``fisher``: per weight, the mean over windows of the squared gradient of the loss (empirical Fisher),
+  (out, in). Causal LMs use their next-token loss. Encoders without an LM head use the loss of matching
+  the original model's outputs, 1/2 mean_t ||h_t - h_t^orig||^2; its gradient is zero at the original
+  weights, so what is estimated is its curvature diag(J^T J) (the Gauss-Newton Fisher), with one random
+  sign projection of the outputs per window: E[(d (r . h) / dw)^2] = diag(J^T J) for r of random signs.
+
+Memory stays bounded: one float32 accumulator per target weight (no per-window copies), input statistics
+of size in x in, and only the targeted weights require gradients while the Fisher is measured.
+Results are cached on disk (safetensors) under ``cache_dir()/stats``, keyed by a fingerprint of the
+targeted weights, the calibration token ids, the window count and length, and the statistic; a later
+call with the same key loads them instead of running the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lmshrink.data import Corpus, calibration_windows
+from lmshrink.errors import DataError, InvalidArgument
+from lmshrink.plan import Target
+
+INPUT_STATS = {"input_gram", "input_abs_mean", "input_sq_mean"}
+TOKEN_STATS = {"token_counts"}  # lmshrink.frequencies.Frequencies of the calibration text (no forward pass)
+KNOWN_STATS = INPUT_STATS | {"fisher"} | TOKEN_STATS
+CACHE_FORMAT = 1
+
+
+def stats_cache_dir() -> Path:
+    from lmshrink.models.builtin import cache_dir
+
+    return cache_dir() / "stats"
+
+
+def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows: int = 32, window_len: int = 512,
+                  progress: bool = True, cache: bool | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{target name: {statistic: tensor}} for every statistic in ``needs``.
+
+    ``cache``: read and write the on-disk cache (default: on unless LMSHRINK_NO_STATS_CACHE is set).
+    """
+    needs = set(needs)
+    unknown = needs - KNOWN_STATS
+    if unknown:
+        raise InvalidArgument("needs", f"unknown statistics {sorted(unknown)}", f"{sorted(KNOWN_STATS)}")
+    if not needs:
+        return {}
+    if windows < 1:
+        raise InvalidArgument("windows", f"{windows} is below 1", "an integer >= 1")
+    if not targets:
+        raise InvalidArgument("targets", "is empty", "at least one target to calibrate")
+    if needs & TOKEN_STATS:
+        counted = _token_counts(loaded, targets, corpus)
+        needs -= TOKEN_STATS
+        if not needs:
+            return counted
+        stats = collect_stats(loaded, targets, corpus, needs, windows, window_len, progress, cache)
+        return {name: {**stats[name], **counted[name]} for name in stats}
+    batches = calibration_windows(loaded, corpus, windows, window_len)
+    if cache is None:
+        cache = not os.environ.get("LMSHRINK_NO_STATS_CACHE")
+    stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
+    missing = set(needs)
+    keys = {}
+    if cache:
+        base = _cache_key_parts(loaded, targets, batches)
+        for stat in sorted(needs):
+            keys[stat] = _cache_key(base, stat)
+            cached = _read_cache(keys[stat], targets, stat)
+            if cached is not None:
+                for name, tensor in cached.items():
+                    stats[name][stat] = tensor
+                missing.discard(stat)
+    if missing:
+        fresh = _measure(loaded, targets, batches, missing, progress)
+        for name, entry in fresh.items():
+            stats[name].update(entry)
+        if cache:
+            for stat in missing:
+                _write_cache(keys[stat], {name: entry[stat] for name, entry in fresh.items() if stat in entry}, stat)
+    return stats
+
+
+def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
+    # Token frequencies of the whole calibration text with the model's tokenizer (GroupReduce); a model without a
+    # tokenizer gets none, and a method that needs them says so (or takes a --frequencies file).
+    if getattr(loaded, "tokenizer", None) is None:
+        return {t.name: {} for t in targets}
+    from lmshrink.frequencies import corpus_frequencies
+
+    return {t.name: {"token_counts": corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)} for t in targets}
+
+
+def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, torch.Tensor]]:
+    stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
+    input_needs = needs & INPUT_STATS
+    hooks = [t.module.register_forward_hook(_input_hook(stats[t.name], input_needs)) for t in targets] if input_needs else []
+    model = loaded.model
+    fisher = "fisher" in needs
+    saved_flags = {}
+    if fisher:
+        # Only the targeted weights need gradients: cheaper backward, no gradient buffers for the rest.
+        target_params = {id(t.module.weight) for t in targets}
+        for param in model.parameters():
+            saved_flags[param] = param.requires_grad
+            param.requires_grad_(id(param) in target_params)
+        accumulators = {t.name: torch.zeros(tuple(t.module.weight.shape), dtype=torch.float32, device=t.module.weight.device)
+                        for t in targets}
+        generator = torch.Generator().manual_seed(0)  # random output projections of encoders, reproducible
+    was_training = model.training
+    model.eval()
+    try:
+        for index, ids in enumerate(tqdm(batches, desc="calibrating" + (" (fisher)" if fisher else ""), unit="window", disable=not progress)):
+            ids = ids[None]
+            if fisher:
+                model.zero_grad(set_to_none=True)
+                loss = _fisher_loss(loaded, ids, generator)
+                loss.backward()
+                for t in targets:
+                    grad = t.module.weight.grad
+                    if grad is None:
+                        raise DataError(f"{t.name}: its weight got no gradient from the calibration loss; it does not take "
+                                        "part in the model's output, so it has no Fisher importance (leave it out of --targets)")
+                    if not torch.isfinite(grad).all():
+                        raise DataError(f"{t.name}: NaN or inf gradient in calibration window {index} "
+                                        f"of {len(batches)}; the model overflows on this text, check its dtype or the data")
+                    accumulators[t.name].add_(grad.float().square())
+            else:
+                with torch.no_grad():
+                    loaded.logits(ids) if loaded.causal else loaded.embed(ids, torch.ones_like(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if fisher:
+            model.zero_grad(set_to_none=True)
+            for param, flag in saved_flags.items():
+                param.requires_grad_(flag)
+        model.train(was_training)
+    for t in targets:
+        entry = stats[t.name]
+        count = entry.pop("_tokens", None)
+        for key in ("input_abs_mean", "input_sq_mean"):
+            if key in entry:
+                entry[key] = (entry[key] / count).float()
+        if fisher:
+            mean = accumulators[t.name] / len(batches)
+            entry["fisher"] = _as_out_in(t, mean)
+    return stats
+
+
+def _fisher_loss(loaded, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if loaded.causal:
+        logits = loaded.logits(ids)
+        return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    # Encoder: curvature of the output-matching loss, through one random sign projection of the outputs.
+    hidden = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.float()
+    signs = torch.randint(0, 2, hidden.shape, generator=generator).to(hidden.device, hidden.dtype) * 2 - 1
+    return (signs * hidden).sum() / hidden.shape[1] ** 0.5
+
+
+def _as_out_in(target: Target, tensor: torch.Tensor) -> torch.Tensor:
+    # GPT-2's Conv1D stores (in, out); statistics are always reported in (out, in) like Target.weight().
+    shape = tuple(target.weight().shape)
+    return tensor if tuple(tensor.shape) == shape else tensor.T.contiguous()
+
+
+def _input_hook(entry: dict, needs: set):
+    def hook(module, inputs, output):
+        x = inputs[0].detach()
+        if not x.is_floating_point():
+            return  # embeddings take token ids, not activations
+        x = x.reshape(-1, x.shape[-1]).double()
+        entry["_tokens"] = entry.get("_tokens", 0) + x.shape[0]
+        if "input_gram" in needs:
+            entry["input_gram"] = entry.get("input_gram", 0) + x.T @ x
+        if "input_abs_mean" in needs:
+            entry["input_abs_mean"] = entry.get("input_abs_mean", 0) + x.abs().sum(0)
+        if "input_sq_mean" in needs:
+            entry["input_sq_mean"] = entry.get("input_sq_mean", 0) + (x * x).sum(0)
+
+    return hook
+
+
+def _cache_key_parts(loaded, targets, batches) -> dict:
+    # The weights themselves (a cheap fingerprint: shape, sum, sum of squares, a few entries) rather than the
+    # model's name, so a model changed in place (compressed, fine-tuned) never reuses stale statistics.
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for t in targets:
+            w = t.module.weight.detach().double()
+            flat = w.reshape(-1)
+            probe = flat[:: max(1, flat.numel() // 64)][:64]
+            digest.update(f"{t.name}:{tuple(w.shape)}:{float(w.sum()):.12e}:{float((w * w).sum()):.12e}".encode())
+            digest.update(probe.float().cpu().numpy().tobytes())
+    data = hashlib.sha256(batches.cpu().numpy().tobytes()).hexdigest()
+    return {"format": CACHE_FORMAT, "model": loaded.source, "weights": digest.hexdigest(), "data": data,
+            "windows": int(batches.shape[0]), "window_len": int(batches.shape[1]), "causal": bool(loaded.causal)}
+
+
+def _cache_key(parts: dict, stat: str) -> str:
+    return hashlib.sha256(json.dumps({**parts, "stat": stat}, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_cache(key: str, targets, stat: str) -> dict[str, torch.Tensor] | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = stats_cache_dir() / f"{stat}-{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return None  # a truncated or corrupted cache file is simply recomputed
+    if any(t.name not in tensors for t in targets):
+        return None
+    device = targets[0].module.weight.device
+    return {t.name: tensors[t.name].to(device) for t in targets}
+
+
+def _write_cache(key: str, tensors: dict[str, torch.Tensor], stat: str) -> None:
+    from safetensors.torch import save_file
+
+    folder = stats_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stat}-{key}.safetensors"
+    temporary = folder / f".{path.name}.{os.getpid()}.tmp"
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(temporary), metadata={"stat": stat})
+    os.replace(temporary, path)  # atomic: a concurrent reader never sees half a file

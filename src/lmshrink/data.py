@@ -1,0 +1,138 @@
+"""Text corpora and the token windows cut from them (deterministic: same text, same windows)."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmshrink.errors import DataError, InvalidArgument
+
+# Named corpora resolve inside the shared data folder (LMSHRINK_DATA, else ../shared/data from here upwards).
+NAMED_CORPORA = {"wikitext-2": ("wikitext-2", "train.txt", "test.txt"), "ptb": ("ptb", "ptb.train.txt", "ptb.test.txt")}
+
+
+@dataclass
+class Corpus:
+    """Calibration text (``train``) and evaluation text (``test``) with a description of where they came from."""
+
+    name: str
+    train: str
+    test: str
+    source: str
+
+
+def shared_data_dir() -> Path | None:
+    """LMSHRINK_DATA if set, else the first ``shared/data`` found beside the working directory or this checkout."""
+    if os.environ.get("LMSHRINK_DATA"):
+        return Path(os.environ["LMSHRINK_DATA"]).expanduser()
+    for start in (Path.cwd(), Path(__file__).resolve()):
+        for folder in [start, *start.parents]:
+            candidate = folder / "shared" / "data"
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _split_file(path: Path, name: str) -> Corpus:
+    # One file: the first 90% (at a line break) calibrates, the last 10% evaluates; they never overlap.
+    text = _read(path)
+    cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1 or int(len(text) * 0.9)
+    return Corpus(name, text[:cut], text[cut:], f"{path} (first 90% for calibration, last 10% for evaluation)")
+
+
+def _from_folder(path: Path) -> Corpus:
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    train = [p for p in files if "train" in p.name]
+    test = [p for p in files if "test" in p.name]
+    if not train or not test:
+        raise InvalidArgument("--data", f"folder {str(path)!r} has no train and test files",
+                              "a text file, or a folder with *train* and *test* files (as WikiText-2 and PTB have)")
+    return Corpus(path.name, _read(train[0]), _read(test[0]), f"{train[0]} (calibration), {test[0]} (evaluation)")
+
+
+def stdlib_corpus(max_chars: int = 3_000_000) -> Corpus:
+    """Python's own standard library source: real text that every machine with Python has."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for file in sorted(root.glob("*.py")):
+        text = _read(file)
+        parts.append(text)
+        size += len(text)
+        if size >= max_chars:
+            break
+    text = "\n".join(parts)
+    cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1
+    return Corpus("python-stdlib", text[:cut], text[cut:],
+                  f"Python standard library source ({root}/*.py, first {size:,} characters; 90% calibration / 10% evaluation)")
+
+
+def load_corpus(spec: str | Path | None = None) -> Corpus:
+    """A text file, a folder with train/test files, a named corpus ('wikitext-2', 'ptb', 'stdlib'), or the default.
+
+    The default is WikiText-2 from the shared data folder when there is one, else the Python standard library.
+    """
+    if spec is None:
+        shared = shared_data_dir()
+        if shared is not None and (shared / "wikitext-2").is_dir():
+            return _from_folder(shared / "wikitext-2")
+        return stdlib_corpus()
+    text = str(spec)
+    if text == "stdlib":
+        return stdlib_corpus()
+    if text in NAMED_CORPORA:
+        shared = shared_data_dir()
+        folder = shared / NAMED_CORPORA[text][0] if shared is not None else None
+        if folder is None or not folder.is_dir():
+            raise InvalidArgument("--data", f"named corpus {text!r} not found (no shared data folder)",
+                                  "set LMSHRINK_DATA to the folder holding wikitext-2/ and ptb/, or pass a path")
+        return _from_folder(folder)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file():
+        return _split_file(path, path.stem)
+    raise InvalidArgument("--data", f"{text!r} does not exist", "a text file, a folder with train/test files, 'wikitext-2', 'ptb' or 'stdlib'")
+
+
+def encode_prefix(loaded, text: str, tokens: int | None, chars_per_token: int = 8) -> list[int]:
+    """Token ids of the start of ``text``, at least ``tokens`` of them when the text has that many.
+
+    Tokenizing a whole 10 MB corpus to use its first windows wastes seconds; this grows a prefix instead.
+    """
+    if tokens is None:
+        return loaded.encode(text)
+    size = tokens * chars_per_token
+    while True:
+        ids = loaded.encode(text[:size])
+        if len(ids) > tokens or size >= len(text):
+            # Strictly more tokens than asked were made, so a partial word at the cut is never returned.
+            return ids[:tokens]
+        size *= 2
+
+
+def token_windows(ids: list[int] | torch.Tensor, window: int, count: int | None = None, what: str = "text") -> torch.Tensor:
+    """Non-overlapping windows (count, window) from the start of ``ids``; an error if not even one fits."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    available = ids.numel() // window
+    if available == 0:
+        raise DataError(f"--data: the {what} has {ids.numel()} tokens, too short for one window of {window}; "
+                        f"give a longer text or a smaller --window")
+    if count is not None and count > available:
+        raise DataError(f"--data: the {what} has {ids.numel()} tokens, enough for {available} windows of {window}, "
+                        f"not the {count} asked; give a longer text or fewer windows")
+    used = available if count is None else count
+    return ids[: used * window].view(used, window)
+
+
+def calibration_windows(loaded, corpus: Corpus, count: int, window: int) -> torch.Tensor:
+    """The first ``count`` windows of the corpus's calibration text."""
+    ids = encode_prefix(loaded, corpus.train, count * window)
+    return token_windows(ids, window, count, what=f"calibration text of {corpus.name}")

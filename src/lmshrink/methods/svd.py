@@ -1,0 +1,27 @@
+"""Truncated SVD and randomized SVD: the baselines every other low-rank method is judged against."""
+
+from __future__ import annotations
+
+from lmshrink.decompose.svd import truncated_svd
+from lmshrink.methods import MethodOption, register_method
+
+
+@register_method("svd", summary="truncated SVD (Eckart-Young optimal in Frobenius norm)")
+def svd(weight, rank, stats, options):
+    return truncated_svd(weight, rank)
+
+
+@register_method(
+    "rsvd",
+    summary="randomized SVD (Halko et al.): faster on large matrices, near-optimal",
+    options=(MethodOption("power_iterations", int, 2, "rsvd: power iterations (more = closer to exact SVD)"),),
+)
+def rsvd(weight, rank, stats, options):
+    generator = torch_generator(0)
+    return truncated_svd(weight, rank, randomized=True, power_iterations=options["power_iterations"], generator=generator)
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,126 @@
+"""Model adapters. ``load_model`` turns a name, path or nn.Module into a LoadedModel of some family.
+
+A *family* knows how to load a kind of model, list its compressible matrices, tokenize text for it,
+run it, and save/rebuild its base (config + tokenizer) next to lmshrink's weights. Families register
+in FAMILIES; the first whose ``detect`` accepts a path loads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmshrink.errors import NotAModel
+
+
+class ModelFamily:
+    """Interface of a model family; subclasses register themselves by ``name``."""
+
+    name: str = ""
+    causal: bool = True  # whether perplexity applies (encoders use fidelity instead)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            FAMILIES[cls.name] = cls()
+
+    def detect(self, path: Path) -> bool:
+        return False
+
+    def load(self, path: Path) -> "LoadedModel":
+        raise NotImplementedError
+
+    def candidates(self, loaded: "LoadedModel") -> list:
+        """Every module a plan may target, as lmshrink.plan.Target."""
+        raise NotImplementedError
+
+    def encode(self, loaded: "LoadedModel", text: str) -> list[int]:
+        raise NotImplementedError
+
+    def logits(self, loaded: "LoadedModel", ids: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, seq, vocab) next-token logits (causal families)."""
+        raise NotImplementedError
+
+    def embed(self, loaded: "LoadedModel", ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) ids -> (batch, dim) pooled embeddings (encoder families)."""
+        raise NotImplementedError
+
+    def save_base(self, loaded: "LoadedModel", directory: Path) -> dict[str, Any]:
+        """Write config and tokenizer; return JSON-safe facts that ``build_empty`` needs."""
+        raise NotImplementedError
+
+    def build_empty(self, directory: Path, base: dict[str, Any]) -> "LoadedModel":
+        """The dense base model with placeholder weights, ready for factorized layers and a state dict."""
+        raise NotImplementedError
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+@dataclass
+class LoadedModel:
+    """A model with what lmshrink needs around it: its family, tokenizer and where it came from."""
+
+    model: nn.Module
+    family: ModelFamily
+    tokenizer: Any = None
+    source: str = "<in-memory>"
+    manifest: dict | None = None  # set when loaded from an lmshrink directory
+    compression: list[dict] = field(default_factory=list)  # per-module report of the last compress()
+
+    @property
+    def causal(self) -> bool:
+        return self.family.causal
+
+    def encode(self, text: str) -> list[int]:
+        return self.family.encode(self, text)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.family.logits(self, ids)
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.family.embed(self, ids, mask)
+
+    def candidates(self) -> list:
+        return self.family.candidates(self)
+
+
+def _import_families() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = None) -> LoadedModel:
+    """Load a built-in name, a saved lmshrink directory, a Hugging Face directory, a .gguf file, or wrap a module."""
+    _import_families()
+    if isinstance(spec, LoadedModel):
+        return spec
+    if isinstance(spec, nn.Module):
+        return FAMILIES["hf"].wrap(spec, tokenizer)
+    from lmshrink.models.builtin import BUILTINS, fetch_builtin
+
+    text = str(spec)
+    if text in BUILTINS:
+        path = fetch_builtin(text)
+        loaded = load_model(path)
+        loaded.source = text
+        return loaded
+    path = Path(text).expanduser()
+    if (path / "lmshrink.json").is_file():
+        from lmshrink.io import load
+
+        return load(path)
+    if not path.exists():
+        raise NotAModel(f"MODEL: {text!r} is neither a path nor a built-in name; built-ins: {', '.join(BUILTINS)}; "
+                        "or give a Hugging Face directory, a .gguf file or a saved lmshrink directory")
+    for family in FAMILIES.values():
+        if family.detect(path):
+            return family.load(path)
+    raise NotAModel(f"MODEL: {text!r} is not a model: expected a Hugging Face directory (config.json + weights), "
+                    "a .gguf file, or a saved lmshrink directory (lmshrink.json)")

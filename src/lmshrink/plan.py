@@ -1,0 +1,126 @@
+"""What to compress and how much: the Plan, and the Targets it selects in a model."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from lmshrink.errors import InvalidArgument
+
+# Target groups a user can name instead of a glob pattern.
+GROUP_ALIASES = {
+    "linears": ("attention", "mlp"),
+    "attention": ("attention",),
+    "mlp": ("mlp",),
+    "embedding": ("embedding",),
+    "lm_head": ("lm_head",),
+}
+
+
+@dataclass
+class Target:
+    """One matrix-bearing module the plan may replace.
+
+    ``kind`` says how it is used ("linear", "embedding", "lm_head", "lstm", ...); ``group`` is what
+    aliases select ("attention", "mlp", "embedding", "lm_head", "other"). A token embedding tied to the
+    output layer carries the head's name in ``tied_head``: both are compressed once, together.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    group: str
+    tied_head: str | None = None
+
+    def weight(self) -> Tensor:
+        """The matrix in (out, in) layout (embeddings: (V, d))."""
+        from lmshrink.layers.lowrank import linear_weight
+
+        if self.kind == "embedding":
+            return self.module.weight
+        return linear_weight(self.module)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight().shape)
+
+
+@dataclass
+class Plan:
+    """Method x targets x amount. Exactly one of ``ratio``, ``rank`` or ``energy`` says how much each target keeps.
+
+    ``ratio`` R: each targeted matrix keeps R times its dense parameter count (0 < R <= 1).
+    ``rank`` K: every targeted matrix gets rank K (1 <= K <= min(m, n)).
+    ``energy`` E: the smallest rank keeping E of the squared singular values (0 < E <= 1).
+    """
+
+    method: str = "svd"
+    targets: tuple[str, ...] = ("linears",)
+    ratio: float | None = None
+    rank: int | None = None
+    energy: float | None = None
+    multiple_of: int = 1
+    allocation: str = "uniform"
+    options: dict[str, Any] = field(default_factory=dict)
+    calibration_windows: int = 32
+    window: int = 512
+
+    def __post_init__(self):
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        given = [name for name in ("ratio", "rank", "energy") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise InvalidArgument("ratio/rank/energy", f"{'none' if not given else ' and '.join(given)} given",
+                                  "exactly one of --ratio R, --rank K or --energy E")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise InvalidArgument("--ratio", f"{self.ratio} is outside (0, 1]", "0 < R <= 1, the fraction of each matrix's dense parameters kept")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise InvalidArgument("--energy", f"{self.energy} is outside (0, 1]", "0 < E <= 1, the fraction of squared singular values kept")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
+            raise InvalidArgument("--rank", f"{self.rank!r} is not a positive integer", "an integer K >= 1 and <= min(m, n) of every target")
+        if self.multiple_of < 1:
+            raise InvalidArgument("--multiple-of", f"{self.multiple_of} is below 1", "an integer >= 1")
+        if self.calibration_windows < 1:
+            raise InvalidArgument("--calibration-windows", f"{self.calibration_windows} is below 1", "an integer >= 1")
+        if self.window < 2:
+            raise InvalidArgument("--window", f"{self.window} is below 2", "an integer >= 2 tokens")
+
+    def amount(self) -> str:
+        if self.ratio is not None:
+            return f"ratio={self.ratio:g}"
+        if self.rank is not None:
+            return f"rank={self.rank}"
+        return f"energy={self.energy:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "targets": list(self.targets), "ratio": self.ratio, "rank": self.rank,
+                "energy": self.energy, "multiple_of": self.multiple_of, "allocation": self.allocation,
+                "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window}
+
+
+def select_targets(candidates: list[Target], patterns: tuple[str, ...]) -> list[Target]:
+    """Targets matching any pattern: a group alias (linears, attention, mlp, embedding, lm_head) or a glob on names.
+
+    A pattern that matches nothing is an error that lists close matches.
+    """
+    by_name = {t.name: t for t in candidates}
+    chosen: dict[str, Target] = {}
+    for pattern in patterns:
+        if pattern in GROUP_ALIASES:
+            groups = GROUP_ALIASES[pattern]
+            matched = [t for t in candidates if t.group in groups
+                       or (t.tied_head is not None and "lm_head" in groups)]
+        else:
+            matched = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)
+                       or (t.tied_head is not None and fnmatch.fnmatchcase(t.tied_head, pattern))]
+        if not matched:
+            names = list(GROUP_ALIASES) + list(by_name)
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            hint = f"close matches: {', '.join(close)}" if close else f"groups {', '.join(GROUP_ALIASES)} or a glob such as '*.q_proj'"
+            raise InvalidArgument("--targets", f"pattern {pattern!r} matches no module", hint)
+        for target in matched:
+            chosen.setdefault(target.name, target)
+    return [t for t in candidates if t.name in chosen]

@@ -1,0 +1,157 @@
+"""compress(): select targets, gather statistics, allocate ranks, factorize, swap modules, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmshrink.accounting import count_bytes, count_params, module_params
+from lmshrink.allocation import allocate
+from lmshrink.data import Corpus, load_corpus
+from lmshrink.errors import InvalidArgument
+from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
+from lmshrink.methods import get_method
+from lmshrink.models import LoadedModel, load_model
+from lmshrink.plan import Plan, Target, select_targets
+
+
+@dataclass
+class CompressionReport:
+    plan: dict
+    modules: list[dict]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    stats_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compressed(self) -> list[dict]:
+        return [m for m in self.modules if m["status"] == "factorized"]
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan, "params_before": self.params_before, "params_after": self.params_after,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "seconds": self.seconds,
+                "stats_seconds": self.stats_seconds, "notes": self.notes, "modules": self.modules}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    weight = weight.detach().float()
+    return float(torch.linalg.norm(weight - approx.detach().float()) / torch.linalg.norm(weight).clamp_min(1e-30))
+
+
+def lowrank_layer(target: Target, left: torch.Tensor, right: torch.Tensor) -> nn.Module:
+    """The factorized module for a target: LowRankEmbedding for embeddings, LowRankLinear otherwise."""
+    dtype = target.weight().dtype
+    left, right = left.to(dtype), right.to(dtype)
+    if target.kind == "embedding":
+        return LowRankEmbedding.from_embedding(target.module, left.shape[1], factors=(left, right))
+    return LowRankLinear.from_linear(target.module, left.shape[1], factors=(left, right))
+
+
+def check_plan(model, plan: Plan) -> list[Target]:
+    """Fail fast on a plan that cannot apply to this model (method, options, targets, ranks); return its targets.
+
+    Cheap for ratio and rank plans; energy plans compute each target's spectrum.
+    """
+    loaded = load_model(model)
+    method = get_method(plan.method)
+    method.resolve_options(plan.options)
+    targets = select_targets(loaded.candidates(), plan.targets)
+    unsupported = [t.name for t in targets if t.kind not in method.target_kinds and not (t.kind == "lm_head" and "linear" in method.target_kinds)]
+    if unsupported:
+        raise InvalidArgument("--targets", f"method {method.name!r} cannot compress {unsupported[:3]}{' ...' if len(unsupported) > 3 else ''}",
+                              f"targets of kind {sorted(method.target_kinds)}")
+    if method.kind == "lowrank" and plan.allocation == "uniform":
+        allocate(targets, plan, {})
+    return targets
+
+
+def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool = True) -> CompressionReport:
+    """Apply ``plan`` to ``model`` in place and return what changed, module by module.
+
+    ``model`` is anything ``load_model`` accepts; ``data`` (a Corpus or what ``load_corpus`` accepts) is
+    needed only by methods that calibrate on text. The LoadedModel keeps the per-module report, which
+    ``save`` writes into the manifest.
+    """
+    loaded = load_model(model)
+    method = get_method(plan.method)
+    options = method.resolve_options(plan.options)
+    targets = check_plan(loaded, plan)
+    params_before, bytes_before = count_params(loaded.model), count_bytes(loaded.model)
+    start = time.perf_counter()
+    stats = {}
+    if method.needs:
+        from lmshrink.calibration import collect_stats
+
+        corpus = data if isinstance(data, Corpus) else load_corpus(data)
+        stats = collect_stats(loaded, targets, corpus, method.needs, windows=plan.calibration_windows,
+                              window_len=plan.window, progress=progress)
+    stats_seconds = time.perf_counter() - start
+    rows = []
+    if method.kind == "lowrank":
+        ranks = allocate(targets, plan, stats)
+        for target in tqdm(targets, desc=f"{method.name}", unit="matrix", disable=not progress):
+            rows.append(_factorize_target(loaded.model, target, ranks[target.name], method, stats.get(target.name, {}), options))
+    else:
+        for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
+            before = module_params(target.module)
+            weight = target.weight().detach()
+            new = method.function(target, plan, stats.get(target.name, {}), options)
+            row = _row(target, before)
+            if new is None:
+                row.update(status="dense (not smaller)")
+            else:
+                _swap(loaded.model, target, new)
+                row.update(status="factorized", params_after=module_params(new), layer=type(new).__name__)
+                if hasattr(new, "dense_weight"):
+                    with torch.no_grad():
+                        row["relative_error"] = relative_error(weight, new.dense_weight())
+            rows.append(row)
+    report = CompressionReport(plan.to_dict(), rows, params_before, count_params(loaded.model), bytes_before,
+                               count_bytes(loaded.model), time.perf_counter() - start, stats_seconds)
+    if not report.compressed:
+        report.notes.append("no target became smaller: every matrix stays dense at this amount")
+    loaded.compression = rows
+    loaded.model.eval()
+    return report
+
+
+def _row(target: Target, params_before: int) -> dict:
+    m, n = target.shape
+    return {"name": target.name, "kind": target.kind, "shape": [m, n], "rank": None, "params_before": params_before,
+            "params_after": params_before, "relative_error": 0.0, "tied_head": target.tied_head}
+
+
+def _factorize_target(model, target: Target, rank, method, stats, options) -> dict:
+    row = _row(target, module_params(target.module))
+    if rank is None:
+        row["status"] = "dense (not smaller)"
+        return row
+    weight = target.weight().detach()
+    left, right = method.function(weight.float(), rank, stats, options)
+    layer = lowrank_layer(target, left, right)
+    _swap(model, target, layer)
+    with torch.no_grad():
+        row.update(status="factorized", rank=rank, params_after=module_params(layer), layer=type(layer).__name__,
+                   relative_error=relative_error(weight, left @ right))
+    return row
+
+
+def _swap(model, target: Target, new: nn.Module) -> None:
+    replace_module(model, target.name, new)
+    if target.tied_head is not None:
+        head = model.get_submodule(target.tied_head)
+        bias = getattr(head, "bias", None)
+        replace_module(model, target.tied_head, TiedHead(new, target.name, bias))

@@ -1,0 +1,82 @@
+"""Shared fixtures. Real models come through lmshrink's own loader (fetched once into the cache);
+real text comes from the shared data folder (../shared/data, or LMSHRINK_DATA)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lmshrink
+from lmshrink.data import shared_data_dir
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    folder = shared_data_dir()
+    assert folder is not None and (folder / "wikitext-2" / "test.txt").is_file(), (
+        "the shared corpora are missing: put them in ../shared/data or set LMSHRINK_DATA")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wikitext(data_dir):
+    return lmshrink.load_corpus(data_dir / "wikitext-2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_pristine():
+    """SmolLM2-135M as loaded from its GGUF; never modify it (use ``smollm2``)."""
+    return lmshrink.load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2(smollm2_pristine):
+    """A private copy of SmolLM2-135M that a test may compress."""
+    return lmshrink.LoadedModel(copy.deepcopy(smollm2_pristine.model), smollm2_pristine.family,
+                                smollm2_pristine.tokenizer, smollm2_pristine.source)
+
+
+@pytest.fixture(scope="session")
+def minilm_pristine():
+    return lmshrink.load_model("minilm-l6")
+
+
+@pytest.fixture
+def minilm(minilm_pristine):
+    return lmshrink.LoadedModel(copy.deepcopy(minilm_pristine.model), minilm_pristine.family,
+                                minilm_pristine.tokenizer, minilm_pristine.source)
+
+
+def tiny_gpt2(tie: bool = True, seed: int = 0):
+    """A small random GPT-2 (Conv1D layers, tied embeddings): fast structural tests without downloads."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=300, n_positions=64, tie_word_embeddings=tie)
+    return lmshrink.load_model(GPT2LMHeadModel(config).eval())
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (one per byte), so tiny models can read real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["byte level"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def tiny_llama(seed: int = 0, tie: bool = False):
+    """A small random LLaMA (nn.Linear layers) with a byte tokenizer, saved-and-loaded like a real one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=tie)
+    return lmshrink.load_model(LlamaForCausalLM(config).eval(), tokenizer=byte_tokenizer())

@@ -1,0 +1,83 @@
+"""The command line, as a user runs it: output shapes, JSON, and one-line errors that write nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_llama
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lmshrink", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import lmshrink
+
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    loaded = tiny_llama()
+    lmshrink.save(loaded, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--rank", "0"], "--rank: 0 is not a positive integer"),
+        (["--rank", "65"], "--rank (for model.layers.0.self_attn.q_proj, 64x64): 65 does not fit"),
+        (["--ratio", "1.5"], "--ratio: 1.5 is outside (0, 1]"),
+        (["--energy", "0"], "--energy: 0.0 is outside (0, 1]"),
+        (["--ratio", "0.5", "--targets", "mpl"], "close matches: mlp"),
+        (["--ratio", "0.5", "--tt-max-rank", "3"], "--tt-max-rank: not an option of method 'svd'"),
+    ],
+)
+def test_bad_input_one_line_error_nothing_written(tiny_dir, tmp_path, args, message):
+    text = tmp_path / "text.txt"
+    text.write_text("hello world, this is text\n" * 500)
+    out = tmp_path / "out"
+    result = run("compress", str(tiny_dir), "--data", str(text), "--out", str(out), "--tokens", "64", "--window", "16", *args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_not_a_model_and_missing_data(tmp_path):
+    result = run("eval", str(tmp_path))
+    assert result.returncode == 2 and "is not a model" in result.stderr
+    result = run("eval", "smollm2-135m", "--data", str(tmp_path / "nope.txt"))
+    assert result.returncode == 2 and "--data" in result.stderr and "does not exist" in result.stderr
+
+
+def test_inspect_json(tiny_dir):
+    result = run("inspect", str(tiny_dir), "--json", "--targets", "attention")
+    assert result.returncode == 0, result.stderr
+    matrices = json.loads(result.stdout)["matrices"]
+    assert len(matrices) == 8
+    for row in matrices:
+        assert 1 <= row["effective_rank"] <= min(row["shape"])
+        assert 0 < row["energy@0.4"] < row["energy@0.6"] < row["energy@0.9"] <= 1
+
+
+def test_compress_and_eval_real_smollm2_json(tmp_path, data_dir):
+    out = tmp_path / "smol"
+    result = run("compress", "smollm2-135m", "--method", "svd", "--ratio", "0.9", "--targets", "model.layers.2?.mlp.*",
+                 "--data", str(data_dir / "wikitext-2"), "--out", str(out), "--tokens", "1024", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("params", "bytes", "perplexity", "tokens_per_s"):
+        assert report[key]["before"] > 0 and report[key]["after"] > 0
+    assert report["params"]["after"] < report["params"]["before"]
+    assert report["bytes"]["after"] == 4 * report["params"]["after"]  # float32 factors, nothing else stored
+    assert report["perplexity"]["after"] > report["perplexity"]["before"]
+    assert report["saved_to"] == str(out.resolve()) and (out / "lmshrink.json").is_file()
+    result = run("eval", str(out), "--data", str(data_dir / "wikitext-2"), "--tokens", "1024", "--json")
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(result.stdout)
+    assert evaluated["params"] == report["params"]["after"]
+    assert abs(evaluated["perplexity"] - report["perplexity"]["after"]) / report["perplexity"]["after"] < 1e-4
