@@ -28,6 +28,7 @@ def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # lmshrink shows its own progress; per-tensor loading bars are noise
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 

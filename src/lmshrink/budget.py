@@ -1,0 +1,139 @@
+"""Rank allocation under one global budget: the whole set of targets keeps ``ratio`` of its dense parameters.
+
+``sensitivity`` (registered into lmshrink.allocation) spends the budget where it buys the most: greedily,
+it gives up the rank-one component whose removal costs the least error per parameter saved, until the
+targets fit the budget. The error of each matrix at each rank comes from the same weighted spectrum the
+method truncates, so allocation and factorization agree:
+
+- Fisher + input Gram (fwhiten): singular values of G^1/2 W A^1/2, in loss units (nats);
+- Fisher (fwsvd, tfwsvd): singular values of diag(mean row Fisher)^1/2 W, in loss units;
+- input Gram (svdllm): singular values of W C, C C^T = Gram; input |x| means (asvd): of W diag(s);
+- nothing (svd): singular values of W.
+
+Only the first two are comparable across matrices as they stand (a second-order estimate of the loss
+increase); the others are divided by each matrix's total, i.e. relative error, the usual proxy.
+
+The result meets the budget: total factor parameters <= budget, and within one rank step of it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+
+from lmshrink.allocation import keep_if_smaller, register_allocation, uniform
+from lmshrink.decompose.weighted import asvd_scales, fisher_output_weights, psd_sqrt, safe_weights, weighted_spectrum
+from lmshrink.errors import InvalidArgument
+from lmshrink.plan import Plan, Target
+
+
+def error_spectrum(weight: torch.Tensor, stats: dict, options: dict | None = None) -> tuple[torch.Tensor, bool]:
+    """(squared weighted singular values, descending; whether they are in loss units) for one target."""
+    options = options or {}
+    weight = weight.detach()
+    fisher = stats.get("fisher")
+    gram = stats.get("input_gram")
+    square_mean = stats.get("input_sq_mean")
+    if fisher is not None and gram is not None and square_mean is not None:
+        count = float(gram.double().diagonal().sum() / square_mean.double().sum().clamp_min(1e-300))
+        root, _ = psd_sqrt(gram.double() / max(count, 1.0), options.get("whiten_damping", 0.0))
+        rows = safe_weights(fisher_output_weights(fisher, square_mean))
+        return 0.5 * weighted_spectrum(weight, rows, root) ** 2, True
+    if fisher is not None:
+        rows = safe_weights(fisher.double().mean(1))  # mean over the row: sum_j I_ij d_ij^2 ~ mean_j I_ij ||d_i||^2
+        return 0.5 * weighted_spectrum(weight, rows) ** 2, True
+    if gram is not None:
+        root, _ = psd_sqrt(gram, options.get("whiten_damping", 0.0))
+        values = weighted_spectrum(weight, None, root) ** 2
+    elif stats.get("input_abs_mean") is not None:
+        scales = asvd_scales(stats["input_abs_mean"], options.get("asvd_alpha", 0.5))
+        values = weighted_spectrum(weight, None, torch.diag(scales)) ** 2
+    else:
+        values = torch.linalg.svdvals(weight.double()) ** 2
+    return values / values.sum().clamp_min(1e-300), False
+
+
+def _max_rank(shape: tuple[int, int], multiple_of: int) -> int | None:
+    """The largest rank (a multiple of ``multiple_of``) whose factors are smaller than the dense matrix."""
+    m, n = shape
+    rank = (m * n - 1) // (m + n)
+    if multiple_of > 1:
+        rank = rank // multiple_of * multiple_of
+    rank = min(rank, min(shape))
+    return rank if rank >= 1 else None
+
+
+def allocate_budget(targets: list[Target], spectra: dict[str, torch.Tensor], budget: int,
+                    multiple_of: int = 1, argument: str = "--ratio") -> dict[str, int | None]:
+    """Ranks (None = stays dense) with total parameters <= ``budget``, chosen greedily by error per parameter saved.
+
+    ``spectra[name]`` holds the error of dropping each rank-one component (descending). Every target starts
+    dense; a step either factorizes it at its largest useful rank or drops ``multiple_of`` more components.
+    """
+    dense = {t.name: t.shape[0] * t.shape[1] for t in targets}
+    floor = {t.name: (t.shape[0] + t.shape[1]) * multiple_of if _max_rank(t.shape, multiple_of) else dense[t.name] for t in targets}
+    total_dense = sum(dense.values())
+    minimum = sum(floor.values())
+    if budget < minimum:
+        raise InvalidArgument(argument, f"a budget of {budget:,} parameters cannot be met: the targets need at least "
+                              f"{minimum:,} (rank {multiple_of} everywhere)",
+                              f"a budget >= {minimum:,} parameters, i.e. ratio >= {math.ceil(minimum / total_dense * 1e4) / 1e4:.4f}")
+    ranks: dict[str, int | None] = {t.name: None for t in targets}
+    used = total_dense
+    heap = []
+
+    def push(target: Target):
+        name, (m, n) = target.name, target.shape
+        rank = ranks[name]
+        values = spectra[name]
+        if rank is None:
+            top = _max_rank(target.shape, multiple_of)
+            if top is None:
+                return
+            cost, saved, new_rank = float(values[top:].sum()), dense[name] - top * (m + n), top
+        else:
+            new_rank = rank - multiple_of
+            if new_rank < multiple_of:
+                return
+            cost, saved = float(values[new_rank:rank].sum()), multiple_of * (m + n)
+        heapq.heappush(heap, (cost / saved, name, new_rank, saved))
+
+    by_name = {t.name: t for t in targets}
+    for target in targets:
+        push(target)
+    while used > budget and heap:
+        _, name, new_rank, saved = heapq.heappop(heap)
+        ranks[name] = new_rank
+        used -= saved
+        push(by_name[name])
+    return ranks
+
+
+def allocated_params(targets: list[Target], ranks: dict[str, int | None]) -> int:
+    return sum(t.shape[0] * t.shape[1] if ranks[t.name] is None else ranks[t.name] * (t.shape[0] + t.shape[1]) for t in targets)
+
+
+def plan_budget(targets: list[Target], plan: Plan, stats: dict) -> int:
+    """The parameter budget a plan sets: ratio x dense parameters, or what the uniform allocation would use."""
+    if plan.ratio is not None:
+        return int(math.floor(plan.ratio * sum(t.shape[0] * t.shape[1] for t in targets)))
+    return allocated_params(targets, uniform(targets, plan, stats))
+
+
+@register_allocation("sensitivity")
+def sensitivity(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | None]:
+    """Ranks under the plan's global budget, spent where the weighted truncation error per parameter is lowest."""
+    spectra = {}
+    loss_units = set()
+    for target in targets:
+        values, in_loss = error_spectrum(target.weight().float(), stats.get(target.name, {}), plan.options)
+        spectra[target.name] = values.cpu()
+        loss_units.add(in_loss)
+    if len(loss_units) > 1:
+        # Mixed units cannot be compared: fall back to relative error everywhere.
+        spectra = {name: v / v.sum().clamp_min(1e-300) for name, v in spectra.items()}
+    ranks = allocate_budget(targets, spectra, plan_budget(targets, plan, stats), plan.multiple_of)
+    return {name: (None if rank is None else keep_if_smaller(rank, by.shape)) for (name, rank), by in
+            zip(ranks.items(), targets)}

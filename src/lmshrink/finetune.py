@@ -1,0 +1,120 @@
+"""Refinement training: a few optimizer steps of next-token loss on corpus windows, after compression.
+
+By default only the factorized layers' parameters train (``train="factors"``: every parameter of every
+FactorizedModule, e.g. LowRankLinear's left/right, GroupReduce's block factors); ``train="all"`` trains the
+whole model. Windows come from the start of the corpus's calibration text, in order, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lmshrink.data import Corpus, encode_prefix, load_corpus, token_windows
+from lmshrink.errors import InvalidArgument
+from lmshrink.layers.base import FactorizedModule
+
+TRAIN_CHOICES = ("factors", "all")
+
+
+def trainable_parameters(model: torch.nn.Module, train: str = "factors") -> dict[str, torch.nn.Parameter]:
+    """{name: parameter} that ``train`` selects (shared parameters once)."""
+    if train not in TRAIN_CHOICES:
+        raise InvalidArgument("train", f"{train!r} is not a choice", f"one of {TRAIN_CHOICES}")
+    if train == "all":
+        return dict(model.named_parameters())
+    chosen, seen = {}, set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, FactorizedModule):
+            for name, param in module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    chosen[f"{module_name}.{name}" if module_name else name] = param
+    return chosen
+
+
+def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr: float = 1e-4, train: str = "factors",
+             window: int = 512, batch_size: int = 1, weight_decay: float = 0.0, clip: float = 1.0,
+             evaluate_tokens: int = 0, progress: bool = True) -> dict:
+    """Train for ``steps`` steps of ``batch_size`` windows of ``window`` tokens with AdamW; returns a report.
+
+    The report has the loss of every step and, when ``evaluate_tokens`` > 0, the perplexity on that many tokens of
+    the evaluation text before and after. The model is left in eval mode with every parameter's ``requires_grad``
+    as it was.
+    """
+    from lmshrink.models import load_model
+
+    for name, value, low in (("steps", steps, 1), ("window", window, 2), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidArgument(name, f"{value!r}", f"an integer >= {low}")
+    if not lr > 0:
+        raise InvalidArgument("lr", f"{lr!r} is not positive", "a learning rate > 0")
+    loaded = load_model(loaded)
+    if not loaded.causal:
+        raise InvalidArgument("model", "is not a causal language model", "a model with next-token logits")
+    corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    model = loaded.model
+    params = trainable_parameters(model, train)
+    if not params:
+        raise InvalidArgument("train", f"{train!r} selects no trainable parameters (quantized factors cannot train)",
+                              "a model with factorized float layers, or train='all'")
+    ids = encode_prefix(loaded, corpus.train, steps * batch_size * window)
+    windows = token_windows(ids, window, steps * batch_size, what=f"training text of {corpus.name}")
+    report = {"steps": steps, "batch_size": batch_size, "window": window, "lr": lr, "train": train,
+              "trained_parameters": sum(p.numel() for p in params.values()), "tokens": int(windows.numel()),
+              "corpus": corpus.name}
+    if evaluate_tokens:
+        from lmshrink.evaluate import corpus_perplexity
+
+        report["before"] = corpus_perplexity(loaded, corpus, evaluate_tokens, window, progress=progress)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    chosen = {id(p) for p in params.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+    losses, start = [], time.perf_counter()
+    model.train()
+    try:
+        for step in tqdm(range(steps), desc="finetune", unit="step", disable=not progress):
+            batch = windows[step * batch_size:(step + 1) * batch_size]
+            logits = loaded.logits(batch)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"finetune: loss became {loss.item()} at step {step}; lower lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+            optimizer.step()
+            losses.append(loss.item())
+            _refresh_caches(model)
+    finally:
+        model.eval()
+        optimizer.zero_grad(set_to_none=True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    report.update(seconds=time.perf_counter() - start, losses=losses,
+                  first_loss=losses[0], last_loss=losses[-1],
+                  mean_loss_first_tenth=sum(losses[: max(1, steps // 10)]) / max(1, steps // 10),
+                  mean_loss_last_tenth=sum(losses[-max(1, steps // 10):]) / max(1, steps // 10))
+    if evaluate_tokens:
+        from lmshrink.evaluate import corpus_perplexity
+
+        report["after"] = corpus_perplexity(loaded, corpus, evaluate_tokens, window, progress=progress)
+        report["perplexity_change"] = report["after"]["perplexity"] / report["before"]["perplexity"] - 1
+    return report
+
+
+def _refresh_caches(model: torch.nn.Module) -> None:
+    # Layers that cache a derived tensor of their parameters must drop it once the parameters change.
+    for module in model.modules():
+        if hasattr(module, "clear_cache"):
+            module.clear_cache()
+
+
+def perplexity_from_loss(loss: float) -> float:
+    return math.exp(loss)

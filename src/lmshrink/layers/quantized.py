@@ -1,0 +1,144 @@
+"""Quantized storage: packed k-bit integers plus float16 scales, held as buffers so they are saved and counted.
+
+``PackedTensor`` is the storage unit (used by the block low-rank layers for their factors too); ``QuantizedEmbedding``
+and ``QuantizedLinear`` replace dense modules by their quantized matrix (the "quantization alone" baseline).
+The float matrix is rebuilt once and cached outside the state dict: it is never saved nor counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmshrink.decompose.quantize import QuantizedMatrix, dequantize, quantize
+from lmshrink.layers.base import FactorizedModule
+from lmshrink.layers.lowrank import linear_weight
+
+
+class PackedTensor(nn.Module):
+    """A quantized (rows, columns) matrix: buffers ``packed`` (uint8), ``scales`` and ``minimums`` (float16)."""
+
+    def __init__(self, shape: tuple[int, int], bits: int, group_size: int | None = None):
+        super().__init__()
+        rows, columns = shape
+        self.shape, self.bits, self.group_size = (int(rows), int(columns)), int(bits), group_size
+        groups = 1 if group_size is None else -(-columns // group_size)
+        self.register_buffer("packed", torch.zeros(-(-rows * columns * bits // 8), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(rows, groups, dtype=torch.float16))
+        self.register_buffer("minimums", torch.zeros(rows, groups, dtype=torch.float16))
+        self._cache: Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
+
+    @classmethod
+    def from_tensor(cls, matrix: Tensor, bits: int, group_size: int | None = None) -> "PackedTensor":
+        quantized = quantize(matrix, bits, group_size)
+        packed = cls(quantized.shape, bits, quantized.group_size)
+        packed.packed, packed.scales, packed.minimums = quantized.packed, quantized.scales, quantized.minimums
+        return packed
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def value(self) -> Tensor:
+        """The dequantized float32 matrix (computed once, then cached)."""
+        if self._cache is None:
+            quantized = QuantizedMatrix(self.packed, self.scales, self.minimums, self.shape, self.bits, self.group_size)
+            self._cache = dequantize(quantized)
+        return self._cache
+
+    def config(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "PackedTensor":
+        return cls(tuple(config["shape"]), config["bits"], config["group_size"])
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()  # moved or cast: rebuild on next use
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape[0]}x{self.shape[1]}, bits={self.bits}, group_size={self.group_size or 'row'}"
+
+
+def _check_ids(ids: Tensor, vocab: int) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise IndexError(f"token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+
+
+class QuantizedEmbedding(FactorizedModule):
+    """A (V, d) embedding stored as k-bit integers per row (or column group); ``logits`` serves a tied head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int | None = None,
+                 padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight_q = PackedTensor((num_embeddings, embedding_dim), bits, group_size)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, bits: int, group_size: int | None = None) -> "QuantizedEmbedding":
+        weight = embedding.weight.detach()
+        layer = cls(weight.shape[0], weight.shape[1], bits, group_size, embedding.padding_idx)
+        layer.weight_q = PackedTensor.from_tensor(weight, bits, group_size)
+        return layer
+
+    def forward(self, ids: Tensor) -> Tensor:
+        _check_ids(ids, self.num_embeddings)
+        return F.embedding(ids, self.weight_q.value())
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.weight_q.value().to(hidden.dtype))
+
+    def dense_weight(self) -> Tensor:
+        return self.weight_q.value()
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx,
+                **{k: v for k, v in self.weight_q.config().items() if k != "shape"}}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedEmbedding":
+        return cls(config["num_embeddings"], config["embedding_dim"], config["bits"], config["group_size"], config["padding_idx"])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_q.bits}"
+
+
+class QuantizedLinear(FactorizedModule):
+    """y = x W^T + b with W (out, in) stored as k-bit integers; the bias stays float."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_q = PackedTensor((out_features, in_features), bits, group_size)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, bits: int, group_size: int | None = None) -> "QuantizedLinear":
+        weight = linear_weight(linear).detach()
+        layer = cls(weight.shape[1], weight.shape[0], bits, group_size, linear.bias is not None)
+        layer.weight_q = PackedTensor.from_tensor(weight, bits, group_size)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_q.value().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def dense_weight(self) -> Tensor:
+        return self.weight_q.value()
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                **{k: v for k, v in self.weight_q.config().items() if k != "shape"}}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedLinear":
+        return cls(config["in_features"], config["out_features"], config["bits"], config["group_size"], config["bias"])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_q.bits}"

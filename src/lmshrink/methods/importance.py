@@ -1,0 +1,126 @@
+"""Importance-aware low-rank methods: each one keeps what calibration says matters, not what is largest.
+
+- ``fwsvd``   Fisher-weighted SVD (Hsu et al., ICLR 2022): rows weighted by their summed Fisher information.
+- ``tfwsvd``  element-wise Fisher-weighted low rank (Hua et al., EMNLP 2022): FWSVD, then Adam and SGD on
+              sum_ij I_ij (W - L R)_ij^2.
+- ``asvd``    activation-aware SVD (Yuan et al. 2023): input columns scaled by mean |activation| ** alpha.
+- ``svdllm``  SVD-LLM truncation-aware whitening (Wang et al. 2024) with the input Gram matrix, no LoRA.
+- ``fwhiten`` Fisher rows x Gram whitening: the closed-form minimizer of the Kronecker second-order loss
+              model 1/2 tr(dW^T G dW A) (G: output-gradient scale from the Fisher, A: input second moment).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmshrink.decompose.weighted import (
+    activation_scaled_svd,
+    elementwise_weighted_lowrank,
+    fisher_output_weights,
+    psd_sqrt,
+    row_weighted_svd,
+    safe_weights,
+    two_sided_lowrank,
+    weighted_error,
+    whitened_svd,
+)
+from lmshrink.decompose.svd import truncated_svd
+from lmshrink.errors import InvalidArgument
+from lmshrink.methods import MethodOption, register_method
+
+
+def _stat(stats: dict, name: str, method: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    if name not in stats:
+        raise InvalidArgument("stats", f"method {method!r} needs the calibration statistic {name!r}, which is missing",
+                              "statistics from lmshrink.calibration.collect_stats (compress() gathers them when given data)")
+    value = stats[name]
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise InvalidArgument("stats", f"{name!r} has shape {tuple(value.shape)}", f"shape {tuple(shape)} for this matrix")
+    return value
+
+
+@register_method("fwsvd", summary="Fisher-weighted SVD (Hsu et al. 2022): rows weighted by summed Fisher information",
+                 needs=("fisher",))
+def fwsvd(weight, rank, stats, options):
+    fisher = _stat(stats, "fisher", "fwsvd", weight.shape).to(weight.device)
+    return row_weighted_svd(weight, rank, fisher.double().sum(1))
+
+
+@register_method(
+    "tfwsvd",
+    summary="TFWSVD (Hua et al. 2022): element-wise Fisher-weighted low rank, FWSVD then Adam + SGD",
+    needs=("fisher",),
+    options=(
+        MethodOption("tfwsvd_adam_steps", int, 100, "tfwsvd: at most this many Adam steps per matrix"),
+        MethodOption("tfwsvd_sgd_steps", int, 50, "tfwsvd: at most this many SGD steps per matrix after Adam"),
+        MethodOption("tfwsvd_lr", float, 1e-3, "tfwsvd: Adam learning rate"),
+        MethodOption("tfwsvd_tolerance", float, 1e-3, "tfwsvd: stop a phase when the weighted error gains less than this (relative) in 10 steps"),
+    ),
+)
+def tfwsvd(weight, rank, stats, options):
+    fisher = _stat(stats, "fisher", "tfwsvd", weight.shape).to(weight.device)
+    start = row_weighted_svd(weight, rank, fisher.double().sum(1))
+    left, right, _ = elementwise_weighted_lowrank(
+        weight, fisher, start, adam_steps=options["tfwsvd_adam_steps"], sgd_steps=options["tfwsvd_sgd_steps"],
+        adam_lr=options["tfwsvd_lr"], tolerance=options["tfwsvd_tolerance"], patience=10)
+    return left, right
+
+
+@register_method(
+    "asvd",
+    summary="ASVD (Yuan et al. 2023): input columns scaled by mean |activation| ** alpha before SVD",
+    needs=("input_abs_mean",),
+    options=(MethodOption("asvd_alpha", float, 0.5, "asvd: exponent of the activation scale (0 = plain SVD)"),),
+    target_kinds=("linear",),
+)
+def asvd(weight, rank, stats, options):
+    scale = _stat(stats, "input_abs_mean", "asvd", (weight.shape[1],)).to(weight.device)
+    return activation_scaled_svd(weight, rank, scale, options["asvd_alpha"])
+
+
+@register_method(
+    "svdllm",
+    summary="SVD-LLM truncation-aware whitening with the input Gram matrix (no LoRA); safe on singular Grams",
+    needs=("input_gram",),
+    options=(MethodOption("whiten_damping", float, 0.0, "svdllm/fwhiten: add this fraction of the Gram's mean diagonal before factorizing"),),
+    target_kinds=("linear",),
+)
+def svdllm(weight, rank, stats, options):
+    gram = _stat(stats, "input_gram", "svdllm", (weight.shape[1], weight.shape[1])).to(weight.device)
+    return whitened_svd(weight, rank, gram, options["whiten_damping"])
+
+
+@register_method(
+    "fwhiten",
+    summary="Fisher-scaled rows x Gram-whitened columns: closed-form minimizer of the Kronecker second-order loss model",
+    needs=("fisher", "input_gram", "input_sq_mean"),
+    options=(MethodOption("whiten_damping", float, 0.0, "svdllm/fwhiten: add this fraction of the Gram's mean diagonal before factorizing"),),
+    target_kinds=("linear",),
+)
+def fwhiten(weight, rank, stats, options):
+    fisher = _stat(stats, "fisher", "fwhiten", weight.shape).to(weight.device)
+    gram = _stat(stats, "input_gram", "fwhiten", (weight.shape[1], weight.shape[1])).to(weight.device)
+    square_mean = _stat(stats, "input_sq_mean", "fwhiten", (weight.shape[1],)).to(weight.device)
+    rows = safe_weights(fisher_output_weights(fisher, square_mean))
+    root, _ = psd_sqrt(gram, options["whiten_damping"])
+    return two_sided_lowrank(weight, rank, row_weights=rows, input_sqrt=root)
+
+
+def weighted_errors(weight: torch.Tensor, rank: int, fisher: torch.Tensor, **tfwsvd_options) -> dict:
+    """Fisher-weighted error sum_ij I_ij (W - W')^2 of SVD, FWSVD and TFWSVD at one rank (and TFWSVD's fit report)."""
+    import time
+
+    svd_left, svd_right = truncated_svd(weight.float(), rank)
+    begin = time.perf_counter()
+    fw = row_weighted_svd(weight, rank, fisher.double().sum(1))
+    fwsvd_seconds = time.perf_counter() - begin
+    tf_left, tf_right, report = elementwise_weighted_lowrank(weight, fisher, fw, **tfwsvd_options)
+    return {
+        "svd": weighted_error(weight, svd_left @ svd_right, fisher),
+        "fwsvd": weighted_error(weight, fw[0] @ fw[1], fisher),
+        "tfwsvd": weighted_error(weight, tf_left @ tf_right, fisher),
+        "fwsvd_seconds": fwsvd_seconds,
+        "tfwsvd_seconds": report.seconds,
+        "tfwsvd_steps": report.adam_steps + report.sgd_steps,
+        "tfwsvd_stopped": report.stopped,
+    }

@@ -1,0 +1,26 @@
+"""Uniform k-bit quantization of whole matrices: the "quantization alone" baseline (packed integers + scales)."""
+
+from __future__ import annotations
+
+from lmshrink.decompose.quantize import SUPPORTED_BITS, check_bits
+from lmshrink.layers.quantized import QuantizedEmbedding, QuantizedLinear
+from lmshrink.methods import MethodOption, register_method
+
+
+@register_method(
+    "quantize",
+    kind="module",
+    summary="uniform k-bit quantization per row or column group (packed integers, float16 scales)",
+    options=(
+        MethodOption("bits", int, 8, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)"),
+        MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)"),
+    ),
+    target_kinds=("linear", "embedding", "lm_head"),
+)
+def quantize_method(target, plan, stats, options):
+    # The --bits option is shared with groupreduce, where 0 means "float factors"; here every value must be real bits.
+    bits = check_bits(options["bits"], "--bits")
+    group_size = options.get("quant_group") or None
+    if target.kind == "embedding":
+        return QuantizedEmbedding.from_embedding(target.module, bits, group_size)
+    return QuantizedLinear.from_linear(target.module, bits, group_size)

@@ -1,0 +1,90 @@
+"""Refinement training of a compressed model's factors (or all parameters) on corpus windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmshrink
+from conftest import tiny_llama
+from lmshrink.data import encode_prefix, token_windows
+from lmshrink.errors import InvalidArgument
+from lmshrink.finetune import finetune, trainable_parameters
+
+
+class CharTokenizer:
+    """Bytes as token ids: enough of a tokenizer for a 256-token tiny model to read real text."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def tiny_llama_with_text(tie: bool = False):
+    loaded = tiny_llama(tie=tie)
+    loaded.tokenizer = CharTokenizer()
+    return loaded
+
+
+def _loss(loaded, windows) -> float:
+    with torch.no_grad():
+        logits = loaded.logits(windows)
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)))
+
+
+def test_finetune_trains_only_the_factors_and_lowers_the_loss(wikitext):
+    loaded = tiny_llama_with_text()
+    plan = lmshrink.Plan(method="svd", targets=("lm_head", "model.layers.1.mlp.down_proj"), ratio=0.3)
+    lmshrink.compress(loaded, plan, progress=False)
+    before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    factors = trainable_parameters(loaded.model, "factors")
+    assert set(factors) == {f"{m}.{p}" for m in ("lm_head", "model.layers.1.mlp.down_proj") for p in ("left", "right")}
+    windows = token_windows(encode_prefix(loaded, wikitext.train, 12 * 64), 64)
+    loss_before = _loss(loaded, windows)
+    report = finetune(loaded, wikitext, steps=12, lr=1e-2, window=64, progress=False, evaluate_tokens=320)
+    loss_after = _loss(loaded, windows)
+    assert report["steps"] == 12 and len(report["losses"]) == 12 and report["tokens"] == 12 * 64
+    assert loss_after < loss_before - 0.3, (loss_before, loss_after)
+    # Held-out text improves too (a random model learns the byte statistics of English).
+    assert report["after"]["perplexity"] < report["before"]["perplexity"]
+    for name, p in loaded.model.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == (name in factors), name
+        assert p.requires_grad  # flags restored
+    assert not loaded.model.training
+
+
+def test_finetune_all_parameters_on_a_block_embedding(wikitext, tmp_path):
+    from lmshrink.frequencies import corpus_frequencies
+
+    loaded = tiny_llama_with_text(tie=True)
+    table = corpus_frequencies(loaded, wikitext.train[:100_000], 256, name="wikitext-2 head").save(tmp_path / "f.json")
+    plan = lmshrink.Plan(method="groupreduce", targets=("embedding",), ratio=0.3,
+                         options={"frequencies": str(table), "groups": 4, "refine_steps": 2})
+    lmshrink.compress(loaded, plan, progress=False)
+    assert set(trainable_parameters(loaded.model, "factors")) == {
+        f"model.embed_tokens.{side}.{g}" for side in ("lefts", "rights") for g in range(4)}
+    norm = loaded.model.model.norm.weight.detach().clone()
+    windows = token_windows(encode_prefix(loaded, wikitext.train, 10 * 64), 64)
+    loss_before = _loss(loaded, windows)
+    finetune(loaded, wikitext, steps=10, lr=1e-2, window=64, train="all", progress=False)
+    assert _loss(loaded, windows) < loss_before
+    assert not torch.equal(loaded.model.model.norm.weight.detach(), norm)  # "all" trains outside the factors too
+
+
+def test_finetune_rejects_bad_arguments(wikitext):
+    loaded = tiny_llama_with_text()
+    with pytest.raises(InvalidArgument, match="train"):
+        finetune(loaded, wikitext, steps=1, train="embeddings")
+    with pytest.raises(InvalidArgument, match="steps"):
+        finetune(loaded, wikitext, steps=0)
+    with pytest.raises(InvalidArgument, match="selects no trainable"):
+        finetune(loaded, wikitext, steps=1, window=16)  # nothing factorized yet
+
+
+def test_quantized_factors_are_not_trainable():
+    loaded = tiny_llama(tie=True)
+    plan = lmshrink.Plan(method="quantize", targets=("embedding",), ratio=1.0, options={"bits": 8})
+    lmshrink.compress(loaded, plan, progress=False)
+    assert trainable_parameters(loaded.model, "factors") == {}
+    assert len(trainable_parameters(loaded.model, "all")) > 0
