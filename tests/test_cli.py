@@ -33,7 +33,7 @@ def tiny_dir(tmp_path_factory):
         (["--ratio", "1.5"], "--ratio: 1.5 is outside (0, 1]"),
         (["--energy", "0"], "--energy: 0.0 is outside (0, 1]"),
         (["--ratio", "0.5", "--targets", "mpl"], "close matches: mlp"),
-        (["--ratio", "0.5", "--tt-max-rank", "3"], "--tt-max-rank: not an option of method 'svd'"),
+        (["--method", "svd", "--ratio", "0.5", "--tt-max-rank", "3"], "--tt-max-rank: not an option of method 'svd'"),
     ],
 )
 def test_bad_input_one_line_error_nothing_written(tiny_dir, tmp_path, args, message):

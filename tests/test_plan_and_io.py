@@ -175,3 +175,13 @@ def test_text_too_short_for_one_window(tmp_path):
     short.write_text("just a few words\n" * 3)
     corpus = lmshrink.load_corpus(short)
     assert corpus.train and corpus.test and corpus.train + corpus.test == short.read_text()
+
+
+def test_default_corpus_without_shared_data_is_python_stdlib(monkeypatch, tmp_path):
+    import lmshrink.data
+
+    monkeypatch.setattr(lmshrink.data, "shared_data_dir", lambda: None)
+    corpus = lmshrink.load_corpus()
+    assert corpus.name == "python-stdlib" and "standard library" in corpus.source
+    assert len(corpus.train) > 1_000_000 and len(corpus.test) > 100_000
+    assert "def " in corpus.test and corpus.train[-1] == "\n"  # split at a line break, no overlap
