@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.8,0.6,0.9")
     parser.add_argument("--methods", default="fwhiten,svdllm,fwsvd,svd,asvd")
     parser.add_argument("--allocations", default="uniform,sensitivity")
-    parser.add_argument("--tfwsvd-ratios", default="0.8", help="tfwsvd is slow on CPU: run last, uniform, at these ratios")
+    parser.add_argument("--tfwsvd-ratios", default="0.8", help="tfwsvd is slow on CPU: run last, uniform, at these ratios ('': none)")
     parser.add_argument("--tfwsvd-steps", default="20,10", help="tfwsvd Adam,SGD step caps in the perplexity runs")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--eval-tokens", type=int, default=4096)
@@ -95,7 +95,7 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     methods = args.methods.split(",")
     allocations = args.allocations.split(",")
-    tfwsvd_ratios = [float(r) for r in args.tfwsvd_ratios.split(",")]
+    tfwsvd_ratios = [float(r) for r in args.tfwsvd_ratios.split(",") if r]
     # Priority order (CPU is scarce): the first ratio with everything, then the diagnostics, then the other ratios.
     order = [(method, allocation) for allocation in allocations for method in methods]
 

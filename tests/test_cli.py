@@ -34,6 +34,7 @@ def tiny_dir(tmp_path_factory):
         (["--energy", "0"], "--energy: 0.0 is outside (0, 1]"),
         (["--ratio", "0.5", "--targets", "mpl"], "close matches: mlp"),
         (["--method", "svd", "--ratio", "0.5", "--tt-max-rank", "3"], "--tt-max-rank: not an option of method 'svd'"),
+        (["--method", "svd", "--ratio", "0.5", "--finetune-steps", "2", "--finetune-lr", "0"], "--finetune-lr: 0.0 is not positive"),
     ],
 )
 def test_bad_input_one_line_error_nothing_written(tiny_dir, tmp_path, args, message):
@@ -45,6 +46,22 @@ def test_bad_input_one_line_error_nothing_written(tiny_dir, tmp_path, args, mess
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_compress_with_refinement_training_lowers_the_loss_and_saves(tiny_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log.\n" * 400)
+    out = tmp_path / "out"
+    result = run("compress", str(tiny_dir), "--method", "svd", "--ratio", "0.5", "--data", str(text), "--out", str(out),
+                 "--tokens", "64", "--window", "32", "--finetune-steps", "12", "--finetune-lr", "1e-2", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    tuned = report["finetune"]
+    assert tuned["steps"] == 12 and tuned["tokens"] == 12 * 32 and tuned["trained_parameters"] > 0
+    assert tuned["last_loss"] < tuned["first_loss"] - 0.3  # repetitive text: the factors learn it fast (nats)
+    again = run("eval", str(out), "--data", str(text), "--tokens", "64", "--window", "32", "--json")
+    assert again.returncode == 0, again.stderr
+    assert abs(json.loads(again.stdout)["perplexity"] - report["perplexity"]["after"]) < 1e-4 * report["perplexity"]["after"]
 
 
 def test_not_a_model_and_missing_data(tmp_path):

@@ -72,6 +72,18 @@ def test_finetune_all_parameters_on_a_block_embedding(wikitext, tmp_path):
     assert not torch.equal(loaded.model.model.norm.weight.detach(), norm)  # "all" trains outside the factors too
 
 
+def test_finetune_by_name_patterns_trains_exactly_the_matching_dense_weights(wikitext):
+    loaded = tiny_llama_with_text()  # nothing factorized: the uncompressed control of a refinement run
+    patterns = ("model.layers.*.mlp.*_proj.weight",)
+    chosen = trainable_parameters(loaded.model, patterns)
+    assert chosen and all(".mlp." in name for name in chosen)
+    before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    report = finetune(loaded, wikitext, steps=3, lr=1e-2, window=64, train=patterns, progress=False)
+    assert report["train"] == list(patterns) and report["trained_parameters"] == sum(p.numel() for p in chosen.values())
+    for name, p in loaded.model.named_parameters():
+        assert (not torch.equal(p.detach(), before[name])) == (name in chosen), name
+
+
 def test_finetune_rejects_bad_arguments(wikitext):
     loaded = tiny_llama_with_text()
     with pytest.raises(InvalidArgument, match="train"):
@@ -80,6 +92,8 @@ def test_finetune_rejects_bad_arguments(wikitext):
         finetune(loaded, wikitext, steps=0)
     with pytest.raises(InvalidArgument, match="selects no trainable"):
         finetune(loaded, wikitext, steps=1, window=16)  # nothing factorized yet
+    with pytest.raises(InvalidArgument, match="selects no trainable"):
+        finetune(loaded, wikitext, steps=1, window=16, train=("no.such.*",))
 
 
 def test_quantized_factors_are_not_trainable():

@@ -2,19 +2,21 @@
 
     import lmshrink
     loaded = lmshrink.load_model("smollm2-135m")
-    report = lmshrink.compress(loaded, lmshrink.Plan(method="svd", ratio=0.8), data="wikitext-2")
-    lmshrink.save(loaded, "smollm2-svd")
-    again = lmshrink.load("smollm2-svd")
+    report = lmshrink.compress(loaded, lmshrink.Plan(method="fwhiten", ratio=0.8), data="wikitext-2")
+    lmshrink.finetune(loaded, "wikitext-2", steps=200)   # optional refinement training of the factors
+    lmshrink.save(loaded, "smollm2-fw")
+    again = lmshrink.load("smollm2-fw")
 """
 
 __version__ = "0.1.0"
 
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import LmshrinkError
+from lmshrink.finetune import finetune
 from lmshrink.io import load, save
 from lmshrink.models import LoadedModel, load_model
 from lmshrink.plan import Plan
 from lmshrink.surgery import CompressionReport, compress
 
-__all__ = ["CompressionReport", "Corpus", "LmshrinkError", "LoadedModel", "Plan", "compress", "load", "load_corpus",
+__all__ = ["CompressionReport", "Corpus", "LmshrinkError", "LoadedModel", "Plan", "compress", "finetune", "load", "load_corpus",
            "load_model", "save", "__version__"]

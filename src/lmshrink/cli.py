@@ -134,13 +134,16 @@ def _with(options):
 @click.option("--multiple-of", type=click.IntRange(min=1), default=1, show_default=True, help="Round ranks down to a multiple of this.")
 @click.option("--allocation", default="uniform", show_default=True, help="Rank allocation across targets (uniform, or a budgeted one when available).")
 @click.option("--calibration-windows", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
+@click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After compressing, train the factors for this many steps of one window of train text (causal LMs; refinement training).")
+@click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate of --finetune-steps.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to save the compressed model. Default ./compressed/<model>-<method>.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier lmshrink save.")
 @click.option("--no-save", is_flag=True, help="Measure only; do not save.")
 @_with(common_eval)
 @_method_options
-def compress(model, method, ratio, rank, energy, targets, multiple_of, allocation, calibration_windows, out, overwrite,
-             no_save, data, tokens, window, as_json, **method_options):
+def compress(model, method, ratio, rank, energy, targets, multiple_of, allocation, calibration_windows, finetune_steps,
+             finetune_lr, out, overwrite, no_save, data, tokens, window, as_json, **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
 
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
@@ -171,12 +174,21 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
         if not (out_dir / "lmshrink.json").is_file():
             raise lmshrink.errors.InvalidArgument("--out", f"{str(out_dir)!r} is not an lmshrink directory; refusing to overwrite it",
                                                   "a new or empty directory, or one lmshrink saved before")
+    if not finetune_lr > 0:
+        raise lmshrink.errors.InvalidArgument("--finetune-lr", f"{finetune_lr} is not positive", "a learning rate > 0")
     loaded = lmshrink.load_model(model)
+    if finetune_steps and not loaded.causal:
+        raise lmshrink.errors.InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model",
+                                              "0 for encoders (refinement training uses next-token loss)")
     check_plan(loaded, plan)  # bad targets or ranks fail now, not after minutes of evaluation
     texts = pick_sentences(corpus.test, 64) if not loaded.causal else None
     reference = pooled_embeddings(loaded, texts) if texts else None
     before = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
     report = lmshrink.compress(loaded, plan, data=corpus, progress=progress)
+    tuned = None
+    if finetune_steps:
+        tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, progress=progress)
+        tuned = {k: tuned[k] for k in ("steps", "lr", "tokens", "trained_parameters", "seconds", "first_loss", "last_loss")}
     after = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
     saved = None if no_save else str(lmshrink.save(loaded, out_dir, overwrite=overwrite))
     result = {
@@ -184,7 +196,7 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
         **{key: {"before": before.get(key), "after": after.get(key)} for key in ("params", "bytes", "perplexity", "tokens_per_s")},
         "eval_tokens": after.get("eval_tokens"), "window": window,
         "fidelity": after.get("fidelity"), "compression_seconds": report.seconds, "calibration_seconds": report.stats_seconds,
-        "notes": report.notes, "saved_to": saved, "modules": report.modules,
+        "finetune": tuned, "notes": report.notes, "saved_to": saved, "modules": report.modules,
     }
     if as_json:
         click.echo(json.dumps(result))
@@ -201,6 +213,9 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
     else:
         rows.append(["embedding cosine vs original", 1.0, after["fidelity"]["cosine_mean"], after["fidelity"]["cosine_mean"]])
     rows.append(["tokens/s (forward, 256 tokens)", before["tokens_per_s"], after["tokens_per_s"], after["tokens_per_s"] / before["tokens_per_s"]])
+    if tuned:
+        click.echo(f"refinement training: {tuned['steps']} steps x {window} tokens in {tuned['seconds']:.0f} s, "
+                   f"loss {tuned['first_loss']:.3f} -> {tuned['last_loss']:.3f}")
     _print_table("before / after", rows, ["", "before", "after", "after/before"])
     for note in report.notes:
         click.echo(f"note: {note}")

@@ -2,11 +2,13 @@
 
 By default only the factorized layers' parameters train (``train="factors"``: every parameter of every
 FactorizedModule, e.g. LowRankLinear's left/right, GroupReduce's block factors); ``train="all"`` trains the
-whole model. Windows come from the start of the corpus's calibration text, in order, so a run is reproducible.
+whole model; a tuple of glob patterns on parameter names trains those (e.g. the dense linears of an
+uncompressed control run). Windows come from the start of the corpus's calibration text, in order, so a run is reproducible.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 
@@ -21,10 +23,12 @@ from lmshrink.layers.base import FactorizedModule
 TRAIN_CHOICES = ("factors", "all")
 
 
-def trainable_parameters(model: torch.nn.Module, train: str = "factors") -> dict[str, torch.nn.Parameter]:
+def trainable_parameters(model: torch.nn.Module, train: str | tuple[str, ...] = "factors") -> dict[str, torch.nn.Parameter]:
     """{name: parameter} that ``train`` selects (shared parameters once)."""
+    if isinstance(train, (tuple, list)):
+        return {name: p for name, p in model.named_parameters() if any(fnmatch.fnmatchcase(name, g) for g in train)}
     if train not in TRAIN_CHOICES:
-        raise InvalidArgument("train", f"{train!r} is not a choice", f"one of {TRAIN_CHOICES}")
+        raise InvalidArgument("train", f"{train!r} is not a choice", f"one of {TRAIN_CHOICES}, or a tuple of glob patterns on parameter names")
     if train == "all":
         return dict(model.named_parameters())
     chosen, seen = {}, set()
@@ -37,7 +41,7 @@ def trainable_parameters(model: torch.nn.Module, train: str = "factors") -> dict
     return chosen
 
 
-def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr: float = 1e-4, train: str = "factors",
+def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr: float = 1e-4, train: str | tuple[str, ...] = "factors",
              window: int = 512, batch_size: int = 1, weight_decay: float = 0.0, clip: float = 1.0,
              evaluate_tokens: int = 0, progress: bool = True) -> dict:
     """Train for ``steps`` steps of ``batch_size`` windows of ``window`` tokens with AdamW; returns a report.
@@ -61,10 +65,10 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
     params = trainable_parameters(model, train)
     if not params:
         raise InvalidArgument("train", f"{train!r} selects no trainable parameters (quantized factors cannot train)",
-                              "a model with factorized float layers, or train='all'")
+                              "a model with factorized float layers, train='all', or patterns that match parameter names")
     ids = encode_prefix(loaded, corpus.train, steps * batch_size * window)
     windows = token_windows(ids, window, steps * batch_size, what=f"training text of {corpus.name}")
-    report = {"steps": steps, "batch_size": batch_size, "window": window, "lr": lr, "train": train,
+    report = {"steps": steps, "batch_size": batch_size, "window": window, "lr": lr, "train": train if isinstance(train, str) else list(train),
               "trained_parameters": sum(p.numel() for p in params.values()), "tokens": int(windows.numel()),
               "corpus": corpus.name}
     if evaluate_tokens:

@@ -73,17 +73,21 @@ class PrunedLinear(FactorizedModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz} ({density:.1%})"
 
 
-# The recurrences, as free functions so TorchScript can compile them. ``igates`` (T, B, 4h) already holds
+def _cell(gates: Tensor, c: Tensor, size: int) -> Tuple[Tensor, Tensor]:
+    """One LSTM step from its pre-activations (B, 4h), gates in nn.LSTM's order i, f, g, o: (h, c)."""
+    squashed = torch.sigmoid(gates)
+    candidate = torch.tanh(gates[:, 2 * size:3 * size])
+    c = squashed[:, size:2 * size] * c + squashed[:, :size] * candidate
+    return squashed[:, 3 * size:] * torch.tanh(c), c
+
+
+# The recurrences, as free functions so TorchScript can compile them (it compiles _cell along with them). ``igates`` (T, B, 4h) already holds
 # x_t @ W_i^T + b_i + b_h for every step; only the hidden-to-hidden product remains inside the loop.
 def _recurrence_dense(igates: Tensor, h: Tensor, c: Tensor, w_hh_t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     outputs: List[Tensor] = []
     size = h.shape[1]
     for step in range(igates.shape[0]):
-        gates = torch.addmm(igates[step], h, w_hh_t)
-        squashed = torch.sigmoid(gates)
-        candidate = torch.tanh(gates[:, 2 * size:3 * size])
-        c = squashed[:, size:2 * size] * c + squashed[:, :size] * candidate
-        h = squashed[:, 3 * size:] * torch.tanh(c)
+        h, c = _cell(torch.addmm(igates[step], h, w_hh_t), c, size)
         outputs.append(h)
     return torch.stack(outputs), h, c
 
@@ -92,11 +96,7 @@ def _recurrence_lowrank(igates: Tensor, h: Tensor, c: Tensor, right_t: Tensor, l
     outputs: List[Tensor] = []
     size = h.shape[1]
     for step in range(igates.shape[0]):
-        gates = torch.addmm(igates[step], torch.mm(h, right_t), left_t)
-        squashed = torch.sigmoid(gates)
-        candidate = torch.tanh(gates[:, 2 * size:3 * size])
-        c = squashed[:, size:2 * size] * c + squashed[:, :size] * candidate
-        h = squashed[:, 3 * size:] * torch.tanh(c)
+        h, c = _cell(torch.addmm(igates[step], torch.mm(h, right_t), left_t), c, size)
         outputs.append(h)
     return torch.stack(outputs), h, c
 
@@ -123,11 +123,7 @@ def _recurrence_generic(igates: Tensor, h: Tensor, c: Tensor, hidden_map: nn.Mod
     outputs = []
     size = h.shape[1]
     for step in range(igates.shape[0]):
-        gates = igates[step] + hidden_map(h)
-        squashed = torch.sigmoid(gates)
-        candidate = torch.tanh(gates[:, 2 * size:3 * size])
-        c = squashed[:, size:2 * size] * c + squashed[:, :size] * candidate
-        h = squashed[:, 3 * size:] * torch.tanh(c)
+        h, c = _cell(igates[step] + hidden_map(h), c, size)
         outputs.append(h)
     return torch.stack(outputs), h, c
 

@@ -37,8 +37,21 @@ def _check_ids(ids: Tensor, num_embeddings: int) -> None:
         raise IndexError(f"token ids must lie in [0, {num_embeddings}); got [{int(ids.min())}, {int(ids.max())}]")
 
 
-class _DenseCache:
-    """Shared logic of the optional cached dense rebuild (kept out of the state dict)."""
+class _TTTable:
+    """What both TT embeddings share: lookup through ``rows(ids)``, tied-head logits with the optional cached
+    dense rebuild (kept out of the state dict), and TensorGPT's compression rate."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        _check_ids(ids, self.num_embeddings)
+        return self.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden @ E.T for a tied output layer (chunked rebuild, or the cached table; see the module docstring)."""
+        return self._logits_chunked(hidden)
+
+    def compression_rate(self) -> float:
+        """TensorGPT's rate: dense embedding parameters V * d over the trains' parameters."""
+        return self.num_embeddings * self.embedding_dim / self.tt_parameters()
 
     def _init_cache(self, cache_dense: bool) -> None:
         self.cache_dense = cache_dense
@@ -72,7 +85,7 @@ class _DenseCache:
         super()._load_from_state_dict(*args, **kwargs)
 
 
-class TTEmbedding(_DenseCache, FactorizedModule):
+class TTEmbedding(_TTTable, FactorizedModule):
     """TensorGPT: each token's d-vector, reshaped to (n_1, ..., n_N), stored as its own tensor train.
 
     Core k is a parameter (V, R_{k-1}, n_k, R_k), padded to the largest rank any token needed; a token's own
@@ -119,14 +132,6 @@ class TTEmbedding(_DenseCache, FactorizedModule):
         """(B, d) rows for flat ids (B,), contracted from the gathered cores."""
         return tt_reconstruct_batched([core[ids] for core in self.cores])
 
-    def forward(self, ids: Tensor) -> Tensor:
-        _check_ids(ids, self.num_embeddings)
-        return self.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """hidden @ E.T for a tied output layer (chunked rebuild, or the cached table; see the module docstring)."""
-        return self._logits_chunked(hidden)
-
     def dense_weight(self) -> Tensor:
         return torch.cat([self.rows(torch.arange(s, min(s + REBUILD_CHUNK, self.num_embeddings), device=self.cores[0].device))
                           for s in range(0, self.num_embeddings, REBUILD_CHUNK)])
@@ -137,10 +142,6 @@ class TTEmbedding(_DenseCache, FactorizedModule):
 
     def stored_parameters(self) -> int:
         return sum(core.numel() for core in self.cores)
-
-    def compression_rate(self) -> float:
-        """TensorGPT's rate: dense embedding parameters V * d over the trains' parameters."""
-        return self.num_embeddings * self.embedding_dim / self.tt_parameters()
 
     def layer_config(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "shape": list(self.shape),
@@ -157,7 +158,7 @@ class TTEmbedding(_DenseCache, FactorizedModule):
                 f"ranks={self.ranks}, rate={self.compression_rate():.2f}x")
 
 
-class TTMatrixEmbedding(_DenseCache, FactorizedModule):
+class TTMatrixEmbedding(_TTTable, FactorizedModule):
     """The whole (V, d) table as one TT-matrix: cores (r_{k-1}, v_k, d_k, r_k), V' = prod v_k >= V, d = prod d_k.
 
     When V has no balanced factorization the table is padded with zero rows up to V' (``vocab_shape``'s
@@ -196,13 +197,6 @@ class TTMatrixEmbedding(_DenseCache, FactorizedModule):
     def rows(self, ids: Tensor) -> Tensor:
         return tt_matrix_rows(list(self.cores), ids)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        _check_ids(ids, self.num_embeddings)
-        return self.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self._logits_chunked(hidden)
-
     def dense_weight(self) -> Tensor:
         return tt_matrix_reconstruct(list(self.cores))[: self.num_embeddings]
 
@@ -210,9 +204,6 @@ class TTMatrixEmbedding(_DenseCache, FactorizedModule):
         return sum(core.numel() for core in self.cores)
 
     stored_parameters = tt_parameters
-
-    def compression_rate(self) -> float:
-        return self.num_embeddings * self.embedding_dim / self.tt_parameters()
 
     def layer_config(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import re
@@ -32,6 +34,22 @@ def _quiet_transformers():
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def _quiet_gguf_reader():
+    # transformers' GGUF reader draws its own tqdm bar whatever disable_progress_bar() says; mute it for one load.
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 class _HuggingFace(ModelFamily):
     """Causal LMs (LLaMA, GPT-2, ...) and encoders (BERT, MiniLM, ...) from transformers."""
 
@@ -52,9 +70,10 @@ class _HuggingFace(ModelFamily):
                 folder = path
                 config = AutoConfig.from_pretrained(folder)
                 causal = _is_causal_config(config)
-            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-            auto = AutoModelForCausalLM if causal else AutoModel
-            model = auto.from_pretrained(folder, dtype=torch.float32, **kwargs)
+            with _quiet_gguf_reader():
+                tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+                auto = AutoModelForCausalLM if causal else AutoModel
+                model = auto.from_pretrained(folder, dtype=torch.float32, **kwargs)
         except (OSError, ValueError, KeyError) as error:
             raise NotAModel(f"MODEL: {str(path)!r} could not be loaded as a Hugging Face model: {error}".splitlines()[0]) from error
         model.eval()
