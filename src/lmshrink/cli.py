@@ -133,17 +133,21 @@ def _with(options):
               help="Modules to compress: linears, attention, mlp, embedding, lm_head, or a glob on module names (repeatable).")
 @click.option("--multiple-of", type=click.IntRange(min=1), default=1, show_default=True, help="Round ranks down to a multiple of this.")
 @click.option("--allocation", default="uniform", show_default=True, help="Rank allocation across targets (uniform, or a budgeted one when available).")
+@click.option("--max-shift", type=float, default=0.25, show_default=True,
+              help="--allocation sensitivity: each rank stays within +-this fraction of its uniform rank (0: uniform).")
 @click.option("--calibration-windows", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="After compressing, train the factors for this many steps of one window of train text (causal LMs; refinement training).")
 @click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate of --finetune-steps.")
+@click.option("--finetune-distill", is_flag=True,
+              help="Train toward the uncompressed model's next-token distributions (KL) instead of the text's tokens; keeps a copy of the original in memory.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to save the compressed model. Default ./compressed/<model>-<method>.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier lmshrink save.")
 @click.option("--no-save", is_flag=True, help="Measure only; do not save.")
 @_with(common_eval)
 @_method_options
-def compress(model, method, ratio, rank, energy, targets, multiple_of, allocation, calibration_windows, finetune_steps,
-             finetune_lr, out, overwrite, no_save, data, tokens, window, as_json, **method_options):
+def compress(model, method, ratio, rank, energy, targets, multiple_of, allocation, max_shift, calibration_windows, finetune_steps,
+             finetune_lr, finetune_distill, out, overwrite, no_save, data, tokens, window, as_json, **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
 
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
@@ -164,7 +168,8 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
                                               f"not an option of method {method!r}",
                                               ", ".join(f"--{o.name.replace('_', '-')}" for o in method_spec.options) or "none")
     plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, multiple_of=multiple_of,
-                         allocation=allocation, options=given, calibration_windows=calibration_windows, window=window)
+                         allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
+                         window=window)
     corpus = lmshrink.load_corpus(data)
     out_dir = Path(out) if out else Path("compressed") / f"{Path(str(model)).stem}-{method}"
     overwrite = overwrite or out is None  # the default place holds our own earlier result; save() still refuses foreign dirs
@@ -184,11 +189,18 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
     texts = pick_sentences(corpus.test, 64) if not loaded.causal else None
     reference = pooled_embeddings(loaded, texts) if texts else None
     before = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
+    teacher = None
+    if finetune_steps and finetune_distill:
+        import copy
+
+        teacher = lmshrink.LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
     report = lmshrink.compress(loaded, plan, data=corpus, progress=progress)
     tuned = None
     if finetune_steps:
-        tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, progress=progress)
-        tuned = {k: tuned[k] for k in ("steps", "lr", "tokens", "trained_parameters", "seconds", "first_loss", "last_loss")}
+        tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, teacher=teacher,
+                                  progress=progress)
+        tuned = {k: tuned[k] for k in ("loss", "steps", "lr", "tokens", "trained_parameters", "seconds", "first_loss", "last_loss")}
+        del teacher
     after = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
     saved = None if no_save else str(lmshrink.save(loaded, out_dir, overwrite=overwrite))
     result = {
@@ -215,7 +227,7 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
     rows.append(["tokens/s (forward, 256 tokens)", before["tokens_per_s"], after["tokens_per_s"], after["tokens_per_s"] / before["tokens_per_s"]])
     if tuned:
         click.echo(f"refinement training: {tuned['steps']} steps x {window} tokens in {tuned['seconds']:.0f} s, "
-                   f"loss {tuned['first_loss']:.3f} -> {tuned['last_loss']:.3f}")
+                   f"{tuned['loss']} loss {tuned['first_loss']:.3f} -> {tuned['last_loss']:.3f}")
     _print_table("before / after", rows, ["", "before", "after", "after/before"])
     for note in report.notes:
         click.echo(f"note: {note}")

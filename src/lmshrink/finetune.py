@@ -3,7 +3,11 @@
 By default only the factorized layers' parameters train (``train="factors"``: every parameter of every
 FactorizedModule, e.g. LowRankLinear's left/right, GroupReduce's block factors); ``train="all"`` trains the
 whole model; a tuple of glob patterns on parameter names trains those (e.g. the dense linears of an
-uncompressed control run). Windows come from the start of the corpus's calibration text, in order, so a run is reproducible.
+uncompressed control run).
+
+The loss is next-token cross-entropy, or, given a ``teacher`` (the model before compression), distillation:
+the KL divergence from the teacher's next-token distribution to the student's at every position. The soft
+targets carry the teacher's whole distribution per token, more signal per step than the one observed token. Windows come from the start of the corpus's calibration text, in order, so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ def trainable_parameters(model: torch.nn.Module, train: str | tuple[str, ...] = 
 
 def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr: float = 1e-4, train: str | tuple[str, ...] = "factors",
              window: int = 512, batch_size: int = 1, weight_decay: float = 0.0, clip: float = 1.0,
-             evaluate_tokens: int = 0, progress: bool = True) -> dict:
+             evaluate_tokens: int = 0, teacher=None, progress: bool = True) -> dict:
     """Train for ``steps`` steps of ``batch_size`` windows of ``window`` tokens with AdamW; returns a report.
 
-    The report has the loss of every step and, when ``evaluate_tokens`` > 0, the perplexity on that many tokens of
+    With ``teacher`` (a model with the same tokenizer), the loss is KL(teacher || student) per token instead of
+    next-token cross-entropy. The report has the loss of every step and, when ``evaluate_tokens`` > 0, the perplexity on that many tokens of
     the evaluation text before and after. The model is left in eval mode with every parameter's ``requires_grad``
     as it was.
     """
@@ -58,6 +63,11 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
     if not lr > 0:
         raise InvalidArgument("lr", f"{lr!r} is not positive", "a learning rate > 0")
     loaded = load_model(loaded)
+    if teacher is not None:
+        teacher = load_model(teacher)
+        if not teacher.causal or teacher.model is loaded.model:
+            raise InvalidArgument("teacher", "is not a separate causal language model",
+                                  "the uncompressed model (a copy made before compress), or None for next-token loss")
     if not loaded.causal:
         raise InvalidArgument("model", "is not a causal language model", "a model with next-token logits")
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
@@ -68,7 +78,7 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
                               "a model with factorized float layers, train='all', or patterns that match parameter names")
     ids = encode_prefix(loaded, corpus.train, steps * batch_size * window)
     windows = token_windows(ids, window, steps * batch_size, what=f"training text of {corpus.name}")
-    report = {"steps": steps, "batch_size": batch_size, "window": window, "lr": lr, "train": train if isinstance(train, str) else list(train),
+    report = {"loss": "next-token" if teacher is None else "distillation (KL to teacher)", "steps": steps, "batch_size": batch_size, "window": window, "lr": lr, "train": train if isinstance(train, str) else list(train),
               "trained_parameters": sum(p.numel() for p in params.values()), "tokens": int(windows.numel()),
               "corpus": corpus.name}
     if evaluate_tokens:
@@ -86,7 +96,7 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
         for step in tqdm(range(steps), desc="finetune", unit="step", disable=not progress):
             batch = windows[step * batch_size:(step + 1) * batch_size]
             logits = loaded.logits(batch)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            loss = _loss(logits, batch, teacher)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"finetune: loss became {loss.item()} at step {step}; lower lr (now {lr})")
             optimizer.zero_grad(set_to_none=True)
@@ -111,6 +121,15 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
         report["after"] = corpus_perplexity(loaded, corpus, evaluate_tokens, window, progress=progress)
         report["perplexity_change"] = report["after"]["perplexity"] / report["before"]["perplexity"] - 1
     return report
+
+
+def _loss(logits: torch.Tensor, batch: torch.Tensor, teacher) -> torch.Tensor:
+    if teacher is None:
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    with torch.no_grad():
+        target = F.log_softmax(teacher.logits(batch).float(), dim=-1).reshape(-1, logits.shape[-1])
+    student = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")  # mean over token positions
 
 
 def _refresh_caches(model: torch.nn.Module) -> None:

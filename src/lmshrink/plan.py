@@ -56,6 +56,9 @@ class Plan:
     ``ratio`` R: each targeted matrix keeps R times its dense parameter count (0 < R <= 1).
     ``rank`` K: every targeted matrix gets rank K (1 <= K <= min(m, n)).
     ``energy`` E: the smallest rank keeping E of the squared singular values (0 < E <= 1).
+
+    ``allocation`` spreads the same global budget differently ("uniform", or "sensitivity"); ``max_shift``
+    bounds how far "sensitivity" may move each rank from its uniform rank (a fraction; None: no bound).
     """
 
     method: str = "svd"
@@ -65,6 +68,7 @@ class Plan:
     energy: float | None = None
     multiple_of: int = 1
     allocation: str = "uniform"
+    max_shift: float | None = 0.25
     options: dict[str, Any] = field(default_factory=dict)
     calibration_windows: int = 32
     window: int = 512
@@ -83,6 +87,10 @@ class Plan:
             raise InvalidArgument("--rank", f"{self.rank!r} is not a positive integer", "an integer K >= 1 and <= min(m, n) of every target")
         if self.multiple_of < 1:
             raise InvalidArgument("--multiple-of", f"{self.multiple_of} is below 1", "an integer >= 1")
+        if self.max_shift is not None and not (isinstance(self.max_shift, (int, float)) and 0 <= self.max_shift < float("inf")):
+            raise InvalidArgument("--max-shift", f"{self.max_shift!r} is not a finite number >= 0",
+                                  "a fraction >= 0 (0: the uniform ranks; 0.25: each rank within +-25% of its uniform rank), "
+                                  "or None for no bound")
         if self.calibration_windows < 1:
             raise InvalidArgument("--calibration-windows", f"{self.calibration_windows} is below 1", "an integer >= 1")
         if self.window < 2:
@@ -98,7 +106,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "targets": list(self.targets), "ratio": self.ratio, "rank": self.rank,
                 "energy": self.energy, "multiple_of": self.multiple_of, "allocation": self.allocation,
-                "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window}
+                "max_shift": self.max_shift, "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window}
 
 
 def select_targets(candidates: list[Target], patterns: tuple[str, ...]) -> list[Target]:
