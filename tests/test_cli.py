@@ -36,6 +36,8 @@ def tiny_dir(tmp_path_factory):
         (["--ratio", "0.5", "--targets", "mpl"], "close matches: mlp"),
         (["--method", "svd", "--ratio", "0.5", "--tt-max-rank", "3"], "--tt-max-rank: not an option of method 'svd'"),
         (["--method", "svd", "--ratio", "0.5", "--finetune-steps", "2", "--finetune-lr", "0"], "--finetune-lr: 0.0 is not positive"),
+        (["--method", "svd", "--ratio", "0.5", "--allocation", "sensitivity", "--max-shift", "-1"],
+         "--max-shift: -1.0 is not a finite number >= 0"),
     ],
 )
 def test_bad_input_one_line_error_nothing_written(tiny_dir, tmp_path, args, message):
