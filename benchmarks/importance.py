@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--risk-ratios", default="0.6,0.3")
     parser.add_argument("--risk-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-shift", default="0.25",
+                        help="sensitivity trust region (Plan.max_shift); 'none' = unbounded, recorded apart under "
+                             "runs_unbounded_sensitivity (uniform runs are skipped: the bound does not change them)")
     parser.add_argument("--out", default="importance")
     parser.add_argument("--skip-risk", action="store_true")
     parser.add_argument("--no-runs", action="store_true", help="only the per-matrix errors and the SVD-risk check")
@@ -68,7 +71,8 @@ def main() -> None:
     if out_json.is_file():  # resume: keep runs already measured with the same setup
         old = json.loads(out_json.read_text())
         if old.get("windows") == args.windows and old.get("eval_tokens") == args.eval_tokens:
-            results.update({k: old[k] for k in ("runs", "matrices", "risk_layers", "risk_base", "dense", "stats_seconds") if k in old})
+            results.update({k: old[k] for k in ("runs", "runs_unbounded_sensitivity", "matrices", "risk_layers", "risk_base",
+                                                "dense", "stats_seconds") if k in old})
             results["command"] = old["command"] + "` then `" + command
 
     def save():
@@ -91,10 +95,13 @@ def main() -> None:
     save()
     originals = {t.name: t.weight().detach().clone() for t in targets}
 
-    done = {(r["method"], r["allocation"], r["ratio"]) for r in results["runs"]}
+    max_shift = None if args.max_shift.lower() == "none" else float(args.max_shift)
+    bucket = "runs" if max_shift is not None else "runs_unbounded_sensitivity"
+    results.setdefault(bucket, [])
+    done = {(r["method"], r["allocation"], r["ratio"]) for r in results[bucket]}
     ratios = [float(r) for r in args.ratios.split(",")]
     methods = args.methods.split(",")
-    allocations = args.allocations.split(",")
+    allocations = [a for a in args.allocations.split(",") if max_shift is not None or a != "uniform"]
     tfwsvd_ratios = [float(r) for r in args.tfwsvd_ratios.split(",") if r]
     # Priority order (CPU is scarce): the first ratio with everything, then the diagnostics, then the other ratios.
     order = [(method, allocation) for allocation in allocations for method in methods]
@@ -109,7 +116,7 @@ def main() -> None:
         loaded = lmshrink.load_model(copy.deepcopy(dense.model), tokenizer=dense.tokenizer)
         loaded.source = dense.source
         plan = lmshrink.Plan(method=method, ratio=ratio, allocation=allocation, calibration_windows=args.windows,
-                             options=options or {})
+                             max_shift=max_shift, options=options or {})
         begin = time.perf_counter()
         report = lmshrink.compress(loaded, plan, data=corpus, progress=False)
         seconds = time.perf_counter() - begin
@@ -126,7 +133,7 @@ def main() -> None:
                "target_params_after": sum(r["params_after"] for r in report.modules),
                "factorize_seconds": seconds - report.stats_seconds, "stats_seconds_cached": report.stats_seconds,
                "predicted_loss_increase": predicted, "options": options or {}, "ranks": {r["name"]: r["rank"] for r in report.modules}}
-        results["runs"].append(run)
+        results[bucket].append(run)
         print(f"{method:8s} {allocation:11s} {ratio:.2f} ppl {ppl['perplexity']:.2f} "
               f"targets {run['target_params_after'] / run['target_params_before']:.4f} "
               f"{run['factorize_seconds']:.0f}s pred {predicted:.3g}", flush=True)

@@ -1,7 +1,11 @@
 """Low-rank LSTM language models (Winata et al. 2019): perplexity vs rank, fine-tuning, speed, norms.
 
-    python benchmarks/lstm.py [--models ptb-small,wt2-small] [--parts speed,quality,finetune,norms]
-                              [--ranks 10,20,40,80] [--eval-tokens 20000] [--finetune-steps 60]
+    python benchmarks/lstm.py [--models ptb-small,ptb-medium,wt2-small] [--parts speed,quality,finetune,norms]
+                              [--ranks auto | 20,40,80] [--eval-tokens 20000] [--finetune-steps 60]
+                              [--speed-hidden 200,400,650]
+
+Ranks default to hidden/10, hidden/5 and 2 hidden/5 of each model (20, 40, 80 for a 2x200 LSTM), so models
+of different widths are compared at the same relative rank.
 
 Writes benchmarks/results/lstm.json, lstm.md and PNG plots. Reference models come from
 lmshrink.models.lstm.reference_model (trained and cached on first use). Speed is measured on one thread
@@ -87,12 +91,18 @@ def lstm_speed(reference: RNNModel, model: RNNModel, steps: int, batch: int, rep
             "reference_model_tokens_per_s": tokens / ref_model}
 
 
+def model_ranks(args, hidden: int) -> list[int]:
+    return args.ranks or [hidden // 10, hidden // 5, 2 * hidden // 5]
+
+
 def part_speed(args, results: dict) -> None:
     """Dense nn.LSTM vs the same weights in FactorizedLSTM (own dense loop) vs low-rank W_i / W_h / both."""
     torch.set_num_threads(1)
-    rows = []
+    # Rows of widths not re-measured now are kept, so one width can be timed again on its own.
+    rows = [r for r in results.get("speed", {}).get("rows", []) if r["hidden"] not in args.speed_hidden]
     # Speed does not depend on the weight values: random models of the reference shapes (and a larger one).
-    for hidden, ranks in ((200, (20, 40, 80)), (650, (65, 130, 260))):
+    for hidden in args.speed_hidden:
+        ranks = model_ranks(args, hidden)
         torch.manual_seed(0)
         base = RNNModel(10000, hidden, hidden, 2, 0.0).eval()
         dense_lstm = nn.LSTM(hidden, hidden, 2)
@@ -114,7 +124,8 @@ def part_speed(args, results: dict) -> None:
                 print(f"speed h={hidden} B={batch} {label:28s} lstm {row['lstm_tokens_per_s']:8.0f} tok/s (x{row['lstm_speedup']:.2f} vs "
                       f"nn.LSTM {row['reference_lstm_tokens_per_s']:.0f}) model {row['model_tokens_per_s']:7.0f} tok/s "
                       f"(x{row['model_speedup']:.2f})", flush=True)
-    results["speed"] = {"threads": 1, "steps": args.speed_steps, "repeats": args.repeats, "rows": rows}
+    results["speed"] = {"threads": 1, "steps": args.speed_steps, "repeats": args.repeats,
+                        "rows": sorted(rows, key=lambda r: (r["hidden"], r["batch"]))}
 
 
 class _FusedAdapter(nn.Module):
@@ -136,7 +147,7 @@ def part_quality(args, results: dict, name: str, loaded: LoadedModel) -> None:
     rows = []
     for target_name, targets in TARGETS.items():
         for method in METHODS:
-            for rank in args.ranks:
+            for rank in model_ranks(args, loaded.model.nhid):
                 start = time.perf_counter()
                 model = _compress(loaded, method, targets, rank)
                 seconds = time.perf_counter() - start
@@ -155,22 +166,23 @@ def part_finetune(args, results: dict, name: str, loaded: LoadedModel) -> None:
     corpus = reference_corpus(name)
     dense = evaluate_lm(loaded.model, corpus.test, max_tokens=args.eval_tokens)["perplexity"]
     rows = []
+    rank = args.finetune_rank or loaded.model.nhid // 5
     # Control: the reference models are trained for few epochs, so the dense model also gains from more steps.
     control = LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
     dense_tuned = finetune_lm(control.model, corpus, steps=args.finetune_steps, lr=args.finetune_lr, eval_tokens=args.eval_tokens)
     print(f"{name} finetune dense control: {dense_tuned['before']:.2f} -> {dense_tuned['after']:.2f}", flush=True)
     for target_name, targets in TARGETS.items():
         for method in METHODS:
-            model = _compress(loaded, method, targets, args.finetune_rank)
+            model = _compress(loaded, method, targets, rank)
             result = finetune_lm(model.model, corpus, steps=args.finetune_steps, lr=args.finetune_lr,
                                  eval_tokens=args.eval_tokens, dense_reference=dense)
-            row = {"targets": target_name, "method": method, "rank": args.finetune_rank, **result,
+            row = {"targets": target_name, "method": method, "rank": rank, **result,
                    "change_before": result["before"] / dense - 1, "change_after": result["after"] / dense - 1}
             rows.append(row)
-            print(f"{name} finetune {target_name:4s} {method:8s} rank {args.finetune_rank}: {result['before']:.2f} -> "
+            print(f"{name} finetune {target_name:4s} {method:8s} rank {rank}: {result['before']:.2f} -> "
                   f"{result['after']:.2f} (dense {dense:.2f}, recovery {result.get('recovery', float('nan')):.2f}) "
                   f"in {result['seconds']:.0f}s", flush=True)
-    results.setdefault("models", {}).setdefault(name, {})["finetune"] = {"dense": dense, "dense_finetuned": dense_tuned, "steps": args.finetune_steps,
+    results.setdefault("models", {}).setdefault(name, {})["finetune"] = {"dense": dense, "dense_finetuned": dense_tuned, "steps": args.finetune_steps, "rank": rank,
                                                                         "lr": args.finetune_lr, "rows": rows}
 
 
@@ -180,20 +192,24 @@ def part_norms(args, results: dict, name: str, loaded: LoadedModel) -> None:
     dense = evaluate_lm(loaded.model, corpus.test, max_tokens=args.eval_tokens)["perplexity"]
     norms = model_norms(loaded, groups=("W_i", "W_h"))
     changes = {}
+    rank = args.norms_rank or loaded.model.nhid // 10
     for row in norms:
-        model = _compress(loaded, "svd", (row["name"],), args.norms_rank)
+        model = _compress(loaded, "svd", (row["name"],), rank)
         changes[row["name"]] = evaluate_lm(model.model, corpus.test, max_tokens=args.eval_tokens)["perplexity"] - dense
         row["perplexity_change"] = changes[row["name"]]
         print(f"{name} norms {row['name']}: L1 {row['l1']:.1f} nuclear {row['nuclear']:.2f} std(row L1) {row['row_l1_std']:.3f} "
               f"-> ppl change {changes[row['name']]:+.2f}", flush=True)
-    results.setdefault("models", {}).setdefault(name, {})["norms"] = {"rank": args.norms_rank, "rows": norms,
+    results.setdefault("models", {}).setdefault(name, {})["norms"] = {"rank": rank, "rows": norms,
                                                                      "correlation": correlate(norms, changes)}
 
 
-def write_report(args, results: dict, command: str) -> None:
+def write_report(args, results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lstm.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"# Low-rank LSTM language models\n", f"Command: `{command}`\n", results.get("notes", "") + "\n"]
+    # Parts run separately add to one report: every command that contributed, in order.
+    commands = "\n".join(f"- `{c}`" for c in results.get("commands", []))
+    lines = [f"# Low-rank LSTM language models\n", f"Commands (in order; a later part replaces an earlier one's rows):\n\n{commands}\n",
+             results.get("notes", "") + "\n"]
     for name, model in results.get("models", {}).items():
         if "training" in model:
             t = model["training"]
@@ -202,8 +218,9 @@ def write_report(args, results: dict, command: str) -> None:
         if "dense" in model:
             lines.append(f"Dense perplexity on the first {model['dense']['tokens']} test tokens: {model['dense']['perplexity']:.2f}\n")
         if "quality" in model:
-            lines.append("| targets | method | " + " | ".join(f"rank {r}" for r in args.ranks) + " |")
-            lines.append("|---|---|" + "---|" * len(args.ranks))
+            ranks = sorted({r["rank"] for r in model["quality"]})
+            lines.append("| targets | method | " + " | ".join(f"rank {r}" for r in ranks) + " |")
+            lines.append("|---|---|" + "---|" * len(ranks))
             for target_name in TARGETS:
                 for method in METHODS:
                     cells = [r for r in model["quality"] if r["targets"] == target_name and r["method"] == method]
@@ -211,7 +228,7 @@ def write_report(args, results: dict, command: str) -> None:
             lines.append("")
         if "finetune" in model:
             f = model["finetune"]
-            lines.append(f"Fine-tuning at rank {args.finetune_rank}: {f['steps']} SGD steps (lr {f['lr']}, batch 20 x bptt 35), all parameters. "
+            lines.append(f"Fine-tuning at rank {f.get('rank', f['rows'][0]['rank'])}: {f['steps']} SGD steps (lr {f['lr']}, batch 20 x bptt 35), all parameters. "
                          f"Control: the dense model fine-tuned the same way goes {f['dense_finetuned']['before']:.1f} -> "
                          f"{f['dense_finetuned']['after']:.1f}. Recovery = (before - after) / (before - dense before).\n")
             control = f["dense_finetuned"]["after"]
@@ -221,7 +238,7 @@ def write_report(args, results: dict, command: str) -> None:
             lines.append("| targets | method | before | after | recovery | vs fine-tuned dense | seconds |\n|---|---|---|---|---|---|---|")
             for r in f["rows"]:
                 lines.append(f"| {r['targets']} | {r['method']} | {r['before']:.1f} ({r['change_before']:+.1%}) | "
-                             f"{r['after']:.1f} ({r['change_after']:+.1%}) | {r.get('recovery', float('nan')):.2f} | "
+                             f"{r['after']:.1f} ({r['change_after']:+.1%}) | {_recovery_cell(r.get('recovery'))} | "
                              f"{r['after'] / control - 1:+.1%} | {r['seconds']:.0f} |")
             lines.append("")
         if "norms" in model:
@@ -236,7 +253,7 @@ def write_report(args, results: dict, command: str) -> None:
     if "speed" in results:
         s = results["speed"]
         lines.append(f"## Speed (1 thread, {s['steps']} steps, median of {s['repeats']}; tokens per CPU-second of the process, "
-                     "because the 2 cores were shared with other jobs at load ~10)\n")
+                     "because the 2 cores were shared with other jobs: training and other benchmarks)\n")
         lines.append("Each variant is timed interleaved with dense nn.LSTM (fused kernel, same weights); the speed-up is the "
                      "median of the per-pair ratios. 'model' = embedding + LSTM + decoder (10k-word softmax layer).\n")
         lines.append("| hidden | batch | variant | LSTM tok/s | nn.LSTM tok/s | LSTM speed-up | model tok/s | model speed-up |\n|---|---|---|---|---|---|---|---|")
@@ -245,6 +262,11 @@ def write_report(args, results: dict, command: str) -> None:
                          f"{r['lstm_speedup']:.2f} | {r['model_tokens_per_s']:.0f} | {r['model_speedup']:.2f} |")
         lines.append("")
     (RESULTS / "lstm.md").write_text("\n".join(lines) + "\n")
+
+
+def _recovery_cell(recovery) -> str:
+    # Undefined when compression cost nothing (the compressed model was already at or below dense).
+    return "-" if recovery is None or recovery != recovery else f"{recovery:.2f}"
 
 
 def summarize(results: dict) -> list[str]:
@@ -310,8 +332,9 @@ def plot(args, results: dict) -> None:
         plt.close(figure)
     if "speed" in results:
         rows = results["speed"]["rows"]
-        figure, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for axis, hidden in zip(axes, (200, 650)):
+        widths = sorted({r["hidden"] for r in rows})
+        figure, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4), squeeze=False)
+        for axis, hidden in zip(axes[0], widths):
             for batch in args.speed_batches:
                 for target_name in TARGETS:
                     cells = [r for r in rows if r["hidden"] == hidden and r["batch"] == batch and r["targets"] == target_name]
@@ -330,18 +353,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="ptb-small")
     parser.add_argument("--parts", default="speed,quality,finetune,norms")
-    parser.add_argument("--ranks", default="10,20,40,80")
+    parser.add_argument("--ranks", default="auto", help="'auto': hidden/10, hidden/5, 2 hidden/5 of each model")
     parser.add_argument("--eval-tokens", type=int, default=20000)
-    parser.add_argument("--finetune-rank", type=int, default=40)
+    parser.add_argument("--finetune-rank", type=int, default=None, help="default hidden/5")
     parser.add_argument("--finetune-steps", type=int, default=60)
     parser.add_argument("--finetune-lr", type=float, default=5.0)
-    parser.add_argument("--norms-rank", type=int, default=20)
+    parser.add_argument("--norms-rank", type=int, default=None, help="default hidden/10")
     parser.add_argument("--speed-steps", type=int, default=64)
     parser.add_argument("--speed-batches", default="1,10")
+    parser.add_argument("--speed-hidden", default="200,400,650", help="LSTM widths to time (rows of other widths are kept)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    args.ranks = [int(r) for r in args.ranks.split(",")]
+    args.ranks = None if args.ranks == "auto" else [int(r) for r in args.ranks.split(",")]
+    args.speed_hidden = [int(h) for h in args.speed_hidden.split(",")]
     args.speed_batches = [int(b) for b in args.speed_batches.split(",")]
     parts = set(args.parts.split(","))
     command = "python benchmarks/lstm.py " + " ".join(sys.argv[1:])
@@ -355,7 +380,7 @@ def main() -> None:
     if "speed" in parts:
         part_speed(args, results)
         torch.set_num_threads(args.threads)
-        write_report(args, results, command)
+        write_report(args, results)
     for name in [m for m in args.models.split(",") if m]:
         if not parts & {"quality", "finetune", "norms"}:
             break
@@ -367,11 +392,12 @@ def main() -> None:
             "description": REFERENCES[name].description, "train_seconds": training["train_seconds"],
             "threads": training["threads"], "test_perplexity": training["test"]["perplexity"],
             "epochs": training["epochs"]}
+        results["models"][name]["hidden"] = loaded.model.nhid
         for part, function in (("quality", part_quality), ("norms", part_norms), ("finetune", part_finetune)):
             if part in parts:
                 function(args, results, name, loaded)
-                write_report(args, results, command)
-    write_report(args, results, command)
+                write_report(args, results)
+    write_report(args, results)
     plot(args, results)
 
 

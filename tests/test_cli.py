@@ -38,6 +38,8 @@ def tiny_dir(tmp_path_factory):
         (["--method", "svd", "--ratio", "0.5", "--finetune-steps", "2", "--finetune-lr", "0"], "--finetune-lr: 0.0 is not positive"),
         (["--method", "svd", "--ratio", "0.5", "--allocation", "sensitivity", "--max-shift", "-1"],
          "--max-shift: -1.0 is not a finite number >= 0"),
+        (["--method", "svd", "--params", "100000000"], "--params: 100,000,000 is not below the"),
+        (["--method", "svd", "--ratio", "0.5", "--params", "1000"], "ratio and params given"),
     ],
 )
 def test_bad_input_one_line_error_nothing_written(tiny_dir, tmp_path, args, message):

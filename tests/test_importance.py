@@ -226,6 +226,27 @@ def test_sensitivity_allocation_in_compress(calibrated):
         lmshrink.compress(_copy(dense), Plan(method="svd", ratio=0.001, allocation="sensitivity"), progress=False)
 
 
+def test_params_budget_is_the_global_ratio_and_is_met(calibrated):
+    dense, _, _, corpus = calibrated
+    targets = select_targets(dense.candidates(), ("linears",))
+    total = sum(t.shape[0] * t.shape[1] for t in targets)
+    step = sum(sum(t.shape) for t in targets)  # one rank of every matrix
+    budget = int(0.45 * total) + 7
+    for allocation in ("uniform", "sensitivity"):
+        report = lmshrink.compress(_copy(dense), Plan(method="fwsvd", params=budget, allocation=allocation, calibration_windows=4,
+                                                      window=32), data=corpus, progress=False)
+        kept = sum(r["params_after"] for r in report.modules)
+        assert budget - step < kept <= budget, allocation
+        assert report.plan["params"] == budget and report.plan["ratio"] * total == pytest.approx(budget)
+    assert Plan(params=budget).amount() == f"params={budget:,}"
+    with pytest.raises(InvalidArgument, match="--params: 0 is not a positive integer"):
+        Plan(params=0)
+    with pytest.raises(InvalidArgument, match="exactly one of --ratio R, --rank K, --energy E or --params N"):
+        Plan(ratio=0.5, params=10)
+    with pytest.raises(InvalidArgument, match=f"--params: {total:,} is not below the {total:,} dense parameters"):
+        lmshrink.compress(_copy(dense), Plan(method="svd", params=total), progress=False)
+
+
 def test_error_spectrum_units():
     weight = torch.randn(12, 10, dtype=torch.float64)
     fisher = torch.full((12, 10), 2.0, dtype=torch.float64)

@@ -131,8 +131,8 @@ def allocated_params(targets: list[Target], ranks: dict[str, int | None]) -> int
 
 def plan_budget(targets: list[Target], plan: Plan, stats: dict) -> int:
     """The parameter budget a plan sets: ratio x dense parameters, or what the uniform allocation would use."""
-    if plan.ratio is not None:
-        return int(math.floor(plan.ratio * sum(t.shape[0] * t.shape[1] for t in targets)))
+    if plan.ratio is not None:  # (1 + 1e-12): a --params budget N, stored as the ratio N / dense, gives back N
+        return int(math.floor(plan.ratio * sum(t.shape[0] * t.shape[1] for t in targets) * (1 + 1e-12)))
     return allocated_params(targets, uniform(targets, plan, stats))
 
 
@@ -164,7 +164,7 @@ def sensitivity(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int
     if len(loss_units) > 1:
         # Mixed units cannot be compared: fall back to relative error everywhere.
         spectra = {name: v / v.sum().clamp_min(1e-300) for name, v in spectra.items()}
-    ranks = allocate_budget(targets, spectra, plan_budget(targets, plan, stats), plan.multiple_of,
+    ranks = allocate_budget(targets, spectra, plan_budget(targets, plan, stats), plan.multiple_of, "--ratio/--params",
                             bounds=None if plan.max_shift is None else shift_bounds(targets, plan, stats))
     return {name: (None if rank is None else keep_if_smaller(rank, by.shape)) for (name, rank), by in
             zip(ranks.items(), targets)}

@@ -126,9 +126,12 @@ def _with(options):
 @main.command()
 @click.argument("model", default=DEFAULT_MODEL, required=False)
 @click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Factorization method. " + "see `lmshrink methods`.")
-@click.option("--ratio", type=float, default=None, help="Each targeted matrix keeps R times its dense parameter count (0 < R <= 1). Default 0.8 when no --rank/--energy.")
+@click.option("--ratio", type=float, default=None, help="Each targeted matrix keeps R times its dense parameter count (0 < R <= 1). Default 0.8 when no --rank/--energy/--params.")
 @click.option("--rank", type=int, default=None, help="The same rank K for every targeted matrix (1 <= K <= min(m, n)).")
 @click.option("--energy", type=float, default=None, help="Smallest rank keeping E of each matrix's squared singular values (0 < E <= 1).")
+@click.option("--params", type=int, default=None,
+              help="Budget: the targeted matrices keep at most N parameters in all (the global ratio N / their dense count; "
+                   "with --allocation sensitivity, spent where it costs least).")
 @click.option("--targets", multiple=True, default=("linears",), show_default=True,
               help="Modules to compress: linears, attention, mlp, embedding, lm_head, or a glob on module names (repeatable).")
 @click.option("--multiple-of", type=click.IntRange(min=1), default=1, show_default=True, help="Round ranks down to a multiple of this.")
@@ -146,7 +149,7 @@ def _with(options):
 @click.option("--no-save", is_flag=True, help="Measure only; do not save.")
 @_with(common_eval)
 @_method_options
-def compress(model, method, ratio, rank, energy, targets, multiple_of, allocation, max_shift, calibration_windows, finetune_steps,
+def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, finetune_steps,
              finetune_lr, finetune_distill, out, overwrite, no_save, data, tokens, window, as_json, **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
 
@@ -158,7 +161,7 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
     from lmshrink.surgery import check_plan
 
     progress = not as_json and sys.stderr.isatty()
-    if ratio is None and rank is None and energy is None:
+    if ratio is None and rank is None and energy is None and params is None:
         ratio = DEFAULT_RATIO
     method_spec = get_method(method)
     given = {k: v for k, v in method_options.items() if v is not None}
@@ -167,7 +170,7 @@ def compress(model, method, ratio, rank, energy, targets, multiple_of, allocatio
         raise lmshrink.errors.InvalidArgument(", ".join(f"--{f.replace('_', '-')}" for f in foreign),
                                               f"not an option of method {method!r}",
                                               ", ".join(f"--{o.name.replace('_', '-')}" for o in method_spec.options) or "none")
-    plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, multiple_of=multiple_of,
+    plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, params=params, multiple_of=multiple_of,
                          allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
                          window=window)
     corpus = lmshrink.load_corpus(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -51,11 +51,13 @@ class Target:
 
 @dataclass
 class Plan:
-    """Method x targets x amount. Exactly one of ``ratio``, ``rank`` or ``energy`` says how much each target keeps.
+    """Method x targets x amount. Exactly one of ``ratio``, ``rank``, ``energy`` or ``params`` says how much is kept.
 
     ``ratio`` R: each targeted matrix keeps R times its dense parameter count (0 < R <= 1).
     ``rank`` K: every targeted matrix gets rank K (1 <= K <= min(m, n)).
     ``energy`` E: the smallest rank keeping E of the squared singular values (0 < E <= 1).
+    ``params`` N: the targeted matrices keep at most N parameters in all; it is the global ratio N / (their
+    dense parameters), so "uniform" gives every matrix that ratio and "sensitivity" spends exactly N.
 
     ``allocation`` spreads the same global budget differently ("uniform", or "sensitivity"); ``max_shift``
     bounds how far "sensitivity" may move each rank from its uniform rank (a fraction; None: no bound).
@@ -66,6 +68,7 @@ class Plan:
     ratio: float | None = None
     rank: int | None = None
     energy: float | None = None
+    params: int | None = None
     multiple_of: int = 1
     allocation: str = "uniform"
     max_shift: float | None = 0.25
@@ -75,16 +78,19 @@ class Plan:
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        given = [name for name in ("ratio", "rank", "energy") if getattr(self, name) is not None]
+        given = [name for name in ("ratio", "rank", "energy", "params") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise InvalidArgument("ratio/rank/energy", f"{'none' if not given else ' and '.join(given)} given",
-                                  "exactly one of --ratio R, --rank K or --energy E")
+            raise InvalidArgument("ratio/rank/energy/params", f"{'none' if not given else ' and '.join(given)} given",
+                                  "exactly one of --ratio R, --rank K, --energy E or --params N")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise InvalidArgument("--ratio", f"{self.ratio} is outside (0, 1]", "0 < R <= 1, the fraction of each matrix's dense parameters kept")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise InvalidArgument("--energy", f"{self.energy} is outside (0, 1]", "0 < E <= 1, the fraction of squared singular values kept")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
             raise InvalidArgument("--rank", f"{self.rank!r} is not a positive integer", "an integer K >= 1 and <= min(m, n) of every target")
+        if self.params is not None and (isinstance(self.params, bool) or not isinstance(self.params, int) or self.params <= 0):
+            raise InvalidArgument("--params", f"{self.params!r} is not a positive integer",
+                                  "an integer N >= 1, below the targeted matrices' dense parameter count")
         if self.multiple_of < 1:
             raise InvalidArgument("--multiple-of", f"{self.multiple_of} is below 1", "an integer >= 1")
         if self.max_shift is not None and not (isinstance(self.max_shift, (int, float)) and 0 <= self.max_shift < float("inf")):
@@ -101,11 +107,23 @@ class Plan:
             return f"ratio={self.ratio:g}"
         if self.rank is not None:
             return f"rank={self.rank}"
+        if self.params is not None:
+            return f"params={self.params:,}"
         return f"energy={self.energy:g}"
+
+    def for_targets(self, targets: list[Target]) -> "Plan":
+        """This plan with a ``params`` budget turned into the global ratio over ``targets`` (others: unchanged)."""
+        if self.params is None:
+            return self
+        dense = sum(t.shape[0] * t.shape[1] for t in targets)
+        if self.params >= dense:
+            raise InvalidArgument("--params", f"{self.params:,} is not below the {dense:,} dense parameters of the targets",
+                                  f"1 <= N < {dense:,} (or more --targets)")
+        return replace(self, ratio=self.params / dense, params=None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "targets": list(self.targets), "ratio": self.ratio, "rank": self.rank,
-                "energy": self.energy, "multiple_of": self.multiple_of, "allocation": self.allocation,
+                "energy": self.energy, "params": self.params, "multiple_of": self.multiple_of, "allocation": self.allocation,
                 "max_shift": self.max_shift, "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window}
 
 

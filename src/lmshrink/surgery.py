@@ -61,9 +61,9 @@ def lowrank_layer(target: Target, left: torch.Tensor, right: torch.Tensor) -> nn
 
 
 def check_plan(model, plan: Plan) -> list[Target]:
-    """Fail fast on a plan that cannot apply to this model (method, options, targets, ranks); return its targets.
+    """Fail fast on a plan that cannot apply to this model (method, options, targets, budget, ranks); return its targets.
 
-    Cheap for ratio and rank plans; energy plans compute each target's spectrum.
+    Cheap for ratio, params and rank plans; energy plans compute each target's spectrum.
     """
     loaded = load_model(model)
     method = get_method(plan.method)
@@ -73,6 +73,7 @@ def check_plan(model, plan: Plan) -> list[Target]:
     if unsupported:
         raise InvalidArgument("--targets", f"method {method.name!r} cannot compress {unsupported[:3]}{' ...' if len(unsupported) > 3 else ''}",
                               f"targets of kind {sorted(method.target_kinds)}")
+    plan = plan.for_targets(targets)
     if method.kind == "lowrank" and plan.allocation == "uniform":
         allocate(targets, plan, {})
     return targets
@@ -89,6 +90,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     method = get_method(plan.method)
     options = method.resolve_options(plan.options)
     targets = check_plan(loaded, plan)
+    asked, plan = plan, plan.for_targets(targets)  # a --params budget becomes the global ratio over these targets
     params_before, bytes_before = count_params(loaded.model), count_bytes(loaded.model)
     start = time.perf_counter()
     stats = {}
@@ -119,7 +121,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
                     with torch.no_grad():
                         row["relative_error"] = relative_error(weight, new.dense_weight())
             rows.append(row)
-    report = CompressionReport(plan.to_dict(), rows, params_before, count_params(loaded.model), bytes_before,
+    report = CompressionReport({**plan.to_dict(), "params": asked.params}, rows, params_before, count_params(loaded.model), bytes_before,
                                count_bytes(loaded.model), time.perf_counter() - start, stats_seconds)
     if not report.compressed:
         report.notes.append("no target became smaller: every matrix stays dense at this amount")

@@ -489,15 +489,15 @@ class ReferenceSpec:
     description: str = ""
 
 
-# Epochs are set by what 2 shared CPU cores allow (PTB 2x200: about 10 minutes an epoch at 1 thread,
-# WikiText-2 2x200: about 80 minutes); these models are references for compression, not state of the art.
+# Epochs are set by what 2 shared CPU cores allow (1 thread: PTB 2x200 about 10 minutes an epoch, PTB 2x400
+# about 11, WikiText-2 2x200 about 80); these models are references for compression, not state of the art.
 REFERENCES: dict[str, ReferenceSpec] = {
     "ptb-small": ReferenceSpec("ptb", 200, 200, 2, 0.2, TrainConfig(epochs=1, batch_size=20, lr=20.0),
                                "2x200 LSTM on PTB, 1 epoch of the example's recipe"),
-    "ptb-medium": ReferenceSpec("ptb", 400, 400, 2, 0.3, TrainConfig(epochs=0.5, batch_size=20, lr=20.0),
-                                "2x400 LSTM on PTB, half an epoch"),
-    "wt2-small": ReferenceSpec("wikitext-2", 200, 200, 2, 0.2, TrainConfig(epochs=0.15, batch_size=20, lr=20.0),
-                               "2x200 LSTM on WikiText-2, 0.15 epoch (under-trained: the time available)"),
+    "ptb-medium": ReferenceSpec("ptb", 400, 400, 2, 0.3, TrainConfig(epochs=2, batch_size=20, lr=20.0),
+                                "2x400 LSTM on PTB, 2 epochs of the example's recipe"),
+    "wt2-small": ReferenceSpec("wikitext-2", 200, 200, 2, 0.2, TrainConfig(epochs=0.5, batch_size=20, lr=20.0),
+                               "2x200 LSTM on WikiText-2, half an epoch (under-trained: the time available)"),
 }
 
 
