@@ -348,6 +348,13 @@ def _claims(runs: list[dict], dense: float | None) -> list[str]:
             holds = "holds" if t <= f <= v else "does not hold"
             lines.append(f"- TFWSVD <= FWSVD <= SVD at ratio {ratio:g}, {allocation}: {_fmt(t)} / {_fmt(f)} / {_fmt(v)}, "
                          f"{holds} (SVD / FWSVD {v / f:.3g}x, FWSVD / TFWSVD {f / t:.3g}x).")
+        gaps = [(ratio, table[("fwsvd", allocation, ratio)]["perplexity"] / table[("tfwsvd", allocation, ratio)]["perplexity"])
+                for ratio in sorted({r["ratio"] for r in runs}, reverse=True)
+                if ("fwsvd", allocation, ratio) in table and ("tfwsvd", allocation, ratio) in table]
+        if len(gaps) > 1:  # the paper: the TFWSVD advantage widens as compression grows (the ratio falls)
+            trend = "widens" if gaps[-1][1] > gaps[0][1] else "narrows"
+            lines.append(f"- FWSVD / TFWSVD perplexity gap, {allocation}, from ratio {gaps[0][0]:g} down to {gaps[-1][0]:g}: "
+                         + " -> ".join(f"{g:.3g}x" for _, g in gaps) + f": it {trend} at higher compression.")
     for name, points in REFERENCE.items():
         ours = {"SVD-LLM whitening, no LoRA": "svdllm", "plain SVD": "svd", "ASVD, uniform": "asvd"}[name]
         pairs = [f"{ratio:g}: {_fmt(value)} vs {_fmt(table[(ours, 'uniform', ratio)]['perplexity'])}"

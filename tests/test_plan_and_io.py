@@ -24,7 +24,7 @@ def logits(loaded, seed=0):
         ({"energy": 0.0}, r"--energy"),
         ({"energy": 1.01}, r"--energy"),
         ({"rank": 0}, r"--rank: 0 is not a positive integer"),
-        ({}, r"exactly one of --ratio R, --rank K or --energy E"),
+        ({}, r"exactly one of --ratio R, --rank K, --energy E or --params N"),
         ({"ratio": 0.5, "rank": 3}, r"ratio and rank given"),
     ],
 )
