@@ -7,7 +7,9 @@ uncompressed control run).
 
 The loss is next-token cross-entropy, or, given a ``teacher`` (the model before compression), distillation:
 the KL divergence from the teacher's next-token distribution to the student's at every position. The soft
-targets carry the teacher's whole distribution per token, more signal per step than the one observed token. Windows come from the start of the corpus's calibration text, in order, so a run is reproducible.
+targets carry the teacher's whole distribution per token, more signal per step than the one observed token.
+
+Windows come from the start of the corpus's calibration text, in order, so a run is reproducible.
 """
 
 from __future__ import annotations
