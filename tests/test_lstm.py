@@ -220,6 +220,22 @@ def test_targets_w_i_and_bad_rank(tiny_trained):
         lmshrink.compress(_copy(loaded), lmshrink.Plan(method="seminmf", targets=("W_h",), rank=33), progress=False)
 
 
+def test_tied_decoder_untie_head_roundtrip(tiny_corpus_dir, tmp_path):
+    corpus = load_word_corpus(tiny_corpus_dir)
+    torch.manual_seed(0)
+    model = WordLSTM(len(corpus.vocab), 16, 16, 1, dropout=0.0, tie_weights=True).eval()
+    table = model.encoder.weight.detach().clone()
+    loaded = LoadedModel(model, FAMILIES["word-lstm"], corpus.vocab, "tied")
+    lmshrink.compress(loaded, lmshrink.Plan(method="svd", targets=("embedding",), rank=4, untie_head=True), progress=False)
+    assert type(model.decoder) is nn.Linear and torch.equal(model.decoder.weight, table) and not model.config.tie_weights
+    ids = torch.arange(12).reshape(6, 2)
+    path = lmshrink.save(loaded, tmp_path / "untied")
+    again = lmshrink.load(path)
+    assert type(again.model.encoder).__name__ == "LowRankEmbedding" and torch.equal(again.model.decoder.weight, table)
+    with torch.no_grad():
+        assert torch.equal(again.model(ids)[0], model(ids)[0])
+
+
 def test_finetuning_recovers_perplexity(tiny_trained):
     loaded, corpus, _ = tiny_trained
     dense = evaluate_lm(loaded.model, corpus.test)["perplexity"]

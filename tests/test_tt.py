@@ -254,6 +254,32 @@ def test_compress_tied_embedding_logits_and_roundtrip(method, options, layer_typ
         assert torch.equal(again.logits(ids), logits)
 
 
+def test_untie_head_compresses_the_input_side_only(tmp_path):
+    original = tiny_llama(tie=True)
+    table = original.model.model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    loaded = tiny_llama(tie=True)
+    report = lmshrink.compress(loaded, Plan(method="tt", targets=("embedding",), rank=2, untie_head=True), progress=False)
+    embedding, head = loaded.model.model.embed_tokens, loaded.model.lm_head
+    assert isinstance(embedding, TTEmbedding) and type(head) is torch.nn.Linear
+    assert torch.equal(head.weight, table) and loaded.model.config.tie_word_embeddings is False
+    # The head's table is now counted on its own: the model grows by the TT parameters.
+    assert report.params_after - report.params_before == embedding.stored_parameters()
+    with torch.no_grad():
+        logits = loaded.logits(ids)
+        # Same as the original model fed the rebuilt rows at its input, with the original output layer.
+        dense = tiny_llama(tie=False)
+        dense.model.load_state_dict({k: v for k, v in original.model.state_dict().items()})
+        dense.model.model.embed_tokens.weight.copy_(embedding.dense_weight())
+        assert torch.allclose(logits, dense.logits(ids), atol=1e-4)
+        assert not torch.allclose(logits, original.logits(ids), atol=1e-2)  # the input side did change
+    lmshrink.save(loaded, tmp_path / "m")
+    again = lmshrink.load_model(tmp_path / "m")
+    assert type(again.model.lm_head) is torch.nn.Linear and torch.equal(again.model.lm_head.weight, table)
+    with torch.no_grad():
+        assert torch.equal(again.logits(ids), logits)
+
+
 def test_ratio_plan_and_its_limits():
     loaded = tiny_llama(tie=True)
     report = lmshrink.compress(loaded, Plan(method="tt", targets=("embedding",), ratio=0.8), progress=False)

@@ -139,6 +139,9 @@ def _with(options):
 @click.option("--max-shift", type=float, default=0.25, show_default=True,
               help="--allocation sensitivity: each rank stays within +-this fraction of its uniform rank (0: uniform).")
 @click.option("--calibration-windows", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
+@click.option("--untie-head", is_flag=True,
+              help="A token embedding tied to the output layer: compress the input side only, the output layer keeps the "
+                   "original table (the model grows by V x d; for analysis).")
 @click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="After compressing, train the factors for this many steps of one window of train text (causal LMs; refinement training).")
 @click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate of --finetune-steps.")
@@ -149,7 +152,7 @@ def _with(options):
 @click.option("--no-save", is_flag=True, help="Measure only; do not save.")
 @_with(common_eval)
 @_method_options
-def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, finetune_steps,
+def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, untie_head, finetune_steps,
              finetune_lr, finetune_distill, out, overwrite, no_save, data, tokens, window, as_json, **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
 
@@ -172,7 +175,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                                               ", ".join(f"--{o.name.replace('_', '-')}" for o in method_spec.options) or "none")
     plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, params=params, multiple_of=multiple_of,
                          allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
-                         window=window)
+                         window=window, untie_head=untie_head)
     corpus = lmshrink.load_corpus(data)
     out_dir = Path(out) if out else Path("compressed") / f"{Path(str(model)).stem}-{method}"
     overwrite = overwrite or out is None  # the default place holds our own earlier result; save() still refuses foreign dirs

@@ -61,6 +61,10 @@ class Plan:
 
     ``allocation`` spreads the same global budget differently ("uniform", or "sensitivity"); ``max_shift``
     bounds how far "sensitivity" may move each rank from its uniform rank (a fraction; None: no bound).
+
+    ``untie_head``: a token embedding tied to the output layer is compressed on the input side only; the
+    output layer keeps the original table as its own dense weight. The model grows by that table (V x d), so
+    this is for measuring what the input side tolerates, not for saving memory.
     """
 
     method: str = "svd"
@@ -75,6 +79,7 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
     calibration_windows: int = 32
     window: int = 512
+    untie_head: bool = False
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -124,7 +129,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "targets": list(self.targets), "ratio": self.ratio, "rank": self.rank,
                 "energy": self.energy, "params": self.params, "multiple_of": self.multiple_of, "allocation": self.allocation,
-                "max_shift": self.max_shift, "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window}
+                "max_shift": self.max_shift, "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window,
+                "untie_head": self.untie_head}
 
 
 def select_targets(candidates: list[Target], patterns: tuple[str, ...]) -> list[Target]:

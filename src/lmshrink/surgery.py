@@ -73,6 +73,10 @@ def check_plan(model, plan: Plan) -> list[Target]:
     if unsupported:
         raise InvalidArgument("--targets", f"method {method.name!r} cannot compress {unsupported[:3]}{' ...' if len(unsupported) > 3 else ''}",
                               f"targets of kind {sorted(method.target_kinds)}")
+    if plan.untie_head and not any(t.tied_head for t in targets):
+        raise InvalidArgument("--untie-head", "no targeted embedding shares its weight with an output layer",
+                              "targets that include a tied token embedding (--targets embedding on a model with tied embeddings), "
+                              "or no --untie-head")
     plan = plan.for_targets(targets)
     if method.kind == "lowrank" and plan.allocation == "uniform":
         allocate(targets, plan, {})
@@ -105,7 +109,8 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     if method.kind == "lowrank":
         ranks = allocate(targets, plan, stats)
         for target in tqdm(targets, desc=f"{method.name}", unit="matrix", disable=not progress):
-            rows.append(_factorize_target(loaded.model, target, ranks[target.name], method, stats.get(target.name, {}), options))
+            rows.append(_factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options,
+                                          plan.untie_head))
     else:
         for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
             before = module_params(target.module)
@@ -115,7 +120,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
             if new is None:
                 row.update(status="dense (not smaller)")
             else:
-                _swap(loaded.model, target, new)
+                _swap(loaded, target, new, plan.untie_head)
                 row.update(status="factorized", params_after=module_params(new), layer=type(new).__name__)
                 if hasattr(new, "dense_weight"):
                     with torch.no_grad():
@@ -136,7 +141,7 @@ def _row(target: Target, params_before: int) -> dict:
             "params_after": params_before, "relative_error": 0.0, "tied_head": target.tied_head}
 
 
-def _factorize_target(model, target: Target, rank, method, stats, options) -> dict:
+def _factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, options, untie_head: bool) -> dict:
     row = _row(target, module_params(target.module))
     if rank is None:
         row["status"] = "dense (not smaller)"
@@ -144,16 +149,21 @@ def _factorize_target(model, target: Target, rank, method, stats, options) -> di
     weight = target.weight().detach()
     left, right = method.function(weight.float(), rank, stats, options)
     layer = lowrank_layer(target, left, right)
-    _swap(model, target, layer)
+    _swap(loaded, target, layer, untie_head)
     with torch.no_grad():
         row.update(status="factorized", rank=rank, params_after=module_params(layer), layer=type(layer).__name__,
                    relative_error=relative_error(weight, left @ right))
     return row
 
 
-def _swap(model, target: Target, new: nn.Module) -> None:
+def _swap(loaded: LoadedModel, target: Target, new: nn.Module, untie_head: bool = False) -> None:
+    model = loaded.model
     replace_module(model, target.name, new)
-    if target.tied_head is not None:
+    if target.tied_head is not None and untie_head:
+        # The head already holds the original table (the tied Parameter); with the embedding module gone it is
+        # the head's alone. The family records that the model is no longer tied, so a saved copy loads untied.
+        loaded.family.untie_head(loaded)
+    elif target.tied_head is not None:
         head = model.get_submodule(target.tied_head)
         bias = getattr(head, "bias", None)
         replace_module(model, target.tied_head, TiedHead(new, target.name, bias))

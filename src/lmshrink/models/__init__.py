@@ -51,6 +51,10 @@ class ModelFamily:
         """(batch, seq) ids -> (batch, dim) pooled embeddings (encoder families)."""
         raise NotImplementedError
 
+    def untie_head(self, loaded: "LoadedModel") -> None:
+        """Mark the model's config as having an output layer with its own weight (see Plan.untie_head)."""
+        raise NotImplementedError(f"model family {self.name!r} cannot untie its output layer")
+
     def save_base(self, loaded: "LoadedModel", directory: Path) -> dict[str, Any]:
         """Write config and tokenizer; return JSON-safe facts that ``build_empty`` needs."""
         raise NotImplementedError

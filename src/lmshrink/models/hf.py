@@ -119,6 +119,12 @@ class _HuggingFace(ModelFamily):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)  # mean pooling, as sentence-transformers does
 
+    def untie_head(self, loaded: LoadedModel) -> None:
+        # Multimodal configs keep the flag on their text config; either way it is what from_config reads.
+        config = loaded.model.config
+        for part in {id(c): c for c in (config, config.get_text_config())}.values():
+            part.tie_word_embeddings = False
+
     def save_base(self, loaded: LoadedModel, directory: Path) -> dict[str, Any]:
         loaded.model.config.to_json_file(directory / "config.json")
         if loaded.tokenizer is not None:
