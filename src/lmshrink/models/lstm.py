@@ -453,6 +453,9 @@ class WordLSTMFamily(ModelFamily):
         logits, _ = loaded.model(ids.t())
         return logits.transpose(0, 1)
 
+    def untie_head(self, loaded: LoadedModel) -> None:
+        loaded.model.config.tie_weights = False
+
     def save_base(self, loaded: LoadedModel, directory: Path) -> dict[str, Any]:
         (directory / VOCAB_FILE).write_text(loaded.tokenizer.to_json())
         return {"lstm": asdict(loaded.model.config), "vocab": VOCAB_FILE}
@@ -487,6 +490,10 @@ class ReferenceSpec:
     dropout: float
     train: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
+    # Phases run after ``train``, each from the weights the previous one kept: lower learning rates, the steps
+    # the example's annealing takes after many more epochs than fit here. Without them a short run ends at
+    # lr 20 with noisy weights that any further low-lr training improves, which confounds fine-tuning results.
+    finish: tuple[TrainConfig, ...] = ()
 
 
 # Epochs are set by what 2 shared CPU cores allow (1 thread: PTB 2x200 about 10 minutes an epoch, PTB 2x400
@@ -495,7 +502,9 @@ REFERENCES: dict[str, ReferenceSpec] = {
     "ptb-small": ReferenceSpec("ptb", 200, 200, 2, 0.2, TrainConfig(epochs=1, batch_size=20, lr=20.0),
                                "2x200 LSTM on PTB, 1 epoch of the example's recipe"),
     "ptb-medium": ReferenceSpec("ptb", 400, 400, 2, 0.3, TrainConfig(epochs=2, batch_size=20, lr=20.0),
-                                "2x400 LSTM on PTB, 2 epochs of the example's recipe"),
+                                "2x400 LSTM on PTB, 2 epochs of the example's recipe, then half an epoch at lr 5 "
+                                "and half an epoch at lr 1.25",
+                                finish=(TrainConfig(epochs=0.5, lr=5.0), TrainConfig(epochs=0.5, lr=1.25))),
     "wt2-small": ReferenceSpec("wikitext-2", 200, 200, 2, 0.2, TrainConfig(epochs=0.5, batch_size=20, lr=20.0),
                                "2x200 LSTM on WikiText-2, half an epoch (under-trained: the time available)"),
 }
@@ -539,6 +548,7 @@ def _train_reference(name: str, spec: ReferenceSpec, log) -> Path:
     model = RNNModel(len(corpus.vocab), spec.ninp, spec.nhid, spec.nlayers, spec.dropout)
     start = time.perf_counter()
     history = train_lm(model, corpus, spec.train, log=log)
+    history["finish"] = [train_lm(model, corpus, phase, log=log) for phase in spec.finish]
     history["train_seconds"] = time.perf_counter() - start
     history["threads"] = torch.get_num_threads()
     history["test"] = evaluate_lm(model, corpus.test)
