@@ -265,6 +265,7 @@ def test_untie_head_compresses_the_input_side_only(tmp_path):
     assert torch.equal(head.weight, table) and loaded.model.config.tie_word_embeddings is False
     # The head's table is now counted on its own: the model grows by the TT parameters.
     assert report.params_after - report.params_before == embedding.stored_parameters()
+    assert any(note.startswith("--untie-head: lm_head keeps its own dense copy") for note in report.notes)
     with torch.no_grad():
         logits = loaded.logits(ids)
         # Same as the original model fed the rebuilt rows at its input, with the original output layer.

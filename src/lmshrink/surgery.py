@@ -130,6 +130,10 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
                                count_bytes(loaded.model), time.perf_counter() - start, stats_seconds)
     if not report.compressed:
         report.notes.append("no target became smaller: every matrix stays dense at this amount")
+    untied = [row["tied_head"] for row in report.compressed if plan.untie_head and row["tied_head"]]
+    if untied:
+        report.notes.append(f"--untie-head: {', '.join(untied)} keeps its own dense copy of the original table, "
+                            "so the model holds more parameters than the tied original")
     loaded.compression = rows
     loaded.model.eval()
     return report
