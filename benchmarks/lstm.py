@@ -233,8 +233,8 @@ def write_report(args, results: dict) -> None:
                          f"{f['dense_finetuned']['after']:.1f}. Recovery = (before - after) / (before - dense before).\n")
             control = f["dense_finetuned"]["after"]
             lines.append("Recovery above 1 means the compressed model ends better than the dense one did before fine-tuning "
-                         "(the 1-epoch reference is under-trained); the fair comparison is the last column, against the dense "
-                         "model fine-tuned the same way.\n")
+                         "(a reference trained for few epochs is under-trained); the fair comparison is the last column, against "
+                         "the dense model fine-tuned the same way.\n")
             lines.append("| targets | method | before | after | recovery | vs fine-tuned dense | seconds |\n|---|---|---|---|---|---|---|")
             for r in f["rows"]:
                 lines.append(f"| {r['targets']} | {r['method']} | {r['before']:.1f} ({r['change_before']:+.1%}) | "
@@ -317,16 +317,22 @@ def plot(args, results: dict) -> None:
         if "quality" not in model:
             continue
         figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+        tuned = model.get("finetune", {})
         for axis, target_name in zip(axes, TARGETS):
             for method in METHODS:
                 cells = [r for r in model["quality"] if r["targets"] == target_name and r["method"] == method]
-                axis.plot([r["rank"] for r in cells], [r["perplexity"] for r in cells], marker="o", label=method)
+                line, = axis.plot([r["rank"] for r in cells], [r["perplexity"] for r in cells], marker="o", label=method)
+                after = [r for r in tuned.get("rows", []) if r["targets"] == target_name and r["method"] == method]
+                axis.plot([r["rank"] for r in after], [r["after"] for r in after], marker="o", linestyle="none", markersize=9,
+                          markerfacecolor="none", color=line.get_color(), label=f"{method}, fine-tuned")
             axis.axhline(model["dense"]["perplexity"], color="gray", linestyle="--", label="dense")
+            if tuned:
+                axis.axhline(tuned["dense_finetuned"]["after"], color="gray", linestyle=":", label="dense, fine-tuned alike")
             axis.set_title(f"{name}: {target_name}")
             axis.set_xlabel("rank (pruning: same parameter count)")
             axis.set_yscale("log")
         axes[0].set_ylabel("test perplexity")
-        axes[0].legend()
+        axes[0].legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(RESULTS / f"lstm_{name}_perplexity.png", dpi=110)
         plt.close(figure)
@@ -353,6 +359,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="ptb-small")
     parser.add_argument("--parts", default="speed,quality,finetune,norms")
+    parser.add_argument("--report-only", action="store_true", help="rewrite lstm.md and the plots from lstm.json, measure nothing")
     parser.add_argument("--ranks", default="auto", help="'auto': hidden/10, hidden/5, 2 hidden/5 of each model")
     parser.add_argument("--eval-tokens", type=int, default=20000)
     parser.add_argument("--finetune-rank", type=int, default=None, help="default hidden/5")
@@ -373,6 +380,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = RESULTS / "lstm.json"
     results = json.loads(path.read_text()) if path.is_file() else {}  # parts run separately add to one report
+    if args.report_only:
+        write_report(args, results)
+        plot(args, results)
+        return
     results["notes"] = (f"Perplexity: the example's evaluation (batch 10, bptt 35, state carried) on the first "
                         f"{args.eval_tokens} test tokens. Pruning keeps as many entries as the rank-k factorization "
                         f"has parameters (k (m + n)). {args.threads} thread(s) for quality runs.")

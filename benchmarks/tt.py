@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# numpy's BLAS (under the TensorLy loop) fixes its thread count at import: give it --threads, as torch gets.
+_THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "1"
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, _THREADS)
+
+import torch  # noqa: E402
 
 from lmshrink.accounting import count_params
 from lmshrink.data import load_corpus

@@ -179,37 +179,62 @@ def _rank_from_spectrum(singular: Tensor, budget_sq: Tensor | None, cap: int | N
 
 # Unfoldings whose smaller side is at most this use the Gram solver under solver="auto".
 GRAM_LIMIT = 64
+# Batches at least this large are split across torch's CPU threads for the eigendecompositions.
+PARALLEL_EIGH_MIN = 8192
 
 
-def _leading_subspace_svd(unfolding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(U, s, diag(s) Vh) of a batch of matrices, singular values descending."""
+def _eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh of a batch, its chunks on torch's threads when on CPU.
+
+    Batched CPU eigh runs LAPACK one small matrix after another on one core; the chunks are independent, and
+    torch releases the GIL inside the call, so a thread pool spreads them over the cores torch may use.
+    """
+    workers = torch.get_num_threads()
+    if gram.device.type != "cpu" or workers < 2 or gram.shape[0] < PARALLEL_EIGH_MIN:
+        return torch.linalg.eigh(gram)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(torch.linalg.eigh, gram.chunk(workers)))
+    return torch.cat([values for values, _ in parts]), torch.cat([vectors for _, vectors in parts])
+
+
+def _truncated_svd(unfolding: Tensor, choose_rank) -> tuple[Tensor, Tensor, Tensor]:
+    """(U_k, rank, diag(s_k) Vh_k) of a batch of matrices, k the largest rank ``choose_rank(singular values)`` asks for."""
     u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
-    return u, s, s[:, :, None] * vh
+    rank = choose_rank(s)
+    keep = int(rank.max())
+    return u[:, :, :keep], rank, s[:, :keep, None] * vh[:, :keep, :]
 
 
-def _leading_subspace_gram(unfolding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The same (U, s, diag(s) Vh) as the SVD, from an eigendecomposition of the smaller Gram matrix.
+def _truncated_gram(unfolding: Tensor, choose_rank) -> tuple[Tensor, Tensor, Tensor]:
+    """The same (U_k, rank, diag(s_k) Vh_k) as ``_truncated_svd``, from an eigendecomposition of the smaller Gram matrix.
 
     Batched LAPACK SVD pays a large per-matrix cost on tiny matrices; a p x p symmetric eigenproblem is
     several times cheaper. The eigenproblem runs in float64 so that the eigenvectors are as accurate as the
     Gram matrix allows. Directions whose singular value is round-off next to the largest come back as zero
-    columns, which is harmless: rank selection never keeps them ahead of nonzero ones.
+    columns, which is harmless: rank selection never keeps them ahead of nonzero ones. Only the k kept
+    directions are projected, and every product takes its operands in the layout batched matmul runs fastest on.
     """
     _, rows, cols = unfolding.shape
     wide = rows <= cols
-    gram = unfolding @ unfolding.transpose(1, 2) if wide else unfolding.transpose(1, 2) @ unfolding
-    eigenvalues, vectors = torch.linalg.eigh(gram.double())  # ascending
-    eigenvalues, vectors = eigenvalues.flip(-1).clamp_min(0), vectors.flip(-1)
-    singular = eigenvalues.sqrt()
+    transposed = unfolding.transpose(1, 2)
+    gram = unfolding @ transposed if wide else transposed @ unfolding
+    eigenvalues, vectors = _eigh(gram.double())  # ascending
+    singular = eigenvalues.flip(-1).clamp_min(0).sqrt()
     alive = singular > singular[:, :1] * 1e-6
-    singular = (singular * alive).to(unfolding.dtype)
-    vectors = (vectors * alive[:, None, :]).to(unfolding.dtype)
+    singular = singular * alive
+    rank = choose_rank(singular)
+    keep = int(rank.max())
+    # The k leading eigenvectors, descending, as rows (B, k, p): contiguous for the products below.
+    basis = (vectors.flip(-1)[:, :, :keep] * alive[:, None, :keep]).transpose(1, 2).to(unfolding.dtype).contiguous()
+    singular = singular[:, :keep].to(unfolding.dtype)
     if wide:
         # U are the Gram eigenvectors; U^T A = diag(s) Vh is exactly what the next TT-SVD step needs.
-        return vectors, singular, vectors.transpose(1, 2) @ unfolding
+        return basis.transpose(1, 2), rank, basis @ unfolding
     # V are the Gram eigenvectors; U = A V / s and diag(s) Vh = diag(s) V^T.
     scale = torch.where(singular > 0, singular, torch.ones_like(singular))
-    return (unfolding @ vectors) / scale[:, None, :], singular, singular[:, :, None] * vectors.transpose(1, 2)
+    return (basis @ transposed).transpose(1, 2) / scale[:, None, :], rank, singular[:, :, None] * basis
 
 
 def tt_svd_batched(
@@ -253,10 +278,9 @@ def tt_svd_batched(
     for k in range(order - 1):
         unfolding = rest.reshape(batch, previous * shape[k], -1)
         use_gram = solver == "gram" or (solver == "auto" and batch > 1 and min(unfolding.shape[1:]) <= GRAM_LIMIT)
-        u, s, projected = (_leading_subspace_gram if use_gram else _leading_subspace_svd)(unfolding)
-        rank = _rank_from_spectrum(s, budget_sq, caps[k])
+        truncate = _truncated_gram if use_gram else _truncated_svd
+        u, rank, rest = truncate(unfolding, lambda singular: _rank_from_spectrum(singular, budget_sq, caps[k]))
         padded = int(rank.max())
-        u, rest = u[:, :, :padded], projected[:, :padded, :]
         if int(rank.min()) < padded:  # rows with a smaller own rank: zero their padding
             keep = torch.arange(padded, device=work.device)[None, :] < rank[:, None]  # (B, R_k)
             u, rest = u * keep[:, None, :], rest * keep[:, :, None]
