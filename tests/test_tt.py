@@ -96,6 +96,21 @@ def test_full_rank_trains_are_exact(solver):
     assert trains.padded_ranks == (1, 3, 5, 1)
 
 
+def test_gram_solver_on_several_threads_equals_one_thread():
+    from lmshrink.decompose import tt
+
+    rows = torch.randn(tt.PARALLEL_EIGH_MIN + 5, 24, generator=torch.Generator().manual_seed(3))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = tt_svd_batched(rows, (2, 3, 4), max_rank=2, solver="gram")
+        torch.set_num_threads(3)  # uneven chunks: the pieces must come back in order
+        shared = tt_svd_batched(rows, (2, 3, 4), max_rank=2, solver="gram")
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(alone.cores, shared.cores))
+
+
 @pytest.mark.parametrize("solver", ["svd", "gram"])
 def test_tolerance_gives_each_row_its_own_minimal_ranks(solver):
     shape = (4, 5, 6)
