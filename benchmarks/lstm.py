@@ -182,8 +182,17 @@ def part_finetune(args, results: dict, name: str, loaded: LoadedModel) -> None:
             print(f"{name} finetune {target_name:4s} {method:8s} rank {rank}: {result['before']:.2f} -> "
                   f"{result['after']:.2f} (dense {dense:.2f}, recovery {result.get('recovery', float('nan')):.2f}) "
                   f"in {result['seconds']:.0f}s", flush=True)
-    results.setdefault("models", {}).setdefault(name, {})["finetune"] = {"dense": dense, "dense_finetuned": dense_tuned, "steps": args.finetune_steps, "rank": rank,
-                                                                        "lr": args.finetune_lr, "rows": rows}
+    block = {"dense": dense, "dense_finetuned": dense_tuned, "steps": args.finetune_steps, "rank": rank, "lr": args.finetune_lr,
+             "rows": rows}
+    model = results.setdefault("models", {}).setdefault(name, {})
+    # Runs with other steps / learning rates stay; the longest one is what the claims and plots use.
+    runs = [run for run in finetune_runs(model) if (run["steps"], run["lr"]) != (block["steps"], block["lr"])] + [block]
+    model["finetune_runs"] = sorted(runs, key=lambda run: (run["steps"], run["lr"]))
+    model["finetune"] = max(runs, key=lambda run: run["steps"])
+
+
+def finetune_runs(model: dict) -> list[dict]:
+    return model.get("finetune_runs") or ([model["finetune"]] if "finetune" in model else [])
 
 
 def part_norms(args, results: dict, name: str, loaded: LoadedModel) -> None:
@@ -226,8 +235,7 @@ def write_report(args, results: dict) -> None:
                     cells = [r for r in model["quality"] if r["targets"] == target_name and r["method"] == method]
                     lines.append(f"| {target_name} | {method} | " + " | ".join(f"{r['perplexity']:.1f} ({r['change']:+.1%})" for r in cells) + " |")
             lines.append("")
-        if "finetune" in model:
-            f = model["finetune"]
+        for f in finetune_runs(model):
             lines.append(f"Fine-tuning at rank {f.get('rank', f['rows'][0]['rank'])}: {f['steps']} SGD steps (lr {f['lr']}, batch 20 x bptt 35), all parameters. "
                          f"Control: the dense model fine-tuned the same way goes {f['dense_finetuned']['before']:.1f} -> "
                          f"{f['dense_finetuned']['after']:.1f}. Recovery = (before - after) / (before - dense before).\n")

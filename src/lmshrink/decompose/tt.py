@@ -253,8 +253,8 @@ def tt_svd_batched(
     are exact (full rank). Returns cores in float32 (float64 for float64 input, or ``dtype``).
 
     ``solver``: "svd" (batched LAPACK SVD), "gram" (eigendecomposition of each unfolding's small Gram matrix,
-    in float64; about 5x faster on many tiny unfoldings, same subspaces up to round-off) or "auto" (gram
-    when many vectors have small unfoldings).
+    in float64; about 5x faster on many tiny unfoldings, same subspaces up to round-off; large batches spread
+    over torch's threads) or "auto" (gram when many vectors have small unfoldings).
     """
     if solver not in ("auto", "svd", "gram"):
         raise InvalidArgument("solver", f"{solver!r} is not a solver", "'auto', 'svd' or 'gram'")
