@@ -217,13 +217,15 @@ def write_report(args, results: dict) -> None:
     (RESULTS / "lstm.json").write_text(json.dumps(results, indent=2) + "\n")
     # Parts run separately add to one report: every command that contributed, in order.
     commands = "\n".join(f"- `{c}`" for c in results.get("commands", []))
-    lines = [f"# Low-rank LSTM language models\n", f"Commands (in order; a later part replaces an earlier one's rows):\n\n{commands}\n",
+    lines = [f"# Low-rank LSTM language models\n", f"Commands (in order; a later run of a part replaces that part's rows for its model, fine-tuning only those of the same steps and lr):\n\n{commands}\n",
              results.get("notes", "") + "\n"]
     for name, model in results.get("models", {}).items():
         if "training" in model:
             t = model["training"]
+            phases = [e["valid_perplexity"] for e in t["epochs"]] + [e["valid_perplexity"] for phase in t.get("finish", []) for e in phase]
             lines.append(f"## {name}\n\nReference: {t['description']}; trained {t['train_seconds']:.0f}s "
-                         f"({t['threads']} threads, shared cores), test perplexity (full test set) {t['test_perplexity']:.2f}.\n")
+                         f"({t['threads']} thread(s), shared cores), validation perplexity after each epoch or phase "
+                         f"{' / '.join(f'{p:.1f}' for p in phases)}, test perplexity (full test set) {t['test_perplexity']:.2f}.\n")
         if "dense" in model:
             lines.append(f"Dense perplexity on the first {model['dense']['tokens']} test tokens: {model['dense']['perplexity']:.2f}\n")
         if "quality" in model:
@@ -410,7 +412,7 @@ def main() -> None:
         results.setdefault("models", {}).setdefault(name, {})["training"] = {
             "description": REFERENCES[name].description, "train_seconds": training["train_seconds"],
             "threads": training["threads"], "test_perplexity": training["test"]["perplexity"],
-            "epochs": training["epochs"]}
+            "epochs": training["epochs"], "finish": [phase["epochs"] for phase in training.get("finish", [])]}
         results["models"][name]["hidden"] = loaded.model.nhid
         for part, function in (("quality", part_quality), ("norms", part_norms), ("finetune", part_finetune)):
             if part in parts:
