@@ -88,6 +88,23 @@ def test_batched_tt_svd_matches_tensorly_row_by_row(solver, shape, rank):
     assert (rebuilt - rows).norm() > 0.1 * rows.norm()
 
 
+def test_gram_solver_through_the_jacobi_kernel_matches_tensorly_and_lapack(monkeypatch):
+    from lmshrink.decompose import small_eigh
+
+    pytest.importorskip("numba")
+    shape, rank = (8, 8, 9), 4
+    rows = torch.randn(small_eigh.JACOBI_MIN_BATCH + 44, 576, generator=torch.Generator().manual_seed(6),
+                       dtype=torch.float64)
+    assert small_eigh.uses_jacobi(torch.zeros(rows.shape[0], 8, 8, dtype=torch.float64))
+    rebuilt = tt_svd_batched(rows, shape, max_rank=rank, solver="gram").reconstruct()
+    tl.set_backend("numpy")
+    for i in range(0, rows.shape[0], 15):
+        cores = tensor_train(rows[i].numpy().reshape(shape), rank=[1, rank, rank, 1])
+        assert torch.allclose(rebuilt[i], torch.from_numpy(tl.tt_to_tensor(cores).reshape(-1)), atol=1e-8)
+    monkeypatch.setattr(small_eigh, "jacobi_kernel", lambda: None)
+    assert torch.allclose(tt_svd_batched(rows, shape, max_rank=rank, solver="gram").reconstruct(), rebuilt, atol=1e-10)
+
+
 @pytest.mark.parametrize("solver", ["svd", "gram"])
 def test_full_rank_trains_are_exact(solver):
     rows = torch.randn(7, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -97,9 +114,9 @@ def test_full_rank_trains_are_exact(solver):
 
 
 def test_gram_solver_on_several_threads_equals_one_thread():
-    from lmshrink.decompose import tt
+    from lmshrink.decompose import small_eigh
 
-    rows = torch.randn(tt.PARALLEL_EIGH_MIN + 5, 24, generator=torch.Generator().manual_seed(3))
+    rows = torch.randn(small_eigh.PARALLEL_MIN_BATCH + 5, 24, generator=torch.Generator().manual_seed(3))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lmshrink.decompose.small_eigh import batched_eigh
 from lmshrink.errors import InvalidArgument
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -179,26 +180,6 @@ def _rank_from_spectrum(singular: Tensor, budget_sq: Tensor | None, cap: int | N
 
 # Unfoldings whose smaller side is at most this use the Gram solver under solver="auto".
 GRAM_LIMIT = 64
-# Batches at least this large are split across torch's CPU threads for the eigendecompositions.
-PARALLEL_EIGH_MIN = 8192
-
-
-def _eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """torch.linalg.eigh of a batch, its chunks on torch's threads when on CPU.
-
-    Batched CPU eigh runs LAPACK one small matrix after another on one core; the chunks are independent, and
-    torch releases the GIL inside the call, so a thread pool spreads them over the cores torch may use.
-    """
-    workers = torch.get_num_threads()
-    if gram.device.type != "cpu" or workers < 2 or gram.shape[0] < PARALLEL_EIGH_MIN:
-        return torch.linalg.eigh(gram)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(torch.linalg.eigh, gram.chunk(workers)))
-    return torch.cat([values for values, _ in parts]), torch.cat([vectors for _, vectors in parts])
-
-
 def _truncated_svd(unfolding: Tensor, choose_rank) -> tuple[Tensor, Tensor, Tensor]:
     """(U_k, rank, diag(s_k) Vh_k) of a batch of matrices, k the largest rank ``choose_rank(singular values)`` asks for."""
     u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
@@ -211,23 +192,24 @@ def _truncated_gram(unfolding: Tensor, choose_rank) -> tuple[Tensor, Tensor, Ten
     """The same (U_k, rank, diag(s_k) Vh_k) as ``_truncated_svd``, from an eigendecomposition of the smaller Gram matrix.
 
     Batched LAPACK SVD pays a large per-matrix cost on tiny matrices; a p x p symmetric eigenproblem is
-    several times cheaper. The eigenproblem runs in float64 so that the eigenvectors are as accurate as the
-    Gram matrix allows. Directions whose singular value is round-off next to the largest come back as zero
-    columns, which is harmless: rank selection never keeps them ahead of nonzero ones. Only the k kept
-    directions are projected, and every product takes its operands in the layout batched matmul runs fastest on.
+    several times cheaper, and ``batched_eigh`` solves many small ones in lockstep (small_eigh.py). The
+    eigenproblem runs in float64 so that the eigenvectors are as accurate as the Gram matrix allows.
+    Directions whose singular value is round-off next to the largest come back as zero columns, which is
+    harmless: rank selection never keeps them ahead of nonzero ones. Only the k kept directions are
+    projected, and every product takes its operands in the layout batched matmul runs fastest on.
     """
     _, rows, cols = unfolding.shape
     wide = rows <= cols
     transposed = unfolding.transpose(1, 2)
     gram = unfolding @ transposed if wide else transposed @ unfolding
-    eigenvalues, vectors = _eigh(gram.double())  # ascending
+    eigenvalues, vectors = batched_eigh(gram.double())  # ascending
     singular = eigenvalues.flip(-1).clamp_min(0).sqrt()
     alive = singular > singular[:, :1] * 1e-6
     singular = singular * alive
     rank = choose_rank(singular)
     keep = int(rank.max())
     # The k leading eigenvectors, descending, as rows (B, k, p): contiguous for the products below.
-    basis = (vectors.flip(-1)[:, :, :keep] * alive[:, None, :keep]).transpose(1, 2).to(unfolding.dtype).contiguous()
+    basis = (vectors[:, :, -keep:].flip(-1) * alive[:, None, :keep]).transpose(1, 2).to(unfolding.dtype).contiguous()
     singular = singular[:, :keep].to(unfolding.dtype)
     if wide:
         # U are the Gram eigenvectors; U^T A = diag(s) Vh is exactly what the next TT-SVD step needs.
@@ -253,8 +235,8 @@ def tt_svd_batched(
     are exact (full rank). Returns cores in float32 (float64 for float64 input, or ``dtype``).
 
     ``solver``: "svd" (batched LAPACK SVD), "gram" (eigendecomposition of each unfolding's small Gram matrix,
-    in float64; about 5x faster on many tiny unfoldings, same subspaces up to round-off; large batches spread
-    over torch's threads) or "auto" (gram when many vectors have small unfoldings).
+    in float64 by ``small_eigh.batched_eigh``; several times faster on many tiny unfoldings, same subspaces up to
+    round-off; large batches spread over torch's threads) or "auto" (gram when many vectors have small unfoldings).
     """
     if solver not in ("auto", "svd", "gram"):
         raise InvalidArgument("solver", f"{solver!r} is not a solver", "'auto', 'svd' or 'gram'")
