@@ -62,6 +62,7 @@ def test_jacobi_on_hard_matrices():
 def test_other_batches_go_to_lapack(monkeypatch):
     gram = random_gram(JACOBI_MIN_BATCH, 8, 10, seed=3)
     assert not uses_jacobi(gram.float())  # float32: LAPACK
+    assert not uses_jacobi(gram.clone().requires_grad_())  # gradients: LAPACK
     assert not uses_jacobi(gram[: JACOBI_MIN_BATCH - 1])  # small batch
     assert not uses_jacobi(random_gram(JACOBI_MIN_BATCH, small_eigh.JACOBI_MAX_SIZE + 1, 20, seed=4))
     monkeypatch.setattr(small_eigh, "jacobi_kernel", lambda: None)  # numba missing

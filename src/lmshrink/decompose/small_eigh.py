@@ -136,8 +136,9 @@ def jacobi_kernel():
 
 
 def uses_jacobi(matrices: Tensor) -> bool:
-    """Whether batched_eigh runs the Jacobi kernel on this batch."""
+    """Whether batched_eigh runs the Jacobi kernel on this batch (not one that needs gradients: LAPACK has them)."""
     return (USE_JACOBI and matrices.device.type == "cpu" and matrices.dtype == torch.float64 and matrices.dim() == 3
+            and not matrices.requires_grad
             and matrices.shape[0] >= JACOBI_MIN_BATCH and matrices.shape[-1] <= JACOBI_MAX_SIZE
             and jacobi_kernel() is not None)
 
