@@ -9,31 +9,39 @@ from lmshrink.decompose.small_eigh import JACOBI_MIN_BATCH, batched_eigh, uses_j
 pytest.importorskip("numba")
 
 
-def random_gram(batch: int, n: int, columns: int, seed: int) -> torch.Tensor:
-    factors = torch.randn(batch, n, columns, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+def random_gram(batch: int, n: int, columns: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    factors = torch.randn(batch, n, columns, dtype=dtype, generator=torch.Generator().manual_seed(seed))
     return factors @ factors.mT
+
+
+def accuracy(dtype) -> float:
+    return 500 * torch.finfo(dtype).eps  # 1.1e-13 in float64, 6e-5 in float32
 
 
 def assert_eigendecomposition(matrices: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> None:
     """Ascending, orthonormal, and A V = V diag(values), each matrix judged against its own scale."""
     n = matrices.shape[-1]
-    scale = matrices.flatten(1).abs().amax(dim=1).clamp_min(1e-300)
+    tolerance = accuracy(matrices.dtype)
+    scale = matrices.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(matrices.dtype).tiny)
     assert torch.all(values[:, 1:] >= values[:, :-1])
-    assert torch.allclose(vectors.mT @ vectors, torch.eye(n, dtype=torch.float64).expand_as(vectors), atol=1e-13)
+    identity = torch.eye(n, dtype=matrices.dtype).expand_as(vectors)
+    assert torch.allclose(vectors.mT @ vectors, identity, atol=tolerance)
     residual = (matrices @ vectors - vectors * values[:, None, :]).flatten(1).abs().amax(dim=1)
-    assert torch.all(residual <= 1e-13 * scale), residual.max()
+    assert torch.all(residual <= tolerance * scale), residual.max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 12])
-def test_jacobi_matches_lapack_on_random_grams(n):
+def test_jacobi_matches_lapack_on_random_grams(n, dtype):
     # 300 matrices: not a multiple of the lane count, so the last group has idle lanes.
-    matrices = random_gram(JACOBI_MIN_BATCH + 44, n, n + 3, seed=n)
+    matrices = random_gram(JACOBI_MIN_BATCH + 44, n, n + 3, seed=n, dtype=dtype)
     assert uses_jacobi(matrices)
     values, vectors = batched_eigh(matrices)
+    assert values.dtype == vectors.dtype == dtype
     assert_eigendecomposition(matrices, values, vectors)
-    expected = torch.linalg.eigvalsh(matrices)
+    expected = torch.linalg.eigvalsh(matrices.double())
     scale = expected.abs().amax(dim=1, keepdim=True)
-    assert torch.all((values - expected).abs() <= 1e-13 * scale)
+    assert torch.all((values - expected).abs() <= accuracy(dtype) * scale)
 
 
 def test_jacobi_on_hard_matrices():
@@ -61,7 +69,7 @@ def test_jacobi_on_hard_matrices():
 
 def test_other_batches_go_to_lapack(monkeypatch):
     gram = random_gram(JACOBI_MIN_BATCH, 8, 10, seed=3)
-    assert not uses_jacobi(gram.float())  # float32: LAPACK
+    assert not uses_jacobi(gram.half())  # other dtypes: LAPACK
     assert not uses_jacobi(gram.clone().requires_grad_())  # gradients: LAPACK
     assert not uses_jacobi(gram[: JACOBI_MIN_BATCH - 1])  # small batch
     assert not uses_jacobi(random_gram(JACOBI_MIN_BATCH, small_eigh.JACOBI_MAX_SIZE + 1, 20, seed=4))

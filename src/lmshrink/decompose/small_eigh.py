@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# The Jacobi kernel is used for float64 CPU batches of at least JACOBI_MIN_BATCH matrices of size at most
+# The Jacobi kernel is used for float32 and float64 CPU batches of at least JACOBI_MIN_BATCH matrices of size at most
 # JACOBI_MAX_SIZE: below that batch LAPACK's time is negligible, above that size its O(n^3) beats Jacobi's sweeps
 # (benchmarks/results/small_eigh.md: 2.6x at n = 8, 1.2x at 12, 0.8x at 16).
 JACOBI_MIN_BATCH = 256
@@ -41,16 +41,23 @@ def _jacobi_lanes(matrices, values, vectors, lanes, max_sweeps):  # pragma: no c
     against its own scale.
     """
     batch, n, _ = matrices.shape
-    tolerance = 2.220446049250313e-16 ** 2
-    a = np.empty((n, n, lanes))
-    w = np.empty((n, n, lanes))
-    c = np.empty(lanes)
-    s = np.empty(lanes)
-    new_p = np.empty(lanes)
-    new_q = np.empty(lanes)
-    off = np.empty(lanes)
-    total = np.empty(lanes)
-    key = np.empty(n)
+    one = np.ones(1, matrices.dtype)[0]  # constants of the input's precision, so float32 stays float32
+    zero = one - one
+    two = one + one
+    four = two + two
+    eps = np.finfo(matrices.dtype).eps
+    tolerance = eps * eps
+    tiny = np.finfo(matrices.dtype).tiny
+    dtype = matrices.dtype
+    a = np.empty((n, n, lanes), dtype)
+    w = np.empty((n, n, lanes), dtype)
+    c = np.empty(lanes, dtype)
+    s = np.empty(lanes, dtype)
+    new_p = np.empty(lanes, dtype)
+    new_q = np.empty(lanes, dtype)
+    off = np.empty(lanes, dtype)
+    total = np.empty(lanes, dtype)
+    key = np.empty(n, dtype)
     for start in range(0, batch, lanes):
         used = min(lanes, batch - start)
         for i in range(n):
@@ -72,7 +79,7 @@ def _jacobi_lanes(matrices, values, vectors, lanes, max_sweeps):  # pragma: no c
                         off[lane] += a[i, j, lane] * a[i, j, lane]
             done = True
             for lane in range(lanes):
-                if off[lane] > tolerance * (total[lane] + 2.0 * off[lane]):
+                if off[lane] > tolerance * (total[lane] + two * off[lane]):
                     done = False
             if done:
                 break
@@ -82,10 +89,10 @@ def _jacobi_lanes(matrices, values, vectors, lanes, max_sweeps):  # pragma: no c
                         apq = a[p, q, lane]
                         gap = a[q, q, lane] - a[p, p, lane]
                         # tan of the angle that zeroes a[p, q]: the smaller root, written without division by
-                        # a[p, q] (t = 0 when a[p, q] = 0; the 1e-300 only keeps 0/0 away).
-                        t = 2.0 * apq / (abs(gap) + math.sqrt(gap * gap + 4.0 * apq * apq) + 1e-300)
-                        t = -t if gap < 0.0 else t
-                        cosine = 1.0 / math.sqrt(1.0 + t * t)
+                        # a[p, q] (t = 0 when a[p, q] = 0; the smallest normal number only keeps 0/0 away).
+                        t = two * apq / (abs(gap) + np.sqrt(gap * gap + four * apq * apq) + tiny)
+                        t = -t if gap < zero else t
+                        cosine = one / np.sqrt(one + t * t)
                         c[lane] = cosine
                         s[lane] = t * cosine
                         new_p[lane] = a[p, p, lane] - t * apq
@@ -138,7 +145,8 @@ def jacobi_kernel():
 
 def uses_jacobi(matrices: Tensor) -> bool:
     """Whether batched_eigh runs the Jacobi kernel on this batch (not one that needs gradients: LAPACK has them)."""
-    return (USE_JACOBI and matrices.device.type == "cpu" and matrices.dtype == torch.float64 and matrices.dim() == 3
+    return (USE_JACOBI and matrices.device.type == "cpu" and matrices.dtype in (torch.float32, torch.float64)
+            and matrices.dim() == 3
             and not matrices.requires_grad
             and matrices.shape[0] >= JACOBI_MIN_BATCH and matrices.shape[-1] <= JACOBI_MAX_SIZE
             and jacobi_kernel() is not None)
@@ -146,8 +154,8 @@ def uses_jacobi(matrices: Tensor) -> bool:
 
 def _jacobi(matrices: Tensor) -> tuple[Tensor, Tensor]:
     batch, n, _ = matrices.shape
-    values = torch.empty(batch, n, dtype=torch.float64)  # the kernel writes every entry
-    vectors = torch.empty(batch, n, n, dtype=torch.float64)
+    values = matrices.new_empty(batch, n)  # the kernel writes every entry
+    vectors = matrices.new_empty(batch, n, n)
     jacobi_kernel()(matrices.contiguous().numpy(), values.numpy(), vectors.numpy(), LANES, MAX_SWEEPS)
     return values, vectors
 
