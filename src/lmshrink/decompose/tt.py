@@ -180,6 +180,8 @@ def _rank_from_spectrum(singular: Tensor, budget_sq: Tensor | None, cap: int | N
 
 # Unfoldings whose smaller side is at most this use the Gram solver under solver="auto".
 GRAM_LIMIT = 64
+
+
 def _truncated_svd(unfolding: Tensor, choose_rank) -> tuple[Tensor, Tensor, Tensor]:
     """(U_k, rank, diag(s_k) Vh_k) of a batch of matrices, k the largest rank ``choose_rank(singular values)`` asks for."""
     u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
