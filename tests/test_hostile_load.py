@@ -663,3 +663,22 @@ def test_hugging_face_int_tensor_into_float_parameter_is_refused(pristine, tmp_p
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CorruptFile, match="model.norm.weight.*int32"):
         lmshrink.load_model(folder)
+
+
+def test_real_command_line_process_on_hostile_directories(pristine, tmp_path, work):
+    """A few of the cases above through `python -m lmshrink` in its own process: a FIFO manifest and a /dev/zero
+    vocabulary neither hang nor fill memory, and a shape bomb is refused before allocating."""
+    fifo = copy_dir(pristine["llama"][0], tmp_path / "fifo")
+    (fifo / "lmshrink.json").unlink()
+    os.mkfifo(fifo / "lmshrink.json")
+    zero = copy_dir(pristine["lstm"][0], tmp_path / "zero")
+    (zero / "vocab.json").unlink()
+    (zero / "vocab.json").symlink_to("/dev/zero")
+    bomb = copy_dir(pristine["llama"][0], tmp_path / "bomb")
+    content = manifest(bomb)
+    content["modules"]["lm_head"]["config"]["rank"] = 10 ** 9
+    write_manifest(bomb, content)
+    for folder, needle in ((fifo, "lmshrink.json"), (zero, "vocab.json"), (bomb, "'lm_head' (LowRankLinear)")):
+        before = tree(tmp_path)
+        assert_one_line_error(run_cli("inspect", folder, "--json", cwd=work), needle)
+        assert tree(tmp_path) == before
