@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
+from torch import nn
 
-from lmshrink.errors import CorruptFile, InvalidArgument
+from lmshrink.errors import CorruptFile, InvalidArgument, NotAModel
 from lmshrink.layers import layer_type
 from lmshrink.layers.base import FactorizedModule
+from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finite, dtype_name, file_digest, one_line,
+                                read_json_object, resolve_inside, safetensors_header, same_dtype_kind)
 
 FORMAT_VERSION = 1
 MANIFEST = "lmshrink.json"
@@ -60,6 +62,7 @@ def save(loaded, directory: str | Path, overwrite: bool = False) -> Path:
         manifest = manifest_of(loaded)
         manifest["base"] = loaded.family.save_base(loaded, staging)
         save_safetensors_model(loaded.model, str(staging / WEIGHTS))
+        manifest["files"] = {WEIGHTS: file_digest(staging / WEIGHTS)}  # verified at load: corruption is refused
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if target.exists():
             trash = target.with_name(f".{target.name}.old")
@@ -74,46 +77,235 @@ def save(loaded, directory: str | Path, overwrite: bool = False) -> Path:
     return target
 
 
-def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
+# Tensor names only lmshrink's factorized layers produce: a directory holding them without a manifest is a damaged
+# lmshrink directory, never a Hugging Face one (which would load as a dense model with fresh random weights).
+FACTOR_TENSOR = re.compile(r"(^|\.)(left|right|token_group|token_ranks|indices)$|(^|\.)(lefts|rights|cores)\.\d+$"
+                           r"|(^|\.)(lefts_q|rights_q)\.\d+\.|(^|\.)weight_q\.(packed|scales|minimums)$")
+
+
+def looks_like_lmshrink(directory: Path) -> bool:
+    """Whether ``directory`` is (or was) an lmshrink directory: a manifest entry of any kind (even a FIFO or a broken
+    link), or weights holding factorized layers' tensors."""
+    if os.path.lexists(directory / MANIFEST):
+        return True
+    if not os.path.lexists(directory / WEIGHTS):
+        return False
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CorruptFile(f"MODEL: {str(path)!r} is not a readable lmshrink manifest: {error}") from error
+        names = safetensors_header(resolve_inside(directory, WEIGHTS, "weights file"))
+    except CorruptFile:
+        return False  # unreadable weights: the Hugging Face loader reports them
+    return any(FACTOR_TENSOR.search(name) for name in names)
+
+
+def _bad_manifest(path: Path, problem: str) -> CorruptFile:
+    return CorruptFile(f"MODEL: manifest {str(path)!r} {problem}")
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a saved directory, checked for what loading relies on (types and required keys)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not os.path.lexists(path):
+        raise CorruptFile(f"MODEL: {str(directory)!r} has no {MANIFEST}: not a saved lmshrink directory, or a damaged one "
+                          "(without its manifest, factorized weights cannot be placed)")
+    manifest = read_json_object(resolve_inside(directory, MANIFEST, "manifest"), "manifest")
     if manifest.get("format") != "lmshrink":
-        raise CorruptFile(f"MODEL: {str(path)!r} is not an lmshrink manifest (no 'format': 'lmshrink')")
+        raise _bad_manifest(path, "is not an lmshrink manifest (no 'format': 'lmshrink')")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CorruptFile(f"MODEL: {str(path)!r} was written by lmshrink {manifest.get('lmshrink_version', '?')} "
-                          f"(format {version}); this lmshrink {_version()} reads format <= {FORMAT_VERSION}: upgrade lmshrink")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        written = manifest.get("lmshrink_version", "?")
+        raise CorruptFile(f"MODEL: {str(path)!r} was written by lmshrink {str(written)[:40]} (format {str(version)[:40]}); "
+                          f"this lmshrink {_version()} reads format 1 to {FORMAT_VERSION}: upgrade lmshrink")
+    for key, kind, what in (("family", str, "a string"), ("base", dict, "an object"), ("modules", dict, "an object")):
+        if key not in manifest:
+            raise _bad_manifest(path, f"lacks {key!r}")
+        if not isinstance(manifest[key], kind):
+            raise _bad_manifest(path, f"has {key!r} of type {type(manifest[key]).__name__}; allowed: {what}")
+    for name, spec in manifest["modules"].items():
+        if not name or not isinstance(spec, dict) or not isinstance(spec.get("layer"), str) or not isinstance(spec.get("config"), dict):
+            raise _bad_manifest(path, f"describes module {name!r} as {str(spec)[:60]}; allowed: "
+                                      "{'layer': LAYER TYPE, 'config': {...}} under a non-empty module name")
+    compression = manifest.get("compression", [])
+    if not isinstance(compression, list) or not all(isinstance(row, dict) for row in compression):
+        raise _bad_manifest(path, "has a 'compression' report that is not a list of objects")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(d, dict) and isinstance(d.get("sha256"), str) and
+                                              not isinstance(d.get("size"), bool) and isinstance(d.get("size"), int)
+                                              for d in files.values()):
+        raise _bad_manifest(path, "has a 'files' record that is not {NAME: {'sha256': HEX, 'size': BYTES}}")
     return manifest
 
 
-def load(directory: str | Path):
-    """Rebuild a saved model without the original weights: base model from config, factorized layers from the
-    manifest, then every tensor from model.safetensors (strict: nothing missing, nothing extra)."""
-    from lmshrink.models import FAMILIES, LoadedModel, _import_families
+def verify_files(directory: Path, manifest: dict) -> None:
+    """Check each file the manifest records a digest of (older manifests record none)."""
+    for name, recorded in manifest.get("files", {}).items():
+        path = resolve_inside(directory, name, "recorded file")
+        actual = file_digest(path)
+        if actual != {"sha256": recorded["sha256"], "size": recorded["size"]}:
+            raise CorruptFile(f"MODEL: {str(path)!r} is truncated or corrupted: its sha256 {actual['sha256'][:16]}... ({actual['size']:,} bytes) "
+                              f"differs from the one recorded at save ({str(recorded['sha256'])[:16]}..., {recorded['size']:,} bytes)")
+
+
+def load(directory: str | Path, verify: bool = True):
+    """Rebuild a saved model without the original weights, strictly.
+
+    The model (base from its config, factorized layers from the manifest) is first built on the meta device, where
+    nothing is allocated, and every parameter and buffer it would hold is checked against the safetensors header
+    (name, shape, dtype; nothing missing, nothing extra). Only then is it allocated (exactly what was checked) and
+    filled; a non-finite weight is refused. ``verify`` checks the weights file's sha256 against the manifest (when recorded).
+    """
+    from lmshrink.models import FAMILIES, _import_families
 
     directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise NotAModel(f"MODEL: {str(directory)!r} is not a directory")
+    check_directory_files(directory)
     manifest = read_manifest(directory)
     _import_families()
-    family = FAMILIES.get(manifest.get("family"))
+    family = FAMILIES.get(manifest["family"])
     if family is None:
-        raise CorruptFile(f"MODEL: manifest names model family {manifest.get('family')!r}; known: {', '.join(FAMILIES)}")
-    loaded: LoadedModel = family.build_empty(directory, manifest["base"])
-    from lmshrink.surgery import replace_module
-
-    for name, spec in manifest["modules"].items():
-        layer = layer_type(spec["layer"]).from_config(spec["config"], loaded.model)
-        replace_module(loaded.model, name, layer)
-    weights = directory / WEIGHTS
-    try:
-        missing, unexpected = load_safetensors_model(loaded.model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
-        raise CorruptFile(f"MODEL: {str(weights)!r} is truncated or corrupted ({str(error).splitlines()[0]})") from error
-    if missing or unexpected:
-        raise CorruptFile(f"MODEL: {str(weights)!r} does not match its manifest: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CorruptFile(f"MODEL: manifest names model family {manifest['family'][:40]!r}; known: {', '.join(FAMILIES)}")
+    weights = resolve_inside(directory, WEIGHTS, "weights file")
+    if verify:
+        verify_files(directory, manifest)
+    stored = safetensors_header(weights)
+    _bound_list_lengths(directory, manifest, len(stored))
+    loaded = _build(directory, manifest, family, stored)
+    groups = _check_against_header(loaded.model, manifest, stored, weights)
+    _bound_transient_buffers(loaded.model, stored, weights)
+    family.materialize(loaded)  # allocates exactly what was checked
+    _retie(loaded.model, groups)
+    _fill(loaded.model, groups, weights)
     loaded.model.eval()
     loaded.manifest, loaded.source = manifest, str(directory)
     loaded.compression = manifest.get("compression", [])
     return loaded
+
+
+def _bound_list_lengths(directory: Path, manifest: dict, tensors: int) -> None:
+    # A layer has at least one stored tensor per group / core its lists describe; longer lists would only cost time.
+    for name, spec in manifest["modules"].items():
+        for key, value in spec["config"].items():
+            if isinstance(value, list) and len(value) > tensors + 1:
+                raise CorruptFile(f"MODEL: manifest {str(directory / MANIFEST)!r}: module {name!r} ({spec['layer']}) config "
+                                  f"{key!r} lists {len(value):,} values for {tensors} stored tensors")
+
+
+def _build(directory: Path, manifest: dict, family, stored: dict[str, StoredTensor]):
+    """The model the manifest describes, on the meta device (nothing allocated)."""
+    from lmshrink.surgery import replace_module
+
+    loaded = family.build_empty(directory, manifest["base"], stored=stored)
+    for name, spec in manifest["modules"].items():
+        where = f"MODEL: manifest {str(directory / MANIFEST)!r}: module {name!r} ({spec['layer'][:40]})"
+        try:
+            loaded.model.get_submodule(name)
+        except AttributeError:
+            raise CorruptFile(f"{where}: the model has no such module") from None
+        layer_class = layer_type(spec["layer"])
+        try:
+            with torch.device("meta"):
+                layer = layer_class.from_config(spec["config"], loaded.model)
+            replace_module(loaded.model, name, layer)
+        except CorruptFile as error:
+            raise CorruptFile(f"{where}: {error}") from error
+        except (ValueError, TypeError, RuntimeError, KeyError, IndexError, AttributeError, OverflowError) as error:
+            # Constructors refuse inconsistent sizes (group sizes that do not sum, TT shapes that do not multiply).
+            raise CorruptFile(f"{where}: config {str(spec['config'])[:80]} does not describe a layer ({one_line(error)})") from error
+    return loaded
+
+
+def _tensor_groups(model: nn.Module) -> dict[int, list[str]]:
+    """Every persistent parameter/buffer's names, grouped by tensor identity (tied weights are one tensor, stored once)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return groups
+
+
+def _owner(name: str, manifest: dict) -> str:
+    modules = [m for m in manifest["modules"] if name.startswith(m + ".")]
+    if modules:
+        module = max(modules, key=len)
+        return f"module {module!r} ({manifest['modules'][module]['layer']})"
+    return f"module {name.rpartition('.')[0] or '<root>'!r}"
+
+
+def _check_against_header(model: nn.Module, manifest: dict, stored: dict[str, StoredTensor], weights: Path) -> list[list[str]]:
+    """Compare the skeleton's persistent tensors with the stored ones; return each stored name's aliases (first stored)."""
+    state = model.state_dict(keep_vars=True)
+    problems, groups, claimed = [], [], set()
+    for names in _tensor_groups(model).values():
+        present = [n for n in names if n in stored]
+        claimed.update(present)
+        if not present:
+            problems.append(f"{_owner(names[0], manifest)} needs tensor {names[0]!r}, missing from the file")
+            continue
+        if len(present) > 1:
+            problems.append(f"tensor {present[1]!r} is stored twice (also as {present[0]!r})")
+            continue
+        tensor, info = state[present[0]], stored[present[0]]
+        shape, dtype = tuple(tensor.shape), dtype_name(tensor.dtype)
+        if info.shape != shape or not same_dtype_kind(info.dtype, dtype):
+            problems.append(f"{_owner(present[0], manifest)} needs {present[0]!r} as {list(shape)} {dtype}, "
+                            f"the file holds {list(info.shape)} {info.dtype}")
+            continue
+        groups.append(present + [n for n in names if n not in present])
+    extra = sorted(set(stored) - claimed)
+    problems += [f"tensor {name!r} belongs to no parameter of the model" for name in extra]
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CorruptFile(f"MODEL: {str(weights)!r} does not match the model its manifest and config describe: {problems[0]}{more}")
+    return groups
+
+
+def _bound_transient_buffers(model: nn.Module, stored: dict[str, StoredTensor], weights: Path) -> None:
+    # Buffers computed at construction (rotary frequencies, masks) are not stored; the config sizes them, so a hostile
+    # config could ask for any amount. Allow no more than the stored tensors themselves (plus a small floor).
+    persistent = set(model.state_dict(keep_vars=True))
+    transient = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in persistent)
+    allowed = sum(t.numel * getattr(torch, t.dtype, torch.float32).itemsize for t in stored.values()) + 2 ** 20
+    if transient > allowed:
+        raise CorruptFile(f"MODEL: the config next to {str(weights)!r} asks for {transient:,} bytes of computed buffers, "
+                          f"more than the {allowed:,} bytes of the stored tensors; allowed: a config matching the weights")
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Make tied names one tensor again: moving off the meta device gives every module its own copy."""
+    for names in groups:
+        if len(names) < 2:
+            continue
+        first = model.get_parameter(names[0]) if _is_parameter(model, names[0]) else model.get_buffer(names[0])
+        for alias in names[1:]:
+            owner, _, attribute = alias.rpartition(".")
+            module = model.get_submodule(owner)
+            if attribute in module._parameters:
+                module._parameters[attribute] = first
+            else:
+                module._buffers[attribute] = first
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, attribute = name.rpartition(".")
+    return attribute in model.get_submodule(owner)._parameters
+
+
+def _fill(model: nn.Module, groups: list[list[str]], weights: Path) -> None:
+    """Read every stored tensor (refusing non-finite values) into the model, strictly."""
+    from safetensors import safe_open
+
+    state = {}
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            for names in groups:
+                tensor = handle.get_tensor(names[0])
+                check_finite(tensor, names[0], weights)
+                state.update(dict.fromkeys(names, tensor))
+    except CorruptFile:
+        raise
+    except Exception as error:  # noqa: BLE001 - the Rust reader raises its own types for a file changed under it
+        raise CorruptFile(f"MODEL: {str(weights)!r} is truncated or corrupted ({one_line(error)})") from error
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:  # the header check makes this unreachable; kept so a silent partial load never happens
+        raise CorruptFile(f"MODEL: {str(weights)!r} does not match its manifest: missing {list(missing)[:5]}, "
+                          f"unexpected {list(unexpected)[:5]}")

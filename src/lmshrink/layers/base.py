@@ -6,7 +6,12 @@ from typing import Any
 
 from torch import nn
 
+from lmshrink.errors import CorruptFile
+
 LAYER_TYPES: dict[str, type["FactorizedModule"]] = {}
+
+# No dimension of a stored tensor comes near this; it keeps shape arithmetic on hostile configs far from overflow.
+MAX_DIMENSION = 2 ** 40
 
 
 class FactorizedModule(nn.Module):
@@ -31,3 +36,49 @@ class FactorizedModule(nn.Module):
     def dense_weight(self):
         """The dense matrix this layer stands for, in the layout of the module it replaced (for checks)."""
         raise NotImplementedError
+
+
+# Validators for ``from_config``: a manifest is untrusted input, so every value is checked for its type and range
+# before it sizes anything. Each failure is one line naming the layer type and the key (the loader adds the module).
+
+def _refuse(layer: str, key: str, value: Any, allowed: str) -> CorruptFile:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return CorruptFile(f"{layer} config {key!r} is {shown}; allowed: {allowed}")
+
+
+def config_field(config: Any, key: str, layer: str) -> Any:
+    if not isinstance(config, dict):
+        raise CorruptFile(f"{layer} config is a {type(config).__name__}; allowed: a JSON object")
+    if key not in config:
+        raise CorruptFile(f"{layer} config lacks {key!r}")
+    return config[key]
+
+
+def config_int(config: Any, key: str, layer: str, minimum: int = 1, optional: bool = False, default: Any = ...) -> int | None:
+    """An integer in [minimum, MAX_DIMENSION] (bools refused), or None when ``optional``; ``default`` when absent."""
+    if default is not ... and isinstance(config, dict) and key not in config:
+        return default
+    value = config_field(config, key, layer)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_DIMENSION:
+        raise _refuse(layer, key, value, f"an integer >= {minimum}" + (" or null" if optional else ""))
+    return value
+
+
+def config_bool(config: Any, key: str, layer: str, default: Any = ...) -> bool:
+    if default is not ... and isinstance(config, dict) and key not in config:
+        return default
+    value = config_field(config, key, layer)
+    if not isinstance(value, bool):
+        raise _refuse(layer, key, value, "true or false")
+    return value
+
+
+def config_int_list(config: Any, key: str, layer: str, minimum: int = 1) -> list[int]:
+    value = config_field(config, key, layer)
+    if (not isinstance(value, list) or not value
+            or any(isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= MAX_DIMENSION for v in value)):
+        raise _refuse(layer, key, value, f"a non-empty list of integers >= {minimum}")
+    return value

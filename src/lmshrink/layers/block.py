@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmshrink.layers.base import FactorizedModule
-from lmshrink.layers.quantized import PackedTensor
+from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int, config_int_list
+from lmshrink.layers.quantized import PackedTensor, config_bits
 
 
 def _index_dtype(groups: int) -> torch.dtype:
@@ -155,6 +155,15 @@ class _BlockLowRankTable(FactorizedModule):
         return f"{self.vocab_size}, {self.dim}, groups={len(self.sizes)}, ranks={self.ranks}{bits}"
 
 
+def _table_config(config: dict[str, Any], layer: str) -> tuple:
+    """(vocab_size, dim, sizes, ranks, bits, group_size, frequencies) of a block table's config, validated."""
+    sizes, ranks = config_int_list(config, "sizes", layer), config_int_list(config, "ranks", layer)
+    frequencies = config.get("frequencies")
+    return (config_int(config, "vocab_size", layer), config_int(config, "dim", layer), sizes, ranks,
+            config_bits(config, layer, optional=True), config_int(config, "group_size", layer, optional=True),
+            frequencies if isinstance(frequencies, dict) else None)
+
+
 class BlockLowRankEmbedding(_BlockLowRankTable):
     """Input embedding: token -> its group's code row @ the group's basis. ``logits`` serves a tied output layer."""
 
@@ -179,8 +188,8 @@ class BlockLowRankEmbedding(_BlockLowRankTable):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "BlockLowRankEmbedding":
-        return cls(config["vocab_size"], config["dim"], config["sizes"], config["ranks"], config["bits"],
-                   config["group_size"], config.get("frequencies"), config.get("padding_idx"))
+        return cls(*_table_config(config, cls.__name__),
+                   padding_idx=config_int(config, "padding_idx", cls.__name__, minimum=0, optional=True, default=None))
 
 
 class BlockLowRankOutput(_BlockLowRankTable):
@@ -208,5 +217,4 @@ class BlockLowRankOutput(_BlockLowRankTable):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "BlockLowRankOutput":
-        return cls(config["vocab_size"], config["dim"], config["sizes"], config["ranks"], config["bits"],
-                   config["group_size"], config.get("frequencies"), config.get("bias", False))
+        return cls(*_table_config(config, cls.__name__), bias=config_bool(config, "bias", cls.__name__, default=False))

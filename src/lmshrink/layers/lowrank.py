@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.svd import truncated_svd
-from lmshrink.layers.base import FactorizedModule
+from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int
 
 
 def linear_weight(module: nn.Module) -> Tensor:
@@ -61,7 +61,9 @@ class LowRankLinear(FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "LowRankLinear":
-        return cls(config["in_features"], config["out_features"], config["rank"], config["bias"])
+        name = cls.__name__
+        return cls(config_int(config, "in_features", name), config_int(config, "out_features", name),
+                   config_int(config, "rank", name), config_bool(config, "bias", name))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
@@ -104,7 +106,9 @@ class LowRankEmbedding(FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "LowRankEmbedding":
-        return cls(config["num_embeddings"], config["embedding_dim"], config["rank"], config["padding_idx"])
+        name = cls.__name__
+        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
+                   config_int(config, "rank", name), config_int(config, "padding_idx", name, minimum=0, optional=True))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
@@ -136,9 +140,21 @@ class TiedHead(FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "TiedHead":
-        embedding = model.get_submodule(config["embedding"])
-        bias = torch.zeros(config["vocab_size"]) if config["bias"] else None
-        return cls(embedding, config["embedding"], bias)
+        from lmshrink.errors import CorruptFile
+
+        name = cls.__name__
+        embedding_name = config_field(config, "embedding", name)
+        try:
+            embedding = model.get_submodule(embedding_name) if isinstance(embedding_name, str) and embedding_name else None
+        except AttributeError:
+            embedding = None
+        # Only a factorized embedding already in place can serve as a tied head (it computes logits through its factors).
+        if not isinstance(embedding, FactorizedModule) or not hasattr(embedding, "logits"):
+            raise CorruptFile(f"{name} config 'embedding' is {embedding_name!r}; allowed: the name of a factorized embedding "
+                              "listed before the head")
+        bias = config_bool(config, "bias", name)
+        vocab_size = config_int(config, "vocab_size", name, optional=not bias)
+        return cls(embedding, embedding_name, torch.zeros(vocab_size) if bias else None)
 
     def extra_repr(self) -> str:
         return f"tied to {self.embedding_name}"

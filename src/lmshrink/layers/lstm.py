@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmshrink.layers.base import FactorizedModule
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int
 from lmshrink.layers.lowrank import LowRankLinear
 
 
@@ -66,7 +66,9 @@ class PrunedLinear(FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "PrunedLinear":
-        return cls(config["in_features"], config["out_features"], config["nnz"], config["bias"])
+        name = cls.__name__
+        return cls(config_int(config, "in_features", name), config_int(config, "out_features", name),
+                   config_int(config, "nnz", name, minimum=0), config_bool(config, "bias", name))
 
     def extra_repr(self) -> str:
         density = self.nnz / (self.in_features * self.out_features)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.quantize import QuantizedMatrix, dequantize, quantize
-from lmshrink.layers.base import FactorizedModule
+from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int
 from lmshrink.layers.lowrank import linear_weight
 
 
@@ -64,6 +64,19 @@ class PackedTensor(nn.Module):
         return f"{self.shape[0]}x{self.shape[1]}, bits={self.bits}, group_size={self.group_size or 'row'}"
 
 
+def config_bits(config: Any, layer: str, optional: bool = False) -> int | None:
+    """The ``bits`` of a layer config: one of the supported widths (or null when ``optional``)."""
+    from lmshrink.decompose.quantize import SUPPORTED_BITS
+    from lmshrink.errors import CorruptFile
+
+    bits = config_field(config, "bits", layer)
+    if bits is None and optional:
+        return None
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise CorruptFile(f"{layer} config 'bits' is {bits!r}; allowed: one of {SUPPORTED_BITS}" + (" or null" if optional else ""))
+    return bits
+
+
 def _check_ids(ids: Tensor, vocab: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise IndexError(f"token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
@@ -101,7 +114,10 @@ class QuantizedEmbedding(FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedEmbedding":
-        return cls(config["num_embeddings"], config["embedding_dim"], config["bits"], config["group_size"], config["padding_idx"])
+        name = cls.__name__
+        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
+                   config_bits(config, name), config_int(config, "group_size", name, optional=True),
+                   config_int(config, "padding_idx", name, minimum=0, optional=True))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_q.bits}"
@@ -138,7 +154,9 @@ class QuantizedLinear(FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedLinear":
-        return cls(config["in_features"], config["out_features"], config["bits"], config["group_size"], config["bias"])
+        name = cls.__name__
+        return cls(config_int(config, "in_features", name), config_int(config, "out_features", name), config_bits(config, name),
+                   config_int(config, "group_size", name, optional=True), config_bool(config, "bias", name))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_q.bits}"

@@ -24,7 +24,7 @@ from lmshrink.decompose.tt import (
     tt_parameter_counts,
     tt_reconstruct_batched,
 )
-from lmshrink.layers.base import FactorizedModule
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list
 
 # Rows rebuilt per step when every row is needed (logits, dense_weight): bounds the transient memory.
 REBUILD_CHUNK = 8192
@@ -150,8 +150,11 @@ class TTEmbedding(_TTTable, FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "TTEmbedding":
-        return cls(config["num_embeddings"], config["embedding_dim"], config["shape"], config["ranks"],
-                   config.get("padding_idx"), config.get("cache_dense", False))
+        name = cls.__name__
+        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
+                   config_int_list(config, "shape", name), config_int_list(config, "ranks", name),
+                   config_int(config, "padding_idx", name, minimum=0, optional=True, default=None),
+                   config_bool(config, "cache_dense", name, default=False))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, shape={'x'.join(map(str, self.shape))}, "
@@ -213,8 +216,11 @@ class TTMatrixEmbedding(_TTTable, FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "TTMatrixEmbedding":
-        return cls(config["num_embeddings"], config["embedding_dim"], config["vocab_shape"], config["shape"],
-                   config["ranks"], config.get("padding_idx"), config.get("cache_dense", False))
+        name = cls.__name__
+        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
+                   config_int_list(config, "vocab_shape", name), config_int_list(config, "shape", name),
+                   config_int_list(config, "ranks", name), config_int(config, "padding_idx", name, minimum=0, optional=True, default=None),
+                   config_bool(config, "cache_dense", name, default=False))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_shape={'x'.join(map(str, self.vocab_shape))}, "

@@ -59,9 +59,19 @@ class ModelFamily:
         """Write config and tokenizer; return JSON-safe facts that ``build_empty`` needs."""
         raise NotImplementedError
 
-    def build_empty(self, directory: Path, base: dict[str, Any]) -> "LoadedModel":
-        """The dense base model with placeholder weights, ready for factorized layers and a state dict."""
+    def build_empty(self, directory: Path, base: dict[str, Any], stored: dict | None = None) -> "LoadedModel":
+        """The dense base model on the meta device (nothing allocated), with its tokenizer.
+
+        ``base`` comes from an untrusted manifest: validate it. ``stored`` (name -> lmshrink.safefiles.StoredTensor of
+        the weights file) bounds counts that would only cost time (layers). The loader swaps in the factorized
+        layers, checks every shape against the stored tensors, and only then calls ``materialize``.
+        """
         raise NotImplementedError
+
+    def materialize(self, loaded: "LoadedModel") -> None:
+        """Allocate a checked meta skeleton on the CPU. Stored tensors are filled afterwards; a family whose models
+        compute buffers at construction (not stored) recomputes them here."""
+        loaded.model.to_empty(device="cpu")
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -116,10 +126,10 @@ def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = No
         loaded.source = text
         return loaded
     path = Path(text).expanduser()
-    if (path / "lmshrink.json").is_file():
-        from lmshrink.io import load
+    from lmshrink.io import load, looks_like_lmshrink
 
-        return load(path)
+    if path.is_dir() and looks_like_lmshrink(path):
+        return load(path)  # a damaged lmshrink directory is refused there, never loaded as a dense model
     if not path.exists():
         raise NotAModel(f"MODEL: {text!r} is neither a path nor a built-in name; built-ins: {', '.join(BUILTINS)}; "
                         "or give a Hugging Face directory, a .gguf file or a saved lmshrink directory")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmshrink.errors import NotAModel
+from lmshrink.errors import CorruptFile, NotAModel
 from lmshrink.models import LoadedModel, ModelFamily
 from lmshrink.plan import Target
+from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finite, check_regular, dtype_name, one_line,
+                                read_json_object, resolve_inside, safetensors_header, same_dtype_kind)
 
 # Linear layers are grouped by where they sit, so "attention" and "mlp" mean the same across architectures.
 _ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")
@@ -50,34 +52,185 @@ def _quiet_gguf_reader():
         gguf_utils.tqdm = original
 
 
+# Files in which transformers honours an ``auto_map`` (code to import from the model directory).
+_CODE_MAPS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+# Config keys that count repeated blocks: each repeat stores at least one tensor, so they cannot exceed the stored count.
+_COUNT_KEY = re.compile(r"(^|_)(layers?|experts)$")
+
+
+def _checked_config(folder: Path) -> dict:
+    """config.json of a directory, refused (before transformers sees it) when it or a tokenizer/processor config
+    asks to run code from the directory, or when it names an architecture transformers does not have built in."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = read_json_object(resolve_inside(folder, "config.json", "config"), "config")
+    for name in _CODE_MAPS:
+        if os.path.lexists(folder / name):
+            content = config if name == "config.json" else read_json_object(resolve_inside(folder, name, name), name)
+            if "auto_map" in content:
+                raise NotAModel(f"MODEL: {str(folder / name)!r} has an 'auto_map': the model needs code from its directory, and "
+                                "lmshrink never runs code from a model; allowed: architectures built into transformers")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} lacks a 'model_type' string; allowed: a transformers "
+                          "config (model_type such as 'llama', 'gpt2', 'bert')")
+    if model_type not in CONFIG_MAPPING:
+        raise NotAModel(f"MODEL: config {str(folder / 'config.json')!r} names model_type {model_type[:40]!r}, which this "
+                        "transformers does not have built in; allowed: a built-in architecture (e.g. 'llama', 'gpt2', 'bert')")
+    return config
+
+
+def _bound_counts(config: Any, tensors: int, path: Path) -> None:
+    """Refuse layer / expert counts above the number of stored tensors (building them would cost time for nothing)."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        if isinstance(value, (dict, list)):
+            _bound_counts(value, tensors, path)
+        elif isinstance(key, str) and _COUNT_KEY.search(key) and isinstance(value, int) and value > tensors:
+            raise CorruptFile(f"MODEL: config {str(path)!r} asks for {key} = {value:,} but the weights hold {tensors} tensors; "
+                              "allowed: a config matching its weights")
+
+
+def _auto_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - transformers validates configs with many exception types
+        raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} is not a valid transformers config ({one_line(error)})") from error
+
+
+def _build_from_config(auto, config, folder: Path, meta: bool) -> nn.Module:
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return auto.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - model constructors reject inconsistent configs in many ways
+        raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} does not describe a buildable model ({one_line(error)})") from error
+
+
+def _load_tokenizer(folder: Path, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises plain Exception for garbage files
+        where = kwargs.get("gguf_file") or ", ".join(sorted(p.name for p in folder.iterdir() if "token" in p.name or p.name.startswith(("vocab", "merges")))) or "none present"
+        raise CorruptFile(f"MODEL: the tokenizer of {str(folder)!r} cannot be loaded (files: {where}; {one_line(error)})") from error
+
+
+def _stored_tensors(folder: Path) -> tuple[dict[str, StoredTensor], list[Path]]:
+    """The header of every safetensors file of a Hugging Face directory (one file, or the shards an index names)."""
+    index = folder / "model.safetensors.index.json"
+    if os.path.lexists(index):
+        weight_map = read_json_object(resolve_inside(folder, index.name, "weights index"), "weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptFile(f"MODEL: weights index {str(index)!r} has no 'weight_map' object")
+        files = [resolve_inside(folder, name, "weights shard") for name in sorted(set(map(str, weight_map.values())))]
+    elif os.path.lexists(folder / "model.safetensors"):
+        files = [resolve_inside(folder, "model.safetensors", "weights file")]
+    else:
+        raise NotAModel(f"MODEL: {str(folder)!r} has no model.safetensors (nor an index of shards); lmshrink loads safetensors "
+                        "weights only (other formats are unpickled, which can run code)")
+    stored: dict[str, StoredTensor] = {}
+    for path in files:
+        stored.update(safetensors_header(path))
+    return stored, files
+
+
+def _stored_name(name: str, stored: dict, prefix: str) -> str | None:
+    # Checkpoints name tensors with or without the base model's prefix ("model.", "transformer.", "bert.").
+    for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        if candidate in stored:
+            return candidate
+    return None
+
+
+def _bound_size(skeleton: nn.Module, stored: dict[str, StoredTensor], path: Path) -> None:
+    """Refuse a config whose model holds more numbers than the weights store (the rest would be allocated at random),
+    naming the tensors the weights lack when names tell."""
+    unique = {id(p): p.numel() for p in skeleton.parameters()}
+    wanted, held = sum(unique.values()), sum(t.numel for t in stored.values())
+    if wanted > held:
+        prefix = getattr(skeleton, "base_model_prefix", "") or ""
+        groups: dict[int, list[str]] = {}
+        for name, tensor in skeleton.state_dict(keep_vars=True).items():
+            groups.setdefault(id(tensor), []).append(name)
+        missing = [names[0] for names in groups.values() if not any(_stored_name(n, stored, prefix) for n in names)]
+        lacking = f" (it lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})" if missing else ""
+        raise CorruptFile(f"MODEL: config {str(path / 'config.json')!r} describes {wanted:,} parameters but the weights hold "
+                          f"{held:,} numbers{lacking}; allowed: weights holding every parameter of the config's model")
+
+
+def _check_loaded(model: nn.Module, info: dict, stored: dict[str, StoredTensor] | None, source: Path) -> None:
+    """Strictness after transformers' own loading: nothing missing or mismatched, no dtype changed kind, all finite."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    if missing:
+        raise CorruptFile(f"MODEL: {str(source)!r} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:5])}"
+                          + (" ..." if len(missing) > 5 else "") + "; allowed: weights holding every parameter")
+    if mismatched:
+        raise CorruptFile(f"MODEL: {str(source)!r} holds tensors of the wrong shape: {', '.join(mismatched[:5])}")
+    state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for name, info_stored in (stored or {}).items():
+        candidate = _stored_name(name, state, prefix)
+        if candidate is not None and not same_dtype_kind(info_stored.dtype, dtype_name(state[candidate].dtype)):
+            raise CorruptFile(f"MODEL: tensor {name!r} in {str(source)!r} is {info_stored.dtype}, the model's "
+                              f"{candidate!r} is {dtype_name(state[candidate].dtype)}; allowed: the parameter's kind of dtype")
+    for name, tensor in state.items():
+        check_finite(tensor, name, source)
+
+
 class _HuggingFace(ModelFamily):
-    """Causal LMs (LLaMA, GPT-2, ...) and encoders (BERT, MiniLM, ...) from transformers."""
+    """Causal LMs (LLaMA, GPT-2, ...) and encoders (BERT, MiniLM, ...) from transformers.
+
+    Loading is strict and never runs code from the model: every transformers call passes ``trust_remote_code=False``,
+    directories whose configs carry an ``auto_map`` are refused before transformers reads them, and every tensor the
+    model needs must come from the files.
+    """
 
     def detect(self, path: Path) -> bool:
         return path.suffix == ".gguf" and path.is_file() or (path / "config.json").is_file()
 
     def load(self, path: Path) -> LoadedModel:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
         _quiet_transformers()
+        if path.suffix == ".gguf":
+            return self._load_gguf(path)
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        check_directory_files(path)
+        config_dict = _checked_config(path)
+        stored, files = _stored_tensors(path)
+        _bound_counts(config_dict, len(stored), path / "config.json")
+        config = _auto_config(path)
+        causal = _is_causal_config(config)
+        auto = AutoModelForCausalLM if causal else AutoModel
+        _bound_size(_build_from_config(auto, config, path, meta=True), stored, path)
+        tokenizer = _load_tokenizer(path)
+        source = files[0] if len(files) == 1 else path
         try:
-            if path.suffix == ".gguf":
-                kwargs = {"gguf_file": path.name}
-                folder = path.parent
-                causal = True
-            else:
-                kwargs = {}
-                folder = path
-                config = AutoConfig.from_pretrained(folder)
-                causal = _is_causal_config(config)
-            with _quiet_gguf_reader():
-                tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-                auto = AutoModelForCausalLM if causal else AutoModel
-                model = auto.from_pretrained(folder, dtype=torch.float32, **kwargs)
-        except (OSError, ValueError, KeyError) as error:
-            raise NotAModel(f"MODEL: {str(path)!r} could not be loaded as a Hugging Face model: {error}".splitlines()[0]) from error
+            model, info = auto.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
+                                               output_loading_info=True)
+        except Exception as error:  # noqa: BLE001 - a damaged file surfaces as any of several types inside transformers
+            raise CorruptFile(f"MODEL: {str(source)!r} could not be loaded as the model its config describes ({one_line(error)})") from error
+        _check_loaded(model, info, stored, source)
         model.eval()
         return LoadedModel(model, HF_CAUSAL if causal else HF_ENCODER, tokenizer, str(path))
+
+    def _load_gguf(self, path: Path) -> LoadedModel:
+        from transformers import AutoModelForCausalLM
+
+        check_regular(path, "GGUF file")
+        try:
+            with _quiet_gguf_reader():
+                tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
+                model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                                   trust_remote_code=False, output_loading_info=True)
+        except Exception as error:  # noqa: BLE001 - the GGUF parser fails on a damaged file with struct.error, ValueError, ...
+            raise CorruptFile(f"MODEL: GGUF file {str(path)!r} is truncated or corrupted ({one_line(error)})") from error
+        _check_loaded(model, info, None, path)
+        model.eval()
+        return LoadedModel(model, HF_CAUSAL, tokenizer, str(path))
 
     def wrap(self, module: nn.Module, tokenizer: Any = None) -> LoadedModel:
         causal = hasattr(module, "get_output_embeddings") and module.get_output_embeddings() is not None
@@ -131,16 +284,42 @@ class _HuggingFace(ModelFamily):
             loaded.tokenizer.save_pretrained(directory)
         return {"causal": loaded.causal, "tokenizer": loaded.tokenizer is not None}
 
-    def build_empty(self, directory: Path, base: dict[str, Any]) -> LoadedModel:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    def build_empty(self, directory: Path, base: dict[str, Any], stored: dict | None = None) -> LoadedModel:
+        from transformers import AutoModel, AutoModelForCausalLM
 
         _quiet_transformers()
-        config = AutoConfig.from_pretrained(directory)
-        auto = AutoModelForCausalLM if base["causal"] else AutoModel
-        model = auto.from_config(config, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(directory) if base.get("tokenizer") else None
+        causal, has_tokenizer = base.get("causal"), base.get("tokenizer", False)
+        if not isinstance(causal, bool) or not isinstance(has_tokenizer, bool):
+            raise CorruptFile(f"MODEL: manifest in {str(directory)!r} has base {str(base)[:80]}; allowed: "
+                              "{'causal': true|false, 'tokenizer': true|false}")
+        config_dict = _checked_config(directory)
+        if stored is not None:
+            _bound_counts(config_dict, len(stored), directory / "config.json")
+        model = _build_from_config(AutoModelForCausalLM if causal else AutoModel, _auto_config(directory), directory, meta=True)
+        tokenizer = _load_tokenizer(directory) if has_tokenizer else None
         model.eval()
-        return LoadedModel(model, HF_CAUSAL if base["causal"] else HF_ENCODER, tokenizer, str(directory))
+        return LoadedModel(model, HF_CAUSAL if causal else HF_ENCODER, tokenizer, str(directory))
+
+    def materialize(self, loaded: LoadedModel) -> None:
+        # Buffers a model computes at construction and does not store (rotary frequencies, position ids) come out of
+        # to_empty as garbage: transformers' own per-module initialisation recomputes them, as its loader does. A
+        # sentinel proves each one was recomputed; any left over is refused rather than used.
+        model = loaded.model
+        model.to_empty(device="cpu")
+        owners = [(module, name) for module in model.modules() for name in module._non_persistent_buffers_set
+                  if module._buffers.get(name) is not None]
+        with torch.no_grad():
+            for module, name in owners:
+                buffer = module._buffers[name]
+                buffer.fill_(float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).min if buffer.dtype != torch.bool else 0)
+            for module in {id(m): m for m, _ in owners}.values():
+                model._init_weights(module)
+        for module, name in owners:
+            buffer = module._buffers[name]
+            unset = torch.isnan(buffer) if buffer.is_floating_point() else buffer == torch.iinfo(buffer.dtype).min if buffer.dtype != torch.bool else None
+            if unset is not None and bool(unset.any()):
+                raise CorruptFile(f"MODEL: {loaded.source!r}: transformers did not recompute the buffer {name!r} of "
+                                  f"{type(module).__name__}; this architecture cannot be rebuilt without its original weights")
 
 
 class HuggingFaceCausal(_HuggingFace):

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmshrink.errors import DataError, InvalidArgument, NotAModel
+from lmshrink.errors import CorruptFile, DataError, InvalidArgument, NotAModel
+from lmshrink.layers.base import MAX_DIMENSION
 from lmshrink.layers.lstm import FactorizedLSTM
 from lmshrink.models import LoadedModel, ModelFamily
 from lmshrink.plan import GROUP_ALIASES, Target
+from lmshrink.safefiles import check_finite, one_line, read_bounded, resolve_inside
 
 # --targets W_i / W_h / lstm select the LSTM gate matrices of every layer.
 GROUP_ALIASES.setdefault("W_i", ("W_i",))
@@ -233,16 +235,28 @@ def model_from_state_dict(state: dict[str, Tensor], dropout: float = 0.2) -> RNN
     except KeyError as error:
         raise NotAModel(f"MODEL: state dict has no {error.args[0]!r}: not a word_language_model RNNModel "
                         f"(keys: {sorted(state)[:6]})") from error
+    except (ValueError, IndexError) as error:  # a tensor of the wrong number of dimensions
+        raise NotAModel(f"MODEL: state dict tensors have the wrong number of dimensions for an RNNModel ({error})") from error
+    if min(ntoken, ninp, nhid, gates) < 1:
+        raise NotAModel(f"MODEL: state dict holds empty tensors (embedding {ntoken}x{ninp}, hidden size {nhid}): not a trained RNNModel")
     if gates != 4 * nhid:
         raise NotAModel(f"MODEL: rnn has {gates} gate rows for hidden size {nhid}: only LSTM checkpoints are supported "
                         f"(4 x hidden rows), not GRU ({3 * nhid}) or plain RNN ({nhid})")
     layer_key = re.compile(r"rnn\.(?:weight_hh_l(\d+)|hh_l(\d+)\.weight)")
     layers = {int(m.group(1) or m.group(2)) for m in map(layer_key.fullmatch, state) if m}
     nlayers = max(layers) + 1
-    tied = bool(state["decoder.weight"].shape == state["encoder.weight"].shape and
-                torch.equal(state["decoder.weight"], state["encoder.weight"]))
+    if nlayers > len(state):  # every layer stores tensors: a larger index is a damaged checkpoint, not a size to build
+        raise NotAModel(f"MODEL: state dict names LSTM layer {nlayers - 1} but holds {len(state)} tensors")
+    for name, tensor in state.items():
+        check_finite(tensor, name, "checkpoint")
+    decoder = state.get("decoder.weight")
+    tied = bool(decoder is not None and decoder.shape == state["encoder.weight"].shape and torch.equal(decoder, state["encoder.weight"]))
     model = RNNModel(ntoken, ninp, nhid, nlayers, dropout, tie_weights=tied)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise NotAModel(f"MODEL: state dict does not fit an LSTM RNNModel of {nlayers} layers, {ninp} inputs, {nhid} hidden "
+                        f"({one_line(error).rstrip(':')})") from error
     return model
 
 
@@ -395,8 +409,8 @@ def read_example_checkpoint(path: str | Path, allow_pickle: bool = False) -> tup
                 "and so run code stored in the file",
                 "a state dict (torch.save(model.state_dict(), path)), or --allow-pickle / allow_pickle=True if you trust the file") from error
         content = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_ExamplePickleModule)
-    except (RuntimeError, EOFError, OSError) as error:
-        raise NotAModel(f"CHECKPOINT: {str(path)!r} is not a torch checkpoint ({str(error).splitlines()[0]})") from error
+    except Exception as error:  # noqa: BLE001 - torch.load fails on a damaged file with many types (IndexError when empty)
+        raise NotAModel(f"CHECKPOINT: {str(path)!r} is not a torch checkpoint ({one_line(error)})") from error
     dropout = 0.2
     if isinstance(content, nn.Module):
         if getattr(content, "rnn_type", "LSTM") != "LSTM":
@@ -413,12 +427,18 @@ def load_example_checkpoint(path: str | Path, corpus: str | Path, allow_pickle: 
     """A word_language_model checkpoint with its vocabulary rebuilt from ``corpus`` as the example builds it."""
     state, dropout = read_example_checkpoint(path, allow_pickle)
     words = load_word_corpus(corpus)
-    rows = state.get("encoder.weight")
-    if rows is None or rows.shape[0] != len(words.vocab) or state.get("decoder.bias", rows[:, 0]).shape[0] != len(words.vocab):
-        found = None if rows is None else rows.shape[0]
+    rows, bias = state.get("encoder.weight"), state.get("decoder.bias")
+    if rows is None or rows.dim() != 2 or bias is None or bias.dim() != 1:
+        raise NotAModel(f"CHECKPOINT: {str(path)!r} has no 2-D 'encoder.weight' and 1-D 'decoder.bias' "
+                        f"(keys: {sorted(state)[:6]}): not a word_language_model RNNModel")
+    if rows.shape[0] != len(words.vocab) or bias.shape[0] != len(words.vocab):
+        found = rows.shape[0]
         raise DataError(f"CHECKPOINT: {str(path)!r} has an embedding of {found} words but corpus {words.name!r} "
                         f"({words.source}) builds a vocabulary of {len(words.vocab)}: give the corpus the model was trained on")
-    model = model_from_state_dict(state, dropout)
+    try:
+        model = model_from_state_dict(state, dropout)
+    except (NotAModel, CorruptFile) as error:
+        raise NotAModel(f"CHECKPOINT: {str(path)!r}: {str(error).removeprefix('MODEL: ')}") from error
     model.eval()
     return LoadedModel(model, FAMILIES["word-lstm"], words.vocab, str(path))
 
@@ -460,19 +480,50 @@ class WordLSTMFamily(ModelFamily):
         (directory / VOCAB_FILE).write_text(loaded.tokenizer.to_json())
         return {"lstm": asdict(loaded.model.config), "vocab": VOCAB_FILE}
 
-    def build_empty(self, directory: Path, base: dict[str, Any]) -> LoadedModel:
-        from lmshrink.errors import CorruptFile
-
-        try:
-            vocab = Vocabulary.from_json((Path(directory) / base.get("vocab", VOCAB_FILE)).read_text())
-            config = LSTMConfig(**base["lstm"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CorruptFile(f"MODEL: {str(directory)!r} has no readable word-lstm config/vocabulary: {error}") from error
-        if len(vocab) != config.ntoken:
-            raise CorruptFile(f"MODEL: {str(directory)!r}: vocabulary has {len(vocab)} words, model {config.ntoken}")
-        model = RNNModel(**asdict(config))
+    def build_empty(self, directory: Path, base: dict[str, Any], stored: dict | None = None) -> LoadedModel:
+        config = _checked_lstm_config(directory, base, stored)
+        vocab_path = resolve_inside(directory, base.get("vocab", VOCAB_FILE), "vocabulary file")
+        words = _read_vocabulary(vocab_path)
+        vocab = Vocabulary(words)
+        if len(vocab) != len(words) or len(vocab) != config.ntoken:
+            raise CorruptFile(f"MODEL: vocabulary {str(vocab_path)!r} has {len(vocab)} distinct words of {len(words)}, "
+                              f"the model {config.ntoken}; allowed: one distinct word per embedding row")
+        with torch.device("meta"):
+            model = RNNModel(**asdict(config))
         model.eval()
         return LoadedModel(model, self, vocab, str(directory))
+
+
+def _checked_lstm_config(directory: Path, base: dict[str, Any], stored: dict | None) -> LSTMConfig:
+    """The manifest's LSTM sizes, checked for types and ranges (and layers against the stored tensors)."""
+    lstm = base.get("lstm")
+    where = f"MODEL: manifest in {str(directory)!r}: base 'lstm'"
+    if not isinstance(lstm, dict) or set(lstm) - set(LSTMConfig.__dataclass_fields__) or "ntoken" not in lstm:
+        raise CorruptFile(f"{where} is {str(lstm)[:80]}; allowed: an object with {', '.join(LSTMConfig.__dataclass_fields__)}")
+    config = LSTMConfig(**lstm)
+    for key in ("ntoken", "ninp", "nhid", "nlayers"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIMENSION:
+            raise CorruptFile(f"{where} {key!r} is {value!r}; allowed: a positive integer")
+    if isinstance(config.dropout, bool) or not isinstance(config.dropout, (int, float)) or not 0 <= config.dropout < 1:
+        raise CorruptFile(f"{where} 'dropout' is {config.dropout!r}; allowed: a number in [0, 1)")
+    if not isinstance(config.tie_weights, bool) or config.tie_weights and config.ninp != config.nhid:
+        raise CorruptFile(f"{where} 'tie_weights' is {config.tie_weights!r} (ninp {config.ninp}, nhid {config.nhid}); "
+                          "allowed: false, or true with ninp == nhid")
+    if stored is not None and config.nlayers > len(stored):
+        raise CorruptFile(f"{where} 'nlayers' is {config.nlayers:,} for {len(stored)} stored tensors; allowed: a config matching its weights")
+    return config
+
+
+def _read_vocabulary(path: Path) -> list[str]:
+    """The saved vocabulary: a JSON list of words, read from a regular file inside the model directory."""
+    try:
+        words = json.loads(read_bounded(path, "vocabulary file").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise CorruptFile(f"MODEL: vocabulary {str(path)!r} is not a JSON list of words ({one_line(error)})") from error
+    if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
+        raise CorruptFile(f"MODEL: vocabulary {str(path)!r} is not a JSON list of words")
+    return words
 
 
 from lmshrink.models import FAMILIES  # noqa: E402  (filled by the class definition above)
