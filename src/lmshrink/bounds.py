@@ -42,10 +42,17 @@ class Bounds:
             value = float(value)
             if not math.isfinite(value):
                 raise InvalidArgument(argument, f"{value} is not a finite number", allowed)
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            raise InvalidArgument(argument, f"{_show(value)} is {'not above' if self.low_open else 'below'} {_show(self.low)}", allowed)
-        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-            raise InvalidArgument(argument, f"{_show(value)} is {'not below' if self.high_open else 'above'} {_show(self.high)}", allowed)
+        too_low = self.low is not None and (value < self.low or (self.low_open and value == self.low))
+        too_high = self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        if too_low or too_high:
+            if self.low is not None and self.high is not None:
+                interval = f"{'(' if self.low_open else '['}{_show(self.low)}, {_show(self.high)}{')' if self.high_open else ']'}"
+                problem = f"{_show(value)} is outside {interval}"
+            elif too_low:
+                problem = f"{_show(value)} is {'not above' if self.low_open else 'below'} {_show(self.low)}"
+            else:
+                problem = f"{_show(value)} is {'not below' if self.high_open else 'above'} {_show(self.high)}"
+            raise InvalidArgument(argument, problem, allowed)
         return value
 
 

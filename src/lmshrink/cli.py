@@ -27,7 +27,8 @@ class _OneLineError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None):
-        click.echo(f"error: {self.message}", err=True)
+        lines = [line.strip() for line in self.message.splitlines() if line.strip()]
+        click.echo(f"error: {' / '.join(lines)}", err=True)  # one line even if a message has several
 
 
 def _usage_line(error: click.UsageError) -> str:
@@ -65,13 +66,16 @@ def _allowed(param: click.Parameter) -> str:
     return {"integer": "an integer", "float": "a number", "boolean": "true or false"}.get(kind.name, f"a {kind.name}")
 
 
+_SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; older versions exit instead
+
+
 class _Group(click.Group):
     """Turns lmshrink's own errors and click's usage errors into one line on stderr and exit status 2."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
+        except _SHOWS_HELP:  # `lmshrink` alone prints the help, as click does
             raise
         except click.UsageError as error:
             raise _OneLineError(_usage_line(error)) from error
@@ -81,7 +85,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except LmshrinkError as error:
             raise _OneLineError(str(error)) from error
-        except click.exceptions.NoArgsIsHelpError:
+        except _SHOWS_HELP:  # `lmshrink` alone prints the help, as click does
             raise
         except click.UsageError as error:
             raise _OneLineError(_usage_line(error)) from error
@@ -153,8 +157,9 @@ def _method_options(command):
             kind = _Number(option.type, option.bounds or Bounds())
         else:
             kind = option.type
+        allowed = f"; {kind.bounds.describe(kind.kind)}" if isinstance(kind, _Number) else ""
         command = click.option(f"--{flag}", option.name, type=kind, default=None,
-                               help=f"{option.help} [default: {option.default}]")(command)
+                               help=f"{option.help} [default: {option.default}{allowed}]")(command)
     return command
 
 
@@ -313,9 +318,9 @@ def _with(options):
 @click.argument("model", default=DEFAULT_MODEL, required=False)
 @click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Factorization method. " + "see `lmshrink methods`.")
 @click.option("--ratio", type=_Number(float, Bounds(0, 1, low_open=True)), default=None, help="Each targeted matrix keeps R times its dense parameter count (0 < R <= 1). Default 0.8 when no --rank/--energy/--params.")
-@click.option("--rank", type=_integer(1, 2**31 - 1), default=None, help="The same rank K for every targeted matrix (1 <= K <= min(m, n)).")
+@click.option("--rank", type=_integer(1), default=None, help="The same rank K for every targeted matrix (1 <= K <= min(m, n)).")
 @click.option("--energy", type=_Number(float, Bounds(0, 1, low_open=True)), default=None, help="Smallest rank keeping E of each matrix's squared singular values (0 < E <= 1).")
-@click.option("--params", type=_integer(1, 2**62), default=None,
+@click.option("--params", type=_integer(1), default=None,
               help="Budget: the targeted matrices keep at most N parameters in all (the global ratio N / their dense count; "
                    "with --allocation sensitivity, spent where it costs least).")
 @click.option("--targets", multiple=True, default=("linears",), show_default=True,

@@ -52,8 +52,11 @@ def check_output(path: str | os.PathLike | None, *, overwrite: bool = False, inp
     text = "" if path is None else os.fspath(path)
     if not str(text).strip():
         raise InvalidArgument(argument, "is empty", "a directory path, e.g. compressed/my-model")
-    target = Path(text).expanduser().resolve()
     shown = repr(str(text))
+    try:
+        target = Path(text).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte, an unknown ~user
+        raise InvalidArgument(argument, f"{shown} is not a usable path ({error})", "a directory path, e.g. compressed/my-model") from None
     if target.parent == target:
         raise InvalidArgument(argument, f"{shown} is a file-system root", "a directory below a writable folder")
     for root in VIRTUAL_ROOTS:
@@ -79,7 +82,11 @@ def check_output(path: str | os.PathLike | None, *, overwrite: bool = False, inp
         if target in source.parents:
             raise InvalidArgument(argument, f"{shown} contains the input model {str(source)!r}",
                                   "a directory outside the model being read")
-    if existing == target and any(target.iterdir()):
+    try:
+        filled = existing == target and any(target.iterdir())
+    except OSError as error:
+        raise InvalidArgument(argument, f"{shown} cannot be read ({error.strerror})", "a directory you can read and write") from None
+    if filled:
         if not overwrite:
             raise InvalidArgument(argument, f"{shown} exists and is not empty", "a new or empty directory, or --overwrite")
         if not (target / MANIFEST).is_file():

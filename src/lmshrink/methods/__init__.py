@@ -45,8 +45,8 @@ class MethodOption:
             return value
         if self.type in (int, float):
             return check_number(self.flag, value, self.type, self.bounds)
-        if self.type in (bool, str) and not isinstance(value, self.type):
-            raise InvalidArgument(self.flag, f"{value!r} is not a {self.type.__name__}", f"a {self.type.__name__}")
+        if self.type is bool and not isinstance(value, bool):
+            raise InvalidArgument(self.flag, f"{value!r} is not true or false", "True or False")
         return value
 
 
