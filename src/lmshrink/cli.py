@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,27 +13,119 @@ from pathlib import Path
 import click
 import torch
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.bounds import Bounds
+from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHOD = "fwhiten"  # best measured at --ratio 0.8 on SmolLM2 (benchmarks/results/importance.md)
 DEFAULT_RATIO = 0.8
 
 
+class _OneLineError(click.ClickException):
+    """An error shown as one line, ``error: ARG: what was wrong; allowed: ...``, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        lines = [line.strip() for line in self.message.splitlines() if line.strip()]
+        click.echo(f"error: {' / '.join(lines)}", err=True)  # one line even if a message has several
+
+
+def _usage_line(error: click.UsageError) -> str:
+    """Click's own usage errors (bad values, missing or unknown options) in lmshrink's one-line format."""
+    ctx = error.ctx
+    command = ctx.command_path if ctx is not None else "lmshrink"
+    if isinstance(error, click.NoSuchOption):
+        close = f"close matches: {', '.join(sorted(error.possibilities))}" if error.possibilities else f"see `{command} --help`"
+        return f"{error.option_name}: no such option of `{command}`; allowed: {close}"
+    if isinstance(error, click.BadOptionUsage):
+        problem = "needs a value" if "requires an argument" in error.message else error.message.rstrip(".")
+        return f"{error.option_name}: {problem}; allowed: see `{command} --help`"
+    if isinstance(error, click.BadParameter) and error.param is not None:
+        param = error.param
+        name = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
+        if isinstance(error, click.MissingParameter):
+            return f"{name}: missing; allowed: {param.help or 'see `' + command + ' --help`'}"
+        message = error.message.rstrip(".")
+        if "; allowed:" not in message:
+            message += f"; allowed: {_allowed(param)}"
+        return f"{name}: {message}"
+    if ctx is not None and isinstance(ctx.command, click.Group) and "No such command" in error.message:
+        return f"COMMAND: {error.message.rstrip('.').lower()}; allowed: {', '.join(sorted(ctx.command.commands))}"
+    return f"{command}: {error.message.rstrip('.')}; allowed: see `{command} --help`"
+
+
+def _allowed(param: click.Parameter) -> str:
+    kind = param.type
+    if isinstance(kind, _Number):
+        return kind.bounds.describe(kind.kind)
+    if isinstance(kind, click.Choice):
+        return ", ".join(map(str, kind.choices))
+    if isinstance(kind, click.Path):
+        return "an existing file" if kind.exists and not kind.dir_okay else "a path"
+    return {"integer": "an integer", "float": "a number", "boolean": "true or false"}.get(kind.name, f"a {kind.name}")
+
+
+_SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; older versions exit instead
+
+
 class _Group(click.Group):
-    """Turns lmshrink's own errors into one line on stderr and exit status 2."""
+    """Turns lmshrink's own errors and click's usage errors into one line on stderr and exit status 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _SHOWS_HELP:  # `lmshrink` alone prints the help, as click does
+            raise
+        except click.UsageError as error:
+            raise _OneLineError(_usage_line(error)) from error
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LmshrinkError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
+            raise _OneLineError(str(error)) from error
+        except _SHOWS_HELP:  # `lmshrink` alone prints the help, as click does
+            raise
+        except click.UsageError as error:
+            raise _OneLineError(_usage_line(error)) from error
+
+
+class _Number(click.ParamType):
+    """An int or a finite float inside ``bounds`` (lmshrink.bounds), checked before the command runs."""
+
+    def __init__(self, kind: type, bounds: Bounds):
+        self.kind, self.bounds = kind, bounds
+        self.name = "integer" if kind is int else "float"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            try:
+                value = self.kind(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}; "
+                          f"allowed: {self.bounds.describe(self.kind)}", param, ctx)
+        try:
+            return self.bounds.check(max(param.opts, key=len) if param is not None else "value", value, self.kind)
+        except InvalidArgument as error:
+            self.fail(f"{error.problem}; allowed: {error.allowed}", param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "INTEGER" if self.kind is int else "FLOAT"
+
+
+def _integer(low, high=None):
+    return _Number(int, Bounds(low, high))
+
+
+MAX_THREADS = min(1024, 4 * (os.cpu_count() or 1))
+MAX_TOKENS = 100_000_000  # evaluation tokens; more than any test set lmshrink reads
+MAX_WINDOW = 1 << 20
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lmshrink")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--threads", type=_integer(1, MAX_THREADS), default=None, help=f"CPU threads for torch, 1..{MAX_THREADS} (default: torch's choice).")
 def main(threads):
     """Shrink language models with low-rank and tensor decompositions, and measure what it cost.
 
@@ -56,9 +151,15 @@ def _method_options(command):
             command = click.option(f"--{flag}/--no-{flag}", option.name, default=None,
                                    help=f"{option.help} [default: {option.default}]")(command)
             continue
-        kind = click.Choice([str(c) for c in option.choices]) if option.choices else option.type
+        if option.choices:
+            kind = click.Choice([str(c) for c in option.choices])
+        elif option.type in (int, float):
+            kind = _Number(option.type, option.bounds or Bounds())
+        else:
+            kind = option.type
+        allowed = f"; {kind.bounds.describe(kind.kind)}" if isinstance(kind, _Number) else ""
         command = click.option(f"--{flag}", option.name, type=kind, default=None,
-                               help=f"{option.help} [default: {option.default}]")(command)
+                               help=f"{option.help} [default: {option.default}{allowed}]")(command)
     return command
 
 
@@ -82,6 +183,95 @@ def _eval_summary(loaded, corpus, tokens, window, progress, sentences=None, refe
             summary["fidelity"] = fidelity(reference, pooled_embeddings(loaded, sentences))
     summary["tokens_per_s"] = throughput(loaded)["tokens_per_s"]
     return summary
+
+
+def _check_window_and_data(tokens: int, window: int, data: str | None) -> None:
+    """Checks of --tokens, --window and --data that need no model, before any work."""
+    if window > tokens:
+        raise InvalidArgument("--window", f"{window} tokens is longer than --tokens {tokens}",
+                              f"a --window of at most --tokens ({tokens}), or more --tokens")
+    if data is not None:
+        path = Path(data).expanduser()
+        if not str(data).strip():
+            raise InvalidArgument("--data", "is empty", "a text file, a folder with train/test files, 'wikitext-2', 'ptb' or 'stdlib'")
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            raise InvalidArgument("--data", f"{data!r} is not a regular file or folder (a device, pipe or socket)",
+                                  "a text file, a folder with train/test files, 'wikitext-2', 'ptb' or 'stdlib'")
+
+
+def _check_positions(loaded, window: int) -> None:
+    # A window past the model's position table fails deep inside the model (IndexError); refuse it by name.
+    config = getattr(loaded.model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and window > limit:
+        raise InvalidArgument("--window", f"{window} tokens is longer than the model's {limit} positions",
+                              f"--window <= {limit} for this model")
+
+
+def _fidelity_sentences(corpus) -> list[str]:
+    from lmshrink.evaluate import sentences
+
+    found = sentences(corpus.test, 64)
+    if not found:
+        raise DataError(f"--data: the evaluation text of {corpus.name} has no line of 8 words or more, which an encoder's "
+                        "fidelity check needs; allowed: a text with sentences on their own lines")
+    return found
+
+
+def _check_finite(loaded, flag: str, method: str) -> None:
+    from lmshrink.outputs import nonfinite_tensors
+
+    bad = nonfinite_tensors(loaded.model)
+    if bad:
+        cause = "refinement training" if flag == "--finetune-lr" else f"method {method!r}"
+        allowed = "a smaller --finetune-lr" if flag == "--finetune-lr" else "another --method or a larger --ratio / --rank"
+        raise InvalidArgument(flag, f"{cause} left NaN or inf in {len(bad)} tensors ({', '.join(bad[:3])}"
+                                    f"{' ...' if len(bad) > 3 else ''}); nothing was saved", allowed)
+
+
+def _json_line(result: dict) -> str:
+    """``result`` as strict JSON: a NaN or inf figure becomes null, and a note says which."""
+    nulls = []
+
+    def clean(value, where):
+        if isinstance(value, float) and not math.isfinite(value):
+            nulls.append(f"{where} ({value})")
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return value
+
+    cleaned = clean(result, "")
+    if nulls:
+        cleaned["notes"] = [*(cleaned.get("notes") or []), f"not finite, reported as null: {', '.join(nulls)}"]
+    return json.dumps(cleaned, allow_nan=False)
+
+
+@contextlib.contextmanager
+def _stdout_kept_for_json():
+    """While a --json command runs, anything else written to stdout (a library's notice or prompt) goes to stderr;
+    yields the real stdout, for the one JSON line."""
+    sys.stdout.flush()
+    try:
+        stdout_fd, stderr_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not real files (e.g. click's test runner): Python-level only
+        real = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+        return
+    saved = os.dup(stdout_fd)
+    os.dup2(stderr_fd, stdout_fd)
+    real = os.fdopen(saved, "w", encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        sys.stdout.flush()
+        real.flush()
+        os.dup2(saved, stdout_fd)
+        real.close()
 
 
 def _print_table(title: str, rows: list[list], headers: list[str]):
@@ -108,8 +298,9 @@ def _fmt(value) -> str:
 
 common_eval = [
     click.option("--data", "data", default=None, help="Evaluation/calibration text (see above). Default: WikiText-2 from the shared data folder if present, else Python's stdlib source."),
-    click.option("--tokens", type=click.IntRange(min=2), default=8192, show_default=True, help="Evaluation tokens (first N of the test text)."),
-    click.option("--window", type=click.IntRange(min=2), default=512, show_default=True, help="Window length in tokens (perplexity and calibration)."),
+    click.option("--tokens", type=_integer(2, MAX_TOKENS), default=8192, show_default=True, help="Evaluation tokens (first N of the test text)."),
+    click.option("--window", type=_integer(2, MAX_WINDOW), default=512, show_default=True,
+                 help="Window length in tokens (perplexity and calibration); at most --tokens and the model's positions."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables."),
 ]
 
@@ -126,29 +317,29 @@ def _with(options):
 @main.command()
 @click.argument("model", default=DEFAULT_MODEL, required=False)
 @click.option("--method", default=DEFAULT_METHOD, show_default=True, help="Factorization method. " + "see `lmshrink methods`.")
-@click.option("--ratio", type=float, default=None, help="Each targeted matrix keeps R times its dense parameter count (0 < R <= 1). Default 0.8 when no --rank/--energy/--params.")
-@click.option("--rank", type=int, default=None, help="The same rank K for every targeted matrix (1 <= K <= min(m, n)).")
-@click.option("--energy", type=float, default=None, help="Smallest rank keeping E of each matrix's squared singular values (0 < E <= 1).")
-@click.option("--params", type=int, default=None,
+@click.option("--ratio", type=_Number(float, Bounds(0, 1, low_open=True)), default=None, help="Each targeted matrix keeps R times its dense parameter count (0 < R <= 1). Default 0.8 when no --rank/--energy/--params.")
+@click.option("--rank", type=_integer(1), default=None, help="The same rank K for every targeted matrix (1 <= K <= min(m, n)).")
+@click.option("--energy", type=_Number(float, Bounds(0, 1, low_open=True)), default=None, help="Smallest rank keeping E of each matrix's squared singular values (0 < E <= 1).")
+@click.option("--params", type=_integer(1), default=None,
               help="Budget: the targeted matrices keep at most N parameters in all (the global ratio N / their dense count; "
                    "with --allocation sensitivity, spent where it costs least).")
 @click.option("--targets", multiple=True, default=("linears",), show_default=True,
               help="Modules to compress: linears, attention, mlp, embedding, lm_head, or a glob on module names (repeatable).")
-@click.option("--multiple-of", type=click.IntRange(min=1), default=1, show_default=True, help="Round ranks down to a multiple of this.")
+@click.option("--multiple-of", type=_integer(1, 65536), default=1, show_default=True, help="Round ranks down to a multiple of this.")
 @click.option("--allocation", default="uniform", show_default=True, help="Rank allocation across targets (uniform, or a budgeted one when available).")
-@click.option("--max-shift", type=float, default=0.25, show_default=True,
+@click.option("--max-shift", type=_Number(float, Bounds(0, 100)), default=0.25, show_default=True,
               help="--allocation sensitivity: each rank stays within +-this fraction of its uniform rank (0: uniform).")
-@click.option("--calibration-windows", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
+@click.option("--calibration-windows", type=_integer(1, 65536), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
 @click.option("--untie-head", is_flag=True,
               help="A token embedding tied to the output layer: compress the input side only, the output layer keeps the "
                    "original table (the model grows by V x d; for analysis).")
-@click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--finetune-steps", type=_integer(0, 1_000_000), default=0, show_default=True,
               help="After compressing, train the factors for this many steps of one window of train text (causal LMs; refinement training).")
-@click.option("--finetune-lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate of --finetune-steps.")
+@click.option("--finetune-lr", type=_Number(float, Bounds(0, 1, low_open=True)), default=1e-4, show_default=True, help="AdamW learning rate of --finetune-steps.")
 @click.option("--finetune-distill", is_flag=True,
               help="Train toward the uncompressed model's next-token distributions (KL) instead of the text's tokens; keeps a copy of the original in memory.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to save the compressed model. Default ./compressed/<model>-<method>.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier lmshrink save.")
+@click.option("--out", default=None, help="Where to save the compressed model (a new or empty directory). Default ./compressed/<model>-<method>.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier lmshrink save (atomically: it is never missing).")
 @click.option("--no-save", is_flag=True, help="Measure only; do not save.")
 @_with(common_eval)
 @_method_options
@@ -159,10 +350,12 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
     """
     import lmshrink
-    from lmshrink.evaluate import pooled_embeddings, sentences as pick_sentences
+    from lmshrink.evaluate import pooled_embeddings
     from lmshrink.methods import get_method
     from lmshrink.surgery import check_plan
 
+    ctx = click.get_current_context()
+    json_out = ctx.with_resource(_stdout_kept_for_json()) if as_json else None
     progress = not as_json and sys.stderr.isatty()
     if ratio is None and rank is None and energy is None and params is None:
         ratio = DEFAULT_RATIO
@@ -176,23 +369,21 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, params=params, multiple_of=multiple_of,
                          allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
                          window=window, untie_head=untie_head)
+    _check_window_and_data(tokens, window, data)
+    output = None
+    if not no_save:  # checked and locked before any work; held until the command ends
+        from lmshrink.outputs import reserve
+
+        output = ctx.with_resource(reserve(Path("compressed") / f"{Path(str(model)).stem}-{method}" if out is None else out,
+                                           overwrite=overwrite, inputs=[model]))
     corpus = lmshrink.load_corpus(data)
-    out_dir = Path(out) if out else Path("compressed") / f"{Path(str(model)).stem}-{method}"
-    overwrite = overwrite or out is None  # the default place holds our own earlier result; save() still refuses foreign dirs
-    if not no_save and out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise lmshrink.errors.InvalidArgument("--out", f"{str(out_dir)!r} exists and is not empty", "a new or empty directory, or --overwrite")
-        if not (out_dir / "lmshrink.json").is_file():
-            raise lmshrink.errors.InvalidArgument("--out", f"{str(out_dir)!r} is not an lmshrink directory; refusing to overwrite it",
-                                                  "a new or empty directory, or one lmshrink saved before")
-    if not finetune_lr > 0:
-        raise lmshrink.errors.InvalidArgument("--finetune-lr", f"{finetune_lr} is not positive", "a learning rate > 0")
     loaded = lmshrink.load_model(model)
+    _check_positions(loaded, window)
     if finetune_steps and not loaded.causal:
         raise lmshrink.errors.InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model",
                                               "0 for encoders (refinement training uses next-token loss)")
     check_plan(loaded, plan)  # bad targets or ranks fail now, not after minutes of evaluation
-    texts = pick_sentences(corpus.test, 64) if not loaded.causal else None
+    texts = _fidelity_sentences(corpus) if not loaded.causal else None
     reference = pooled_embeddings(loaded, texts) if texts else None
     before = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
     teacher = None
@@ -203,12 +394,17 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     report = lmshrink.compress(loaded, plan, data=corpus, progress=progress)
     tuned = None
     if finetune_steps:
-        tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, teacher=teacher,
-                                  progress=progress)
+        try:
+            tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, teacher=teacher,
+                                      progress=progress)
+        except InvalidArgument as error:  # name the flags, not finetune()'s parameters
+            flag = {"lr": "--finetune-lr", "steps": "--finetune-steps", "window": "--window"}.get(error.argument, error.argument)
+            raise InvalidArgument(flag, error.problem, error.allowed) from error
         tuned = {k: tuned[k] for k in ("loss", "steps", "lr", "tokens", "trained_parameters", "seconds", "first_loss", "last_loss")}
         del teacher
+    _check_finite(loaded, "--finetune-lr" if finetune_steps else "--method", method)
     after = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
-    saved = None if no_save else str(lmshrink.save(loaded, out_dir, overwrite=overwrite))
+    saved = None if no_save else str(lmshrink.save(loaded, output.target, overwrite=overwrite))
     result = {
         "model": str(model), "method": method, "plan": plan.to_dict(), "data": corpus.source,
         **{key: {"before": before.get(key), "after": after.get(key)} for key in ("params", "bytes", "perplexity", "tokens_per_s")},
@@ -217,7 +413,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
         "finetune": tuned, "notes": report.notes, "saved_to": saved, "modules": report.modules,
     }
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(_json_line(result), file=json_out)
         return
     factorized = len(report.compressed)
     click.echo(f"model: {model}   method: {method} ({plan.amount()}, targets {', '.join(targets)}, allocation {allocation})")
@@ -247,19 +443,22 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
 def eval_command(model, reference, data, tokens, window, as_json):
     """Measure MODEL_OR_DIR: params, bytes, perplexity (causal LMs), fidelity (encoders, with --reference), tokens/s."""
     import lmshrink
-    from lmshrink.evaluate import pooled_embeddings, sentences as pick_sentences
+    from lmshrink.evaluate import pooled_embeddings
 
+    json_out = click.get_current_context().with_resource(_stdout_kept_for_json()) if as_json else None
     progress = not as_json and sys.stderr.isatty()
+    _check_window_and_data(tokens, window, data)
     corpus = lmshrink.load_corpus(data)
     loaded = lmshrink.load_model(model)
+    _check_positions(loaded, window)
     texts = ref = None
     if reference is not None and not loaded.causal:
-        texts = pick_sentences(corpus.test, 64)
+        texts = _fidelity_sentences(corpus)
         ref = pooled_embeddings(lmshrink.load_model(reference), texts)
     summary = _eval_summary(loaded, corpus, tokens, window, progress, texts, ref)
     summary.update(model=str(model), data=corpus.source, window=window)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(_json_line(summary), file=json_out)
         return
     rows = [["params", summary["params"]], ["bytes", summary["bytes"]]]
     if summary["perplexity"] is not None:
@@ -276,8 +475,8 @@ def eval_command(model, reference, data, tokens, window, as_json):
 @click.option("--targets", multiple=True, default=("linears", "embedding"), show_default=True, help="Modules to inspect (as in compress).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--data", default=None, help="Calibration text: adds the Fisher-based SVD-risk per matrix and for the model.")
-@click.option("--calibration-windows", type=click.IntRange(min=1), default=16, show_default=True, help="Calibration windows (with --data).")
-@click.option("--window", type=click.IntRange(min=2), default=512, show_default=True, help="Calibration window length (with --data).")
+@click.option("--calibration-windows", type=_integer(1, 65536), default=16, show_default=True, help="Calibration windows (with --data).")
+@click.option("--window", type=_integer(2, MAX_WINDOW), default=512, show_default=True, help="Calibration window length (with --data).")
 def inspect(model, targets, as_json, data, calibration_windows, window):
     """Per matrix: shape, params, effective rank, the energy kept at a few ratios; with --data, the SVD-risk."""
     import lmshrink

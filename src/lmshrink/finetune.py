@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lmshrink.bounds import Bounds, check_number
 from lmshrink.data import Corpus, encode_prefix, load_corpus, token_windows
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.base import FactorizedModule
@@ -62,8 +63,7 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
     for name, value, low in (("steps", steps, 1), ("window", window, 2), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidArgument(name, f"{value!r}", f"an integer >= {low}")
-    if not lr > 0:
-        raise InvalidArgument("lr", f"{lr!r} is not positive", "a learning rate > 0")
+    check_number("lr", lr, float, Bounds(0, 1, low_open=True))
     loaded = load_model(loaded)
     if teacher is not None:
         teacher = load_model(teacher)
@@ -100,12 +100,17 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
             logits = loaded.logits(batch)
             loss = _loss(logits, batch, teacher)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"finetune: loss became {loss.item()} at step {step}; lower lr (now {lr})")
+                raise InvalidArgument("lr", f"training diverged: the loss became {loss.item()} at step {step + 1} with lr {lr:g}",
+                                      "a smaller learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
             optimizer.step()
+            diverged = [name for name, p in params.items() if not bool(torch.isfinite(p).all())]
+            if diverged:  # caught here, not by a later loss: the last step's weights are what gets saved
+                raise InvalidArgument("lr", f"training diverged: step {step + 1} with lr {lr:g} left NaN or inf in "
+                                            f"{len(diverged)} parameters ({', '.join(diverged[:3])})", "a smaller learning rate")
             losses.append(loss.item())
             _refresh_caches(model)
     finally:

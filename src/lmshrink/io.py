@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,37 +42,24 @@ def manifest_of(loaded) -> dict:
 
 
 def save(loaded, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write the model to ``directory``. Everything goes to a temporary sibling first and is renamed at the end,
-    so an interrupted save never leaves a directory that looks complete."""
+    """Write the model to ``directory``. Everything goes to a temporary sibling first, which then replaces
+    ``directory`` atomically (lmshrink.outputs), so an interrupted save never leaves a directory that looks
+    complete, nor loses the one it was replacing. Non-finite weights are refused: nothing is written."""
     from lmshrink.models import load_model
+    from lmshrink.outputs import nonfinite_tensors, reserve
 
     loaded = load_model(loaded)
-    target = Path(directory).expanduser().resolve()
-    if target.exists():
-        if not overwrite and any(target.iterdir()):
-            raise InvalidArgument("--out", f"{str(target)!r} exists and is not empty", "a new or empty directory, or overwrite=True (--overwrite)")
-        if overwrite and any(target.iterdir()) and not (target / MANIFEST).is_file():
-            raise InvalidArgument("--out", f"{str(target)!r} is not an lmshrink directory; refusing to overwrite it",
-                                  "a new or empty directory, or a directory lmshrink saved before")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    bad = nonfinite_tensors(loaded.model)
+    if bad:
+        raise InvalidArgument("model", f"{len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                              "nothing was saved", "a model with finite weights")
+    with reserve(directory, overwrite=overwrite, inputs=[loaded.source]) as output, output.staging() as staging:
         manifest = manifest_of(loaded)
         manifest["base"] = loaded.family.save_base(loaded, staging)
         save_safetensors_model(loaded.model, str(staging / WEIGHTS))
         manifest["files"] = {WEIGHTS: file_digest(staging / WEIGHTS)}  # verified at load: corruption is refused
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if target.exists():
-            trash = target.with_name(f".{target.name}.old")
-            os.replace(target, trash)
-            os.replace(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return output.target
 
 
 # Tensor names only lmshrink's factorized layers produce: a directory holding them without a manifest is a damaged

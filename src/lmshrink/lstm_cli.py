@@ -7,6 +7,8 @@ import time
 
 import click
 
+from lmshrink.errors import InvalidArgument
+
 
 @click.command("train-lm")
 @click.argument("name", required=False)
@@ -26,15 +28,12 @@ def train_lm_command(name, list_models, force):
             click.echo(f"{key:12s} {'cached ' if cached else 'missing'}  {spec.description}  -> {reference_dir(key)}")
         return
     if name not in REFERENCES:
-        raise click.BadParameter(f"unknown reference model {name!r}; choose from {', '.join(REFERENCES)}", param_hint="NAME")
+        raise InvalidArgument("NAME", f"unknown reference model {name!r}", ", ".join(REFERENCES))
     directory = reference_dir(name)
     if (directory / "lmshrink.json").is_file() and not force:
         click.echo(f"{name} is cached at {directory} (use --force to train again)")
         return
-    if force and directory.exists():
-        import shutil
-
-        shutil.rmtree(directory)
+    # With --force the cached model stays until the new one replaces it atomically (lmshrink.outputs).
     start = time.perf_counter()
     path = train_reference(name, log=lambda message: click.echo(message, err=True))
     history = json.loads((path / "training.json").read_text())
@@ -45,7 +44,7 @@ def train_lm_command(name, list_models, force):
 @click.command("import-lm")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--corpus", required=True, help="Corpus the model was trained on: 'ptb', 'wikitext-2', or a folder with train/valid/test .txt files.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write (lmshrink format).")
+@click.option("--out", required=True, help="Directory to write (lmshrink format): a new or empty one, or --overwrite.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow a whole pickled model (what the example's main.py --save writes). Unpickling runs code from the file: only for files you trust.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing lmshrink directory.")
@@ -56,9 +55,12 @@ def import_lm_command(checkpoint, corpus, out, allow_pickle, overwrite):
     """
     from lmshrink.io import save
     from lmshrink.models.lstm import evaluate_lm, load_example_checkpoint, load_word_corpus
+    from lmshrink.outputs import reserve
 
+    # --out is checked and locked before the checkpoint is read; held until the command ends.
+    output = click.get_current_context().with_resource(reserve(out, overwrite=overwrite, inputs=[checkpoint]))
     loaded = load_example_checkpoint(checkpoint, corpus, allow_pickle=allow_pickle)
-    path = save(loaded, out, overwrite=overwrite)
+    path = save(loaded, output.target, overwrite=overwrite)
     words = load_word_corpus(corpus)
     result = evaluate_lm(loaded.model, words.test, max_tokens=20000)
     click.echo(f"saved {path} ({len(words.vocab)} words); test perplexity on the first 20k tokens: {result['perplexity']:.2f}")

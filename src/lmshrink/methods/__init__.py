@@ -14,18 +14,40 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from lmshrink.bounds import Bounds, check_number
 from lmshrink.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
 class MethodOption:
-    """A method-specific parameter; the CLI exposes it as ``--<name>`` on ``lmshrink compress``."""
+    """A method-specific parameter; the CLI exposes it as ``--<name>`` on ``lmshrink compress``.
+
+    A numeric option (int, float) is checked against ``bounds`` (default: any integer, any finite number);
+    a default of None means "not given" and is always allowed.
+    """
 
     name: str
     type: type
     default: Any
     help: str
     choices: tuple | None = None
+    bounds: Bounds | None = None
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name.replace('_', '-')}"
+
+    def check(self, value: Any) -> Any:
+        """``value`` if this option allows it; else InvalidArgument naming the option's flag."""
+        if self.choices is not None and value not in self.choices:
+            raise InvalidArgument(self.flag, f"{value!r} is not supported", ", ".join(map(str, self.choices)))
+        if value is None and self.default is None:
+            return value
+        if self.type in (int, float):
+            return check_number(self.flag, value, self.type, self.bounds)
+        if self.type is bool and not isinstance(value, bool):
+            raise InvalidArgument(self.flag, f"{value!r} is not true or false", "True or False")
+        return value
 
 
 @dataclass(frozen=True)
@@ -47,13 +69,7 @@ class Method:
             raise InvalidArgument(
                 "options", f"method {self.name!r} has no option(s) {unknown}", f"{sorted(known) or 'none'}"
             )
-        resolved = {}
-        for name, option in known.items():
-            value = given.get(name, option.default)
-            if option.choices is not None and value not in option.choices:
-                raise InvalidArgument(f"--{name.replace('_', '-')}", f"{value!r} is not supported", f"{option.choices}")
-            resolved[name] = value
-        return resolved
+        return {name: option.check(given.get(name, option.default)) for name, option in known.items()}
 
 
 METHODS: dict[str, Method] = {}

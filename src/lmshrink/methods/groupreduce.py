@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from lmshrink.bounds import Bounds
 from lmshrink.decompose.groupreduce import RANK_RULES, SPLITS, budget_for_ratio, groupreduce
 from lmshrink.decompose.quantize import SUPPORTED_BITS, check_bits
 from lmshrink.errors import InvalidArgument
 from lmshrink.frequencies import Frequencies
 from lmshrink.layers.block import BlockLowRankEmbedding, BlockLowRankOutput
 from lmshrink.methods import MethodOption, register_method
+from lmshrink.methods.quantize import BITS, QUANT_GROUP
 
 OPTIONS = (
-    MethodOption("groups", int, 8, "groupreduce: number of frequency groups the vocabulary is split into"),
-    MethodOption("refine_steps", int, 5, "groupreduce: rounds of moving tokens to the group that reconstructs them best (0: none)"),
-    MethodOption("weight_power", float, 0.5, "groupreduce: row weight = token count ** power (0 unweighted, 1 raw frequency)"),
+    MethodOption("groups", int, 8, "groupreduce: number of frequency groups the vocabulary is split into",
+                 bounds=Bounds(1, 65536)),
+    MethodOption("refine_steps", int, 5, "groupreduce: rounds of moving tokens to the group that reconstructs them best (0: none)",
+                 bounds=Bounds(0, 1000)),
+    MethodOption("weight_power", float, 0.5, "groupreduce: row weight = token count ** power (0 unweighted, 1 raw frequency)",
+                 bounds=Bounds(0, 10)),
     MethodOption("split", str, "equal", "groupreduce: initial split, equal-size groups or geometric sizes", SPLITS),
     MethodOption("rank_rule", str, "frequency", "groupreduce: ranks proportional to group frequency, or greedy by weighted error", RANK_RULES),
-    MethodOption("bits", int, 0, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)"),
-    MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)"),
+    MethodOption("bits", int, 0, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)",
+                 bounds=BITS),
+    MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)",
+                 bounds=QUANT_GROUP),
     MethodOption("frequencies", str, "", "groupreduce: a frequency table file (Frequencies.save); default: count the calibration text"),
 )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from lmshrink.bounds import Bounds
 from lmshrink.decompose.weighted import (
     activation_scaled_svd,
     elementwise_weighted_lowrank,
@@ -28,6 +29,9 @@ from lmshrink.decompose.svd import truncated_svd
 from lmshrink.errors import InvalidArgument
 from lmshrink.methods import MethodOption, register_method
 
+
+WHITEN_DAMPING = MethodOption("whiten_damping", float, 0.0, "svdllm/fwhiten: add this fraction of the Gram's mean diagonal before factorizing",
+                              bounds=Bounds(0, 1000))
 
 def _stat(stats: dict, name: str, method: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     if name not in stats:
@@ -51,10 +55,11 @@ def fwsvd(weight, rank, stats, options):
     summary="TFWSVD (Hua et al. 2022): element-wise Fisher-weighted low rank, FWSVD then Adam + SGD",
     needs=("fisher",),
     options=(
-        MethodOption("tfwsvd_adam_steps", int, 100, "tfwsvd: at most this many Adam steps per matrix"),
-        MethodOption("tfwsvd_sgd_steps", int, 50, "tfwsvd: at most this many SGD steps per matrix after Adam"),
-        MethodOption("tfwsvd_lr", float, 1e-3, "tfwsvd: Adam learning rate"),
-        MethodOption("tfwsvd_tolerance", float, 1e-3, "tfwsvd: stop a phase when the weighted error gains less than this (relative) in 10 steps"),
+        MethodOption("tfwsvd_adam_steps", int, 100, "tfwsvd: at most this many Adam steps per matrix", bounds=Bounds(0, 100_000)),
+        MethodOption("tfwsvd_sgd_steps", int, 50, "tfwsvd: at most this many SGD steps per matrix after Adam", bounds=Bounds(0, 100_000)),
+        MethodOption("tfwsvd_lr", float, 1e-3, "tfwsvd: Adam learning rate", bounds=Bounds(0, 1, low_open=True)),
+        MethodOption("tfwsvd_tolerance", float, 1e-3, "tfwsvd: stop a phase when the weighted error gains less than this (relative) in 10 steps",
+                     bounds=Bounds(0, 1)),
     ),
 )
 def tfwsvd(weight, rank, stats, options):
@@ -70,7 +75,7 @@ def tfwsvd(weight, rank, stats, options):
     "asvd",
     summary="ASVD (Yuan et al. 2023): input columns scaled by mean |activation| ** alpha before SVD",
     needs=("input_abs_mean",),
-    options=(MethodOption("asvd_alpha", float, 0.5, "asvd: exponent of the activation scale (0 = plain SVD)"),),
+    options=(MethodOption("asvd_alpha", float, 0.5, "asvd: exponent of the activation scale (0 = plain SVD)", bounds=Bounds(0, 2)),),
     target_kinds=("linear",),
 )
 def asvd(weight, rank, stats, options):
@@ -82,7 +87,7 @@ def asvd(weight, rank, stats, options):
     "svdllm",
     summary="SVD-LLM truncation-aware whitening with the input Gram matrix (no LoRA); safe on singular Grams",
     needs=("input_gram",),
-    options=(MethodOption("whiten_damping", float, 0.0, "svdllm/fwhiten: add this fraction of the Gram's mean diagonal before factorizing"),),
+    options=(WHITEN_DAMPING,),
     target_kinds=("linear",),
 )
 def svdllm(weight, rank, stats, options):
@@ -94,7 +99,7 @@ def svdllm(weight, rank, stats, options):
     "fwhiten",
     summary="Fisher-scaled rows x Gram-whitened columns: closed-form minimizer of the Kronecker second-order loss model",
     needs=("fisher", "input_gram", "input_sq_mean"),
-    options=(MethodOption("whiten_damping", float, 0.0, "svdllm/fwhiten: add this fraction of the Gram's mean diagonal before factorizing"),),
+    options=(WHITEN_DAMPING,),
     target_kinds=("linear",),
 )
 def fwhiten(weight, rank, stats, options):

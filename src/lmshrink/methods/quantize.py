@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from lmshrink.bounds import Bounds
 from lmshrink.decompose.quantize import SUPPORTED_BITS, check_bits
 from lmshrink.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from lmshrink.methods import MethodOption, register_method
+
+BITS = Bounds(0, 8)  # which of them are supported: decompose.quantize.check_bits
+QUANT_GROUP = Bounds(0, 1 << 20)
 
 
 @register_method(
@@ -12,8 +16,10 @@ from lmshrink.methods import MethodOption, register_method
     kind="module",
     summary="uniform k-bit quantization per row or column group (packed integers, float16 scales)",
     options=(
-        MethodOption("bits", int, 8, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)"),
-        MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)"),
+        MethodOption("bits", int, 8, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)",
+                     bounds=BITS),
+        MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)",
+                     bounds=QUANT_GROUP),
     ),
     target_kinds=("linear", "embedding", "lm_head"),
 )

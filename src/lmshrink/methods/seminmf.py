@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmshrink.bounds import Bounds
 from lmshrink.decompose.seminmf import INIT_CHOICES, seminmf_factors
 from lmshrink.methods import MethodOption, register_method
 
@@ -10,8 +11,8 @@ from lmshrink.methods import MethodOption, register_method
     "seminmf",
     summary="Semi-NMF: W ~ F G^T with G >= 0 by multiplicative updates (Winata et al. 2019 for LSTMs)",
     options=(
-        MethodOption("seminmf_iterations", int, 300, "seminmf: most multiplicative-update iterations"),
-        MethodOption("seminmf_tol", float, 1e-5, "seminmf: stop when the relative error improves by less than this"),
+        MethodOption("seminmf_iterations", int, 300, "seminmf: most multiplicative-update iterations", bounds=Bounds(1, 100_000)),
+        MethodOption("seminmf_tol", float, 1e-5, "seminmf: stop when the relative error improves by less than this", bounds=Bounds(0, 1)),
         MethodOption("seminmf_init", str, "kmeans", "seminmf: initialisation of G", INIT_CHOICES),
         MethodOption("nonnegative", str, "right", "seminmf: which factor is >= 0 (right acts on the input first)", ("right", "left")),
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmshrink.bounds import Bounds
 from lmshrink.decompose.svd import truncated_svd
 from lmshrink.methods import MethodOption, register_method
 
@@ -14,7 +15,8 @@ def svd(weight, rank, stats, options):
 @register_method(
     "rsvd",
     summary="randomized SVD (Halko et al.): faster on large matrices, near-optimal",
-    options=(MethodOption("power_iterations", int, 2, "rsvd: power iterations (more = closer to exact SVD)"),),
+    options=(MethodOption("power_iterations", int, 2, "rsvd: power iterations (more = closer to exact SVD)",
+                          bounds=Bounds(0, 100)),),
 )
 def rsvd(weight, rank, stats, options):
     generator = torch_generator(0)

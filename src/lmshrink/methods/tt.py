@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from lmshrink.bounds import Bounds
 from lmshrink.decompose.tt import (
     balanced_factorization,
     padded_factorization,
@@ -24,10 +25,12 @@ from lmshrink.layers.tt import TTEmbedding, TTMatrixEmbedding
 from lmshrink.methods import MethodOption, register_method
 
 COMMON_OPTIONS = (
-    MethodOption("tt_max_rank", int, None, "tt/tt-matrix: maximum TT rank (overrides --rank)"),
-    MethodOption("tt_tolerance", float, None, "tt/tt-matrix: relative error tolerance eps in (0,1), delta-truncation"),
+    MethodOption("tt_max_rank", int, None, "tt/tt-matrix: maximum TT rank (overrides --rank)", bounds=Bounds(1, 65536)),
+    MethodOption("tt_tolerance", float, None, "tt/tt-matrix: relative error tolerance eps in (0,1), delta-truncation",
+                 bounds=Bounds(0, 1, low_open=True, high_open=True)),
     MethodOption("tt_shape", str, "", "tt/tt-matrix: factors of the embedding dim d, e.g. 8x8x9 (default: balanced)"),
-    MethodOption("tt_order", int, 3, "tt/tt-matrix: number of factors when shapes are chosen automatically"),
+    MethodOption("tt_order", int, 3, "tt/tt-matrix: number of factors when shapes are chosen automatically",
+                 bounds=Bounds(1, 16)),
     MethodOption("tt_cache_dense", bool, False, "tt/tt-matrix: keep a dense rebuild for tied-head logits (faster, uses V x d memory)"),
 )
 

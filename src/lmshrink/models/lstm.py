@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
 import time
@@ -572,23 +571,22 @@ def train_reference(name: str, log: Callable[[str], None] | None = None, overwri
     if name not in REFERENCES:
         raise InvalidArgument("name", f"unknown reference model {name!r}", ", ".join(REFERENCES))
     spec = REFERENCES[name]
+    import fcntl
+
     lock = reference_dir(name).with_name(f".{name}.training")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        # Another process is training it: wait for its result instead of training twice.
-        while lock.exists() and not (reference_dir(name) / "lmshrink.json").is_file():
-            time.sleep(5)
-        if (reference_dir(name) / "lmshrink.json").is_file():
-            return reference_dir(name)
-        raise NotAModel(f"MODEL: another process was training {name!r} and stopped without a result; "
-                        f"delete {str(lock)!r} if it is stale and retry")
-    os.close(descriptor)
-    try:
+    # An fcntl lock dies with its process: a killed run never blocks the next one.
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Another process is training it: wait for its result instead of training twice.
+            if log is not None:
+                log(f"another process is training {name!r}; waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if (reference_dir(name) / "lmshrink.json").is_file():
+                return reference_dir(name)
         return _train_reference(name, spec, log)
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def _train_reference(name: str, spec: ReferenceSpec, log) -> Path:
