@@ -499,7 +499,7 @@ def test_damaged_hugging_face_directory_is_one_line(pristine, tmp_path, work, ca
 def test_truncated_gguf_is_one_line(tmp_path, work, pristine, cut):
     from lmshrink.models.builtin import BUILTINS, cache_dir
 
-    source = cache_dir() / "models" / "smollm2-135m" / BUILTINS["smollm2-135m"].member
+    source = cache_dir() / "models" / "smollm2-135m" / BUILTINS["smollm2-135m"].local_name
     path = tmp_path / "model.gguf"
     if source.is_file():
         with open(source, "rb") as handle:
