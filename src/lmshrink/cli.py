@@ -45,7 +45,7 @@ def _usage_line(error: click.UsageError) -> str:
         param = error.param
         name = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
         if isinstance(error, click.MissingParameter):
-            return f"{name}: missing; allowed: {param.help or 'see `' + command + ' --help`'}"
+            return f"{name}: missing; allowed: {(param.help or 'see `' + command + ' --help`').rstrip('.')}"
         message = error.message.rstrip(".")
         if "; allowed:" not in message:
             message += f"; allowed: {_allowed(param)}"
