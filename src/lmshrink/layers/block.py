@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int, config_int_list
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list
 from lmshrink.layers.quantized import PackedTensor, config_bits
 
 

@@ -100,9 +100,10 @@ def _auto_config(folder: Path):
         raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} is not a valid transformers config ({one_line(error)})") from error
 
 
-def _build_from_config(auto, config, folder: Path, meta: bool) -> nn.Module:
+def _meta_model(auto, config, folder: Path) -> nn.Module:
+    """The model a config describes, on the meta device: shapes only, nothing allocated."""
     try:
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        with torch.device("meta"):
             return auto.from_config(config, dtype=torch.float32, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - model constructors reject inconsistent configs in many ways
         raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} does not describe a buildable model ({one_line(error)})") from error
@@ -205,7 +206,7 @@ class _HuggingFace(ModelFamily):
         config = _auto_config(path)
         causal = _is_causal_config(config)
         auto = AutoModelForCausalLM if causal else AutoModel
-        _bound_size(_build_from_config(auto, config, path, meta=True), stored, path)
+        _bound_size(_meta_model(auto, config, path), stored, path)
         tokenizer = _load_tokenizer(path)
         source = files[0] if len(files) == 1 else path
         try:
@@ -295,7 +296,7 @@ class _HuggingFace(ModelFamily):
         config_dict = _checked_config(directory)
         if stored is not None:
             _bound_counts(config_dict, len(stored), directory / "config.json")
-        model = _build_from_config(AutoModelForCausalLM if causal else AutoModel, _auto_config(directory), directory, meta=True)
+        model = _meta_model(AutoModelForCausalLM if causal else AutoModel, _auto_config(directory), directory)
         tokenizer = _load_tokenizer(directory) if has_tokenizer else None
         model.eval()
         return LoadedModel(model, HF_CAUSAL if causal else HF_ENCODER, tokenizer, str(directory))
