@@ -119,10 +119,10 @@ def test_inspect_json(tiny_dir):
         assert 0 < row["energy@0.4"] < row["energy@0.6"] < row["energy@0.9"] <= 1
 
 
-def test_compress_and_eval_real_smollm2_json(tmp_path, data_dir):
+def test_compress_and_eval_real_smollm2_json(tmp_path):
     out = tmp_path / "smol"
     result = run("compress", "smollm2-135m", "--method", "svd", "--ratio", "0.9", "--targets", "model.layers.2?.mlp.*",
-                 "--data", str(data_dir / "wikitext-2"), "--out", str(out), "--tokens", "1024", "--json")
+                 "--data", "pydoc", "--out", str(out), "--tokens", "1024", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("params", "bytes", "perplexity", "tokens_per_s"):
@@ -131,7 +131,7 @@ def test_compress_and_eval_real_smollm2_json(tmp_path, data_dir):
     assert report["bytes"]["after"] == 4 * report["params"]["after"]  # float32 factors, nothing else stored
     assert report["perplexity"]["after"] > report["perplexity"]["before"]
     assert report["saved_to"] == str(out.resolve()) and (out / "lmshrink.json").is_file()
-    result = run("eval", str(out), "--data", str(data_dir / "wikitext-2"), "--tokens", "1024", "--json")
+    result = run("eval", str(out), "--data", "pydoc", "--tokens", "1024", "--json")
     assert result.returncode == 0, result.stderr
     evaluated = json.loads(result.stdout)
     assert evaluated["params"] == report["params"]["after"]

@@ -204,11 +204,11 @@ def test_bits_outside_the_supported_set_are_rejected(tmp_path):
         lmshrink.compress(loaded, plan, data=NO_TEXT, progress=False)
 
 
-def test_frequencies_counted_with_the_models_tokenizer(smollm2_pristine, wikitext):
+def test_frequencies_counted_with_the_models_tokenizer(smollm2_pristine, prose):
     from lmshrink.frequencies import corpus_frequencies
 
-    table = corpus_frequencies(smollm2_pristine, wikitext.train[:200_000], 49152, name="wikitext-2 train head")
-    ids = smollm2_pristine.encode(wikitext.train[:200_000])
+    table = corpus_frequencies(smollm2_pristine, prose.train[:200_000], 49152, name="pydoc train head")
+    ids = smollm2_pristine.encode(prose.train[:200_000])
     assert table.tokens == len(ids)
     the = smollm2_pristine.encode(" the")[0]
     assert int(table.counts[the]) == ids.count(the) and int(table.counts.argmax()) in ids

@@ -13,6 +13,7 @@ from lmshrink.analysis.svd_risk import model_svd_risk, rank_correlation, svd_ris
 from lmshrink.budget import allocate_budget, allocated_params, error_spectrum
 from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus
+from lmshrink.decompose.weighted import fisher_output_weights, safe_weights
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.plan import Plan, Target, select_targets
 
@@ -24,10 +25,10 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory, data_dir):
+def calibrated(tmp_path_factory, prose):
     """A tiny LLaMA, its linears and every statistic, with a cache shared by this module's tests."""
-    text = (data_dir / "wikitext-2" / "train.txt").read_text()[:60_000]
-    corpus = Corpus("wt2-head", text[:40_000], text[40_000:], "first 60k characters of WikiText-2 train")
+    text = prose.train[:60_000]
+    corpus = Corpus("pydoc-head", text[:40_000], text[40_000:], "first 60k characters of the pydoc calibration text")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LMSHRINK_CACHE", str(tmp_path_factory.mktemp("shared-cache")))
         dense = tiny_llama()
@@ -38,13 +39,13 @@ def calibrated(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def text(data_dir):
-    return (data_dir / "wikitext-2" / "train.txt").read_text()[:60_000]
+def text(prose):
+    return prose.train[:60_000]
 
 
 @pytest.fixture
 def corpus(text):
-    return Corpus("wt2-head", text[:40_000], text[40_000:], "first 60k characters of WikiText-2 train")
+    return Corpus("pydoc-head", text[:40_000], text[40_000:], "first 60k characters of the pydoc calibration text")
 
 
 def _copy(loaded):
@@ -78,7 +79,11 @@ def test_fisher_is_the_mean_squared_gradient(cache, corpus):
 def test_statistics_are_cached_and_keyed(cache, corpus, monkeypatch):
     loaded = tiny_llama()
     targets = select_targets(loaded.candidates(), ("mlp",))
-    first = collect_stats(loaded, targets, corpus, {"fisher"}, windows=2, window_len=32, progress=False)
+    assert calibration.worth_caching(0.5, 10) is False  # measured faster than CACHE_MIN_SECONDS: never stored
+    monkeypatch.setattr(calibration, "CACHE_MIN_SECONDS", 3600.0)  # however busy the machine, this one is "cheap"
+    collect_stats(loaded, targets, corpus, {"fisher"}, windows=2, window_len=32, progress=False)
+    assert not list(cache.glob("stats/*"))  # statistics that cost less to measure than to keep are not stored
+    first = collect_stats(loaded, targets, corpus, {"fisher"}, windows=2, window_len=32, progress=False, cache=True)
     assert len(list(cache.glob("stats/fisher-*.safetensors"))) == 1
     calls = []
     original = calibration._measure
@@ -145,14 +150,18 @@ def test_methods_compress_and_beat_svd_on_their_objective(calibrated, method):
         report = lmshrink.compress(loaded, plan, data=corpus, progress=False)
         assert len(report.compressed) == len(targets)
         assert report.params_after < report.params_before
-        errors = {"fisher": 0.0, "output": 0.0}
+        errors = {"fisher": 0.0, "output": 0.0, "kronecker": 0.0}
         for row in report.compressed:
             approx = loaded.model.get_submodule(row["name"]).dense_weight().detach().double()
             diff = originals[row["name"]].double() - approx
-            errors["fisher"] += float((stats[row["name"]]["fisher"].double() * diff ** 2).sum())
-            errors["output"] += float(torch.trace(diff @ stats[row["name"]]["input_gram"] @ diff.T))
+            entry = stats[row["name"]]
+            errors["fisher"] += float((entry["fisher"].double() * diff ** 2).sum())
+            errors["output"] += float(torch.trace(diff @ entry["input_gram"] @ diff.T))
+            # fwhiten's own loss model: tr(dW^T G dW A), G the Fisher's output-side scale, A the input Gram.
+            rows = safe_weights(fisher_output_weights(entry["fisher"], entry["input_sq_mean"])).double()
+            errors["kronecker"] += float(((diff @ entry["input_gram"] @ diff.T).diagonal() * rows).sum())
         results[name] = errors
-    objective = "output" if method in ("svdllm", "asvd") else "fisher"
+    objective = {"svdllm": "output", "asvd": "output", "fwhiten": "kronecker"}.get(method, "fisher")
     assert results[method][objective] < 0.95 * results["svd"][objective]
 
 
@@ -283,7 +292,7 @@ def test_model_svd_risk_grows_with_compression(calibrated):
 
 
 @pytest.mark.slow
-def test_smollm2_whitening_rescues_svd(smollm2_pristine, wikitext, cache):
+def test_smollm2_whitening_rescues_svd(smollm2_pristine, prose, cache):
     """On the real model, plain SVD of block 0 alone wrecks perplexity (its inputs have outlier channels);
     SVD-LLM whitening of the same matrices at the same ratio stays within 2x of dense."""
     from lmshrink.evaluate import corpus_perplexity
@@ -292,9 +301,9 @@ def test_smollm2_whitening_rescues_svd(smollm2_pristine, wikitext, cache):
     for method in ("svd", "svdllm"):
         loaded = _copy(smollm2_pristine)
         plan = Plan(method=method, ratio=0.6, targets=("model.layers.0.*",), calibration_windows=2, window=256)
-        lmshrink.compress(loaded, plan, data=wikitext, progress=False)
-        results[method] = corpus_perplexity(loaded, wikitext, tokens=512, window=256, progress=False)["perplexity"]
-    dense = corpus_perplexity(smollm2_pristine, wikitext, tokens=512, window=256, progress=False)["perplexity"]
+        lmshrink.compress(loaded, plan, data=prose, progress=False)
+        results[method] = corpus_perplexity(loaded, prose, tokens=512, window=256, progress=False)["perplexity"]
+    dense = corpus_perplexity(smollm2_pristine, prose, tokens=512, window=256, progress=False)["perplexity"]
     # Measured on 2 windows of 256 calibration tokens: svdllm 34.0 vs dense 22.5.
     assert dense < results["svdllm"] < 2 * dense
     assert results["svd"] > 10 * results["svdllm"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 
 import pytest
 import torch
 from torch import nn
 
 import lmshrink
+from conftest import require_shared
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.layers.lowrank import LowRankLinear
 from lmshrink.layers.lstm import FactorizedLSTM, PrunedLinear
@@ -65,12 +67,15 @@ class RNNModel(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tiny_corpus_dir(tmp_path_factory, data_dir):
-    """The first lines of PTB's train/valid/test: a small vocabulary, seconds to train on."""
-    folder = tmp_path_factory.mktemp("ptb-slice")
-    for split, lines in (("train", 1500), ("valid", 150), ("test", 150)):
-        text = (data_dir / "ptb" / f"ptb.{split}.txt").read_text().splitlines(keepends=True)[:lines]
-        (folder / f"{split}.txt").write_text("".join(text))
+def tiny_corpus_dir(tmp_path_factory, prose):
+    """English prose (pydoc) in PTB's style: lowercase words, one sentence-ish line each; a small vocabulary,
+    seconds to train on."""
+    folder = tmp_path_factory.mktemp("prose-words")
+    lines = [" ".join(words) + "\n" for line in prose.train.splitlines()
+             if len(words := re.findall(r"[a-z]+", line.lower())) >= 4]
+    # Every 12th line validates and the next tests, so all three splits read the same topics.
+    for split, keep in (("train", lambda i: i % 12 < 10), ("valid", lambda i: i % 12 == 10), ("test", lambda i: i % 12 == 11)):
+        (folder / f"{split}.txt").write_text("".join(line for i, line in enumerate(lines[:3600]) if keep(i)))
     return folder
 
 
@@ -88,7 +93,8 @@ def _copy(loaded):
     return LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
 
 
-def test_vocabulary_is_built_like_the_example(data_dir):
+def test_vocabulary_is_built_like_the_example():
+    data_dir = require_shared("checks PTB's and WikiText-2's published vocabulary sizes (10000, 33278)")
     corpus = load_word_corpus("ptb")
     assert len(corpus.vocab) == 10000  # PTB's published vocabulary, <eos> included
     train_lines = (data_dir / "ptb" / "ptb.train.txt").read_text().splitlines()

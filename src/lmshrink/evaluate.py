@@ -30,11 +30,39 @@ def perplexity(loaded, ids, window: int = 512, progress: bool = True) -> dict:
 
 
 def corpus_perplexity(loaded, corpus: Corpus, tokens: int = 8192, window: int = 512, progress: bool = True) -> dict:
-    """Perplexity on the first ``tokens`` tokens of the corpus's evaluation text."""
+    """Perplexity on the first ``tokens`` tokens of the corpus's evaluation text.
+
+    The result's ``protocol`` says how it was measured, in a short line (the same model gives other figures
+    under other protocols, e.g. an LSTM with its hidden state carried across windows).
+    """
     ids = encode_prefix(loaded, corpus.test, tokens)
     result = perplexity(loaded, ids, window, progress)
     result["corpus"] = corpus.name
+    # The word-level LSTM's vocabulary ends every line with <eos>; subword tokenizers see the text as it is.
+    eos = "<eos> ends each line" if loaded.family.name == "word-lstm" else "text as-is, no special tokens"
+    result["protocol"] = (f"{result['windows']} non-overlapping windows of {window} from the first {len(ids):,} test tokens, "
+                          f"state reset per window, first token of each window context only ({result['tokens']:,} scored); {eos}")
     return result
+
+
+@torch.no_grad()
+def greedy_sample(loaded, prompt: str = "The capital of France is", new_tokens: int = 24) -> str:
+    """The model's greedy continuation of ``prompt`` (causal LMs): what perplexity hides, in words.
+
+    No KV cache (every family's ``logits`` takes whole sequences): a few dozen short steps cost about a second.
+    """
+    ids = list(loaded.encode(prompt))
+    if not ids:
+        return ""
+    eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    added = []
+    for _ in range(new_tokens):
+        logits = loaded.logits(torch.tensor([ids + added]))[0, -1]
+        token = int(logits.float().argmax())
+        if token == eos:
+            break
+        added.append(token)
+    return loaded.tokenizer.decode(added).replace("\n", " ")
 
 
 def sentences(text: str, count: int, min_words: int = 8) -> list[str]:
@@ -59,27 +87,69 @@ def fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()), "sentences": len(cosine)}
 
 
-@torch.no_grad()
-def throughput(loaded, tokens: int = 256, batch_size: int = 1, repeats: int = 5, warmup: int = 1) -> dict:
-    """Forward-pass tokens per second on a fixed input: warm-up runs, then the median of ``repeats``."""
+NOISY_SPREAD = 0.15  # a tokens/s figure whose repeats spread more than +-15% around the median is marked noisy
+
+
+def _forward(loaded, tokens: int, batch_size: int):
     generator = torch.Generator().manual_seed(0)
-    vocab = _vocab_size(loaded)
-    ids = torch.randint(0, vocab, (batch_size, tokens), generator=generator)
+    ids = torch.randint(0, _vocab_size(loaded), (batch_size, tokens), generator=generator)
     mask = torch.ones_like(ids)
 
-    def run():
-        loaded.logits(ids) if loaded.causal else loaded.embed(ids, mask)
+    def run() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            loaded.logits(ids) if loaded.causal else loaded.embed(ids, mask)
+        return time.perf_counter() - start
 
+    return run
+
+
+def _speed(times: list[float], tokens: int, batch_size: int) -> dict:
+    median = statistics.median(times)
+    spread = (max(times) - min(times)) / 2 / median  # half the range, relative to the median
+    return {"tokens_per_s": batch_size * tokens / median, "seconds_median": median, "spread": spread,
+            "noisy": spread > NOISY_SPREAD, "repeats": len(times)}
+
+
+def throughput(loaded, tokens: int = 256, batch_size: int = 1, repeats: int = 5, warmup: int = 1) -> dict:
+    """Forward-pass tokens per second on a fixed input: warm-up runs, then the median of ``repeats``.
+
+    ``spread`` is half the range of the repeats relative to their median; ``noisy`` says it exceeds NOISY_SPREAD.
+    """
+    run = _forward(loaded, tokens, batch_size)
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"tokens_per_s": batch_size * tokens / median, "seconds_median": median, "tokens": tokens,
-            "batch_size": batch_size, "repeats": repeats, "threads": torch.get_num_threads()}
+    result = _speed([run() for _ in range(repeats)], tokens, batch_size)
+    method = f"median of {repeats} forward passes of {batch_size}x{tokens} tokens after {warmup} warm-up, {torch.get_num_threads()} threads"
+    return {**result, "tokens": tokens, "batch_size": batch_size, "threads": torch.get_num_threads(), "method": method}
+
+
+def compare_throughput(original, compressed, tokens: int = 256, batch_size: int = 1, rounds: int = 7) -> dict:
+    """Tokens/s of two models measured alternately (original, compressed, original, ...), so that a busy machine
+    slows both alike; the speed-up is the median of the per-round ratios.
+
+    Returns {"before", "after" (as throughput()), "speedup", "speedup_spread", "noisy", "method"}.
+    """
+    runs = (_forward(original, tokens, batch_size), _forward(compressed, tokens, batch_size))
+    for run in runs:
+        run()  # warm-up
+    before, after = [], []
+    for _ in range(rounds):
+        before.append(runs[0]())
+        after.append(runs[1]())
+    ratios = [b / a for b, a in zip(before, after)]
+    speedup = statistics.median(ratios)
+    spread = (max(ratios) - min(ratios)) / 2 / speedup
+    first, second = _speed(before, tokens, batch_size), _speed(after, tokens, batch_size)
+    return {"before": first, "after": second, "speedup": speedup, "speedup_spread": spread,
+            "noisy": spread > NOISY_SPREAD or first["noisy"] or second["noisy"],
+            "method": f"{rounds} rounds alternating the original and the compressed model, one forward pass of "
+                      f"{batch_size}x{tokens} tokens each after a warm-up, {torch.get_num_threads()} threads; medians"}
+
+
+def speed_label(tokens_per_s: float, spread: float, noisy: bool) -> str:
+    """'12,345 ± 4%' or, when the repeats disagree, '12,345 ± 35%, noisy'."""
+    return f"{tokens_per_s:,.0f} ± {100 * spread:.0f}%" + (", noisy" if noisy else "")
 
 
 def _vocab_size(loaded) -> int:

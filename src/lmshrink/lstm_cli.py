@@ -63,7 +63,9 @@ def import_lm_command(checkpoint, corpus, out, allow_pickle, overwrite):
     path = save(loaded, output.target, overwrite=overwrite)
     words = load_word_corpus(corpus)
     result = evaluate_lm(loaded.model, words.test, max_tokens=20000)
-    click.echo(f"saved {path} ({len(words.vocab)} words); test perplexity on the first 20k tokens: {result['perplexity']:.2f}")
+    click.echo(f"saved {path} ({len(words.vocab)} words); test perplexity {result['perplexity']:.2f} under the example's protocol: "
+               f"first 20,000 test tokens (<eos> ends each line) as 10 parallel streams, BPTT windows of 35 with the hidden "
+               f"state carried across them, {result['tokens']:,} scored (`lmshrink eval` resets the state every window: another figure)")
 
 
 COMMANDS = (train_lm_command, import_lm_command)

@@ -149,10 +149,17 @@ def select_targets(candidates: list[Target], patterns: tuple[str, ...]) -> list[
             matched = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)
                        or (t.tied_head is not None and fnmatch.fnmatchcase(t.tied_head, pattern))]
         if not matched:
-            names = list(GROUP_ALIASES) + list(by_name)
-            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
-            hint = f"close matches: {', '.join(close)}" if close else f"groups {', '.join(GROUP_ALIASES)} or a glob such as '*.q_proj'"
-            raise InvalidArgument("--targets", f"pattern {pattern!r} matches no module", hint)
+            # Name what this model does have: the groups with at least one member, and a glob on its own names.
+            present = {t.group for t in candidates} | ({"lm_head"} if any(t.tied_head for t in candidates) else set())
+            groups = [alias for alias, members in GROUP_ALIASES.items() if present & set(members)]
+            example = next(iter(by_name), "*.q_proj")
+            hint = f"groups this model has: {', '.join(groups) or 'none'}; or a glob on its module names such as {example!r}"
+            close = [c for c in difflib.get_close_matches(pattern, groups + list(by_name), n=5, cutoff=0.5) if c != pattern]
+            if close:
+                hint = f"close matches: {', '.join(close)}; {hint}"
+            what = (f"group {pattern!r} ({', '.join(GROUP_ALIASES[pattern])}) matches no module of this model" if pattern in GROUP_ALIASES
+                    else f"pattern {pattern!r} matches no module")
+            raise InvalidArgument("--targets", what, hint)
         for target in matched:
             chosen.setdefault(target.name, target)
     return [t for t in candidates if t.name in chosen]

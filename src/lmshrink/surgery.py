@@ -83,13 +83,14 @@ def check_plan(model, plan: Plan) -> list[Target]:
     return targets
 
 
-def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool = True) -> CompressionReport:
+def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool = True, on_stage=None) -> CompressionReport:
     """Apply ``plan`` to ``model`` in place and return what changed, module by module.
 
     ``model`` is anything ``load_model`` accepts; ``data`` (a Corpus or what ``load_corpus`` accepts) is
     needed only by methods that calibrate on text. The LoadedModel keeps the per-module report, which
-    ``save`` writes into the manifest.
+    ``save`` writes into the manifest. ``on_stage(text)``, if given, is told when calibrating and factorizing start.
     """
+    on_stage = on_stage or (lambda text: None)
     loaded = load_model(model)
     method = get_method(plan.method)
     options = method.resolve_options(plan.options)
@@ -102,10 +103,12 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         from lmshrink.calibration import collect_stats
 
         corpus = data if isinstance(data, Corpus) else load_corpus(data)
+        on_stage(f"calibrating ({', '.join(sorted(method.needs))} over {plan.calibration_windows} windows of {plan.window} tokens)")
         stats = collect_stats(loaded, targets, corpus, method.needs, windows=plan.calibration_windows,
                               window_len=plan.window, progress=progress)
     stats_seconds = time.perf_counter() - start
     rows = []
+    on_stage(f"factorizing {len(targets)} matrices ({method.name})")
     if method.kind == "lowrank":
         ranks = allocate(targets, plan, stats)
         for target in tqdm(targets, desc=f"{method.name}", unit="matrix", disable=not progress):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
@@ -41,4 +42,42 @@ def inspect_targets(targets, progress: bool = True) -> list[dict]:
         for analysis in ANALYSES.values():
             row.update(analysis(target, singular_values))
         rows.append(row)
+    return rows
+
+
+def inspect_model(loaded, patterns, progress: bool = True) -> list[dict]:
+    """One row per target that ``patterns`` select, whether it is still dense or was factorized by lmshrink.
+
+    Dense rows carry the spectrum columns of ``inspect_targets``; factorized rows (a directory lmshrink saved)
+    carry the layer that replaced the matrix and its rank (or ranks), with its parameters now. Every row has
+    ``layer`` ("dense" or the factorized layer's class) and ``rank`` (None for dense matrices).
+    """
+    from lmshrink.accounting import module_params
+    from lmshrink.plan import Target, select_targets
+
+    factorized = (loaded.manifest or {}).get("modules", {})
+    if not factorized:
+        rows = inspect_targets(select_targets(loaded.candidates(), patterns), progress)
+        return [{**row, "layer": "dense", "rank": None} for row in rows]
+    # Targets are selected on the dense base the directory was made from (its structure only, on the meta
+    # device: no memory, no initialisation), so group names such as 'linears' still mean what they meant.
+    import torch
+
+    with torch.device("meta"):
+        base = loaded.family.build_empty(Path(loaded.source), loaded.manifest["base"])
+    reported = {row["name"]: row for row in loaded.compression or []}
+    chosen = select_targets(base.candidates(), patterns)
+    dense = [Target(t.name, loaded.model.get_submodule(t.name), t.kind, t.group, t.tied_head) for t in chosen if t.name not in factorized]
+    spectra = {row["name"]: row for row in inspect_targets(dense, progress)}
+    rows = []
+    for target in chosen:
+        if target.name in spectra:
+            rows.append({**spectra[target.name], "layer": "dense", "rank": None})
+            continue
+        spec = factorized[target.name]
+        config = spec.get("config", {})
+        rank = reported.get(target.name, {}).get("rank") or config.get("rank") or config.get("ranks")
+        m, n = target.shape
+        rows.append({"name": target.name, "kind": target.kind, "shape": [m, n], "layer": spec["layer"], "rank": rank,
+                     "params": module_params(loaded.model.get_submodule(target.name)), "dense_params": m * n})
     return rows

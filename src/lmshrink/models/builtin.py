@@ -66,11 +66,21 @@ def _say(message: str) -> None:
     print(f"lmshrink: {message}", file=sys.stderr, flush=True)
 
 
+def _cached_path(name: str) -> Path:
+    spec = BUILTINS[name]
+    return cache_dir() / "models" / name / ("hf" if spec.convert else spec.local_name)
+
+
+def is_cached(name: str) -> bool:
+    """Whether the built-in is in the cache already (no fetch, no conversion)."""
+    return _cached_path(name).exists()
+
+
 def fetch_builtin(name: str) -> Path:
     """Path of the built-in model (its file, folder, or converted Hugging Face directory), fetched once."""
     spec = BUILTINS[name]
     home = cache_dir() / "models" / name
-    target = home / ("hf" if spec.convert else spec.local_name)
+    target = _cached_path(name)
     if target.exists():
         return target
     home.parent.mkdir(parents=True, exist_ok=True)
