@@ -27,9 +27,12 @@ def one_line(text: object) -> str:
     return lines[0] if lines else type(text).__name__
 
 
-def resolve_inside(directory: str | Path, name: object, what: str = "file") -> Path:
+def resolve_inside(directory: str | Path, name: object, what: str = "file", links_out: bool = False) -> Path:
     """The path of ``name`` (as a manifest or config gives it) inside ``directory``, refused unless it is a relative
-    path without ``..`` whose real location (symlinks followed) is a regular file inside the directory."""
+    path without ``..`` whose real location (symlinks followed) is a regular file inside the directory.
+
+    ``links_out``: a symlink in the directory may lead anywhere, as long as it ends at a regular file (a Hugging Face
+    cache snapshot links each of its files into ../../blobs); the name itself must still lie inside."""
     directory = Path(directory)
     if not isinstance(name, str) or not name or "\x00" in name:
         raise CorruptFile(f"MODEL: {str(directory)!r} names its {what} as {name!r}; allowed: a file name inside the directory")
@@ -39,7 +42,7 @@ def resolve_inside(directory: str | Path, name: object, what: str = "file") -> P
                           "allowed: a relative path inside the directory, without '..'")
     root = directory.resolve()
     path = (root / name).resolve()
-    if path != root and root not in path.parents:
+    if path != root and root not in path.parents and not links_out:
         raise CorruptFile(f"MODEL: {what} {name!r} in {str(directory)!r} is a link leading outside the directory "
                           f"(to {str(path)!r}); allowed: regular files inside the directory")
     check_regular(path, what, shown=directory / name)
@@ -66,7 +69,7 @@ def _kind(mode: int) -> str:
     return "not a plain file"
 
 
-def check_directory_files(directory: str | Path) -> None:
+def check_directory_files(directory: str | Path, links_out: bool = False) -> None:
     """Refuse a model directory any of whose top-level files is not a regular file inside it: loaders (transformers
     included) open files there by name, and a FIFO, a device or a link leading out must never be one of them."""
     directory = Path(directory)
@@ -77,7 +80,7 @@ def check_directory_files(directory: str | Path) -> None:
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             continue
-        resolve_inside(directory, entry.name, "file")
+        resolve_inside(directory, entry.name, "file", links_out)
 
 
 def read_bounded(path: Path, what: str, limit: int = JSON_LIMIT) -> bytes:

@@ -19,6 +19,11 @@ from lmshrink.plan import Target
 from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finite, check_regular, dtype_name, one_line,
                                 read_json_object, resolve_inside, safetensors_header, same_dtype_kind)
 
+# A plain Hugging Face directory the user points at may link its files elsewhere (a cache snapshot links each one into
+# ../../blobs): its names must lie inside, its links may lead out, and each must end at a regular file. An lmshrink
+# directory is stricter (lmshrink.io): everything it names stays inside.
+LINKS_OUT = True
+
 # Linear layers are grouped by where they sit, so "attention" and "mlp" mean the same across architectures.
 _ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")
 _MLP = re.compile(r"(^|\.)(mlp|ffn|feed_forward|intermediate)(\.|$)|(^|\.)layer\.\d+\.output\.dense$")
@@ -63,10 +68,10 @@ def _checked_config(folder: Path) -> dict:
     asks to run code from the directory, or when it names an architecture transformers does not have built in."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = read_json_object(resolve_inside(folder, "config.json", "config"), "config")
+    config = read_json_object(resolve_inside(folder, "config.json", "config", LINKS_OUT), "config")
     for name in _CODE_MAPS:
         if os.path.lexists(folder / name):
-            content = config if name == "config.json" else read_json_object(resolve_inside(folder, name, name), name)
+            content = config if name == "config.json" else read_json_object(resolve_inside(folder, name, name, LINKS_OUT), name)
             if "auto_map" in content:
                 raise NotAModel(f"MODEL: {str(folder / name)!r} has an 'auto_map': the model needs code from its directory, and "
                                 "lmshrink never runs code from a model; allowed: architectures built into transformers")
@@ -123,12 +128,12 @@ def _stored_tensors(folder: Path) -> tuple[dict[str, StoredTensor], list[Path]]:
     """The header of every safetensors file of a Hugging Face directory (one file, or the shards an index names)."""
     index = folder / "model.safetensors.index.json"
     if os.path.lexists(index):
-        weight_map = read_json_object(resolve_inside(folder, index.name, "weights index"), "weights index").get("weight_map")
+        weight_map = read_json_object(resolve_inside(folder, index.name, "weights index", LINKS_OUT), "weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptFile(f"MODEL: weights index {str(index)!r} has no 'weight_map' object")
-        files = [resolve_inside(folder, name, "weights shard") for name in sorted(set(map(str, weight_map.values())))]
+        files = [resolve_inside(folder, name, "weights shard", LINKS_OUT) for name in sorted(set(map(str, weight_map.values())))]
     elif os.path.lexists(folder / "model.safetensors"):
-        files = [resolve_inside(folder, "model.safetensors", "weights file")]
+        files = [resolve_inside(folder, "model.safetensors", "weights file", LINKS_OUT)]
     else:
         raise NotAModel(f"MODEL: {str(folder)!r} has no model.safetensors (nor an index of shards); lmshrink loads safetensors "
                         "weights only (other formats are unpickled, which can run code)")
@@ -199,7 +204,7 @@ class _HuggingFace(ModelFamily):
             return self._load_gguf(path)
         from transformers import AutoModel, AutoModelForCausalLM
 
-        check_directory_files(path)
+        check_directory_files(path, LINKS_OUT)
         config_dict = _checked_config(path)
         stored, files = _stored_tensors(path)
         _bound_counts(config_dict, len(stored), path / "config.json")
