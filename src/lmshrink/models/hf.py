@@ -126,16 +126,22 @@ class _HuggingFace(ModelFamily):
             part.tie_word_embeddings = False
 
     def save_base(self, loaded: LoadedModel, directory: Path) -> dict[str, Any]:
-        loaded.model.config.to_json_file(directory / "config.json")
+        from lmshrink.hf_compat import write_config
+
+        # lmshrink's own model_type with the base config inside: plain transformers refuses the directory instead of
+        # loading the factors' base architecture with random dense weights.
+        write_config(directory, loaded.model.config, loaded.causal)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(directory)
         return {"causal": loaded.causal, "tokenizer": loaded.tokenizer is not None}
 
     def build_empty(self, directory: Path, base: dict[str, Any]) -> LoadedModel:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        from lmshrink.hf_compat import read_base_config
 
         _quiet_transformers()
-        config = AutoConfig.from_pretrained(directory)
+        config = read_base_config(directory)
         auto = AutoModelForCausalLM if base["causal"] else AutoModel
         model = auto.from_config(config, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory) if base.get("tokenizer") else None
