@@ -77,10 +77,21 @@ def test_config_json_is_lmshrinks_own_with_the_base_config_inside(llama_dir, gpt
 
 def test_plain_transformers_refuses_a_saved_directory_naming_lmshrink(llama_dir, bert_dir):
     # The trap of issue 16: without lmshrink, transformers used to build the dense base model with random weights.
-    for auto, directory in (("AutoModelForCausalLM", llama_dir), ("AutoModel", bert_dir), ("AutoConfig", llama_dir)):
-        result = _child(f"from transformers import {auto}\n{auto}.from_pretrained({str(directory)!r})")
-        assert result.returncode != 0, result.stdout
-        assert "model type `lmshrink`" in result.stderr and "ValueError" in result.stderr
+    result = _child(f"""
+import transformers
+for auto, directory in (("AutoModelForCausalLM", {str(llama_dir)!r}), ("AutoModel", {str(bert_dir)!r}), ("AutoConfig", {str(llama_dir)!r})):
+    try:
+        getattr(transformers, auto).from_pretrained(directory)
+    except ValueError as error:
+        print(auto, str(error).splitlines()[0])
+    else:
+        print(auto, "LOADED")
+""")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["AutoModelForCausalLM", "AutoModel", "AutoConfig"]
+    for line in lines:
+        assert "has model type `lmshrink` but Transformers does not recognize this architecture" in line, line
 
 
 @pytest.mark.parametrize("fixture,auto", [("llama_dir", "AutoModelForCausalLM"), ("gpt2_dir", "AutoModelForCausalLM"),
@@ -158,9 +169,14 @@ def test_save_pretrained_writes_an_lmshrink_directory_again(llama_dir, tmp_path)
 
 
 def _cli(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "lmshrink", *map(str, args)], capture_output=True, text=True, timeout=600)
+    """The command line in-process (click's runner): exit status, stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from lmshrink.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
     if check:
-        assert result.returncode == 0, result.stderr
+        assert result.exit_code == 0, (result.stderr, result.exception)
     return result
 
 
@@ -179,39 +195,43 @@ def test_cli_generate_with_reference(llama_dir, tmp_path):
 
 def test_cli_generate_on_an_encoder_is_one_line_exit_2(bert_dir):
     result = _cli("generate", bert_dir, "--prompt", "Hello", check=False)
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         f"error: MODEL: {str(bert_dir)!r} is an encoder; allowed: a causal language model (generation needs next-token logits)"]
 
 
-@pytest.mark.parametrize("fixture,auto", [("llama_dir", "AutoModelForCausalLM"), ("gpt2_dir", "AutoModelForCausalLM"),
-                                          ("bert_dir", "AutoModel")])
-def test_export_dense_loads_in_plain_transformers_with_the_same_logits(request, tmp_path, fixture, auto):
-    directory = request.getfixturevalue(fixture)
-    compressed = lmshrink.load(directory)
-    _cli("export", directory, "--dense", "--out", tmp_path / "dense")
-    config = json.loads((tmp_path / "dense" / "config.json").read_text())
-    assert config["model_type"] == compressed.model.config.model_type
-    assert not (tmp_path / "dense" / "lmshrink.json").exists()
-    # The size gain is lost: the dense checkpoint is larger than the factors.
-    assert (tmp_path / "dense" / "model.safetensors").stat().st_size > (directory / "model.safetensors").stat().st_size
-    out = tmp_path / "outputs.safetensors"
+def test_export_dense_loads_in_plain_transformers_with_the_same_logits(llama_dir, gpt2_dir, bert_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cases = {"llama": (llama_dir, "AutoModelForCausalLM"), "gpt2": (gpt2_dir, "AutoModelForCausalLM"), "bert": (bert_dir, "AutoModel")}
+    for name, (directory, _) in cases.items():
+        assert "written:" in _cli("export", directory, "--dense", "--out", tmp_path / name).stdout
+        compressed = lmshrink.load(directory)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["model_type"] == compressed.model.config.model_type
+        assert not (tmp_path / name / "lmshrink.json").exists() and (tmp_path / name / "tokenizer.json").is_file()
+        # The size gain is lost: the dense checkpoint is larger than the factors.
+        assert (tmp_path / name / "model.safetensors").stat().st_size > (directory / "model.safetensors").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "gpt2", "llama"]  # no staging folder left behind
+    # Plain transformers, in a process that never imports lmshrink, runs each export.
     result = _child(f"""
 import torch
 from safetensors.torch import save_file
-from transformers import {auto}
-model = {auto}.from_pretrained({str(tmp_path / 'dense')!r}).eval()
+import transformers
 ids = torch.tensor({IDS.tolist()})
-with torch.no_grad():
-    result = model(input_ids=ids, attention_mask=torch.ones_like(ids))
-save_file({{"out": (result.logits if {compressed.causal} else result.last_hidden_state).contiguous()}}, {str(out)!r})
+for name, auto in {[(name, auto) for name, (_, auto) in cases.items()]!r}:
+    model = getattr(transformers, auto).from_pretrained({str(tmp_path)!r} + "/" + name).eval()
+    with torch.no_grad():
+        result = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    out = result.logits if auto == "AutoModelForCausalLM" else result.last_hidden_state
+    save_file({{"out": out.contiguous()}}, {str(tmp_path)!r} + "/" + name + ".safetensors")
 """)
     assert result.returncode == 0, result.stderr
-    from safetensors.torch import load_file
-
-    dense = load_file(out)["out"]
-    want = _outputs(compressed.model, compressed.causal)
-    assert torch.allclose(dense, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    for name, (directory, _) in cases.items():
+        compressed = lmshrink.load(directory)
+        want = _outputs(compressed.model, compressed.causal)
+        dense = load_file(tmp_path / f"{name}.safetensors")["out"]
+        assert torch.allclose(dense, want, rtol=0, atol=1e-5 * float(want.abs().max())), name
 
 
 class _NoDenseForm(FactorizedModule):
@@ -246,8 +266,8 @@ def test_export_refuses_a_non_empty_out_and_a_missing_dense_flag(llama_dir, tmp_
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("x")
     result = _cli("export", llama_dir, "--dense", "--out", tmp_path / "taken", check=False)
-    assert result.returncode == 2 and "error: --out:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.exit_code == 2 and "error: --out:" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
     result = _cli("export", llama_dir, "--out", tmp_path / "new", check=False)
-    assert result.returncode == 2 and "error: --dense: not given" in result.stderr and not (tmp_path / "new").exists()
+    assert result.exit_code == 2 and "error: --dense: not given" in result.stderr and not (tmp_path / "new").exists()
     assert sorted(os.listdir(tmp_path)) == ["taken"]
