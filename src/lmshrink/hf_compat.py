@@ -120,7 +120,7 @@ def as_transformers(loaded) -> torch.nn.Module:
 # What transformers' Auto classes pass along; none changes what a local lmshrink directory holds.
 _PASSED_THROUGH = {"trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "revision", "cache_dir",
                    "force_download", "local_files_only", "proxies", "token", "code_revision", "low_cpu_mem_usage",
-                   "use_safetensors", "output_loading_info"}
+                   "use_safetensors"}
 
 
 def parse_dtype(value) -> torch.dtype | None:

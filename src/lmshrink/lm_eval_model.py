@@ -88,7 +88,6 @@ def evaluate_tasks(loaded, tasks: list[str], manager, limit: int | float | None 
     return summary
 
 
-@register_model("lmshrink")
 class LmshrinkLM(HFLM):
     """lm-eval model "lmshrink": ``--model_args pretrained=DIR`` loads a saved lmshrink directory (``device``, ``dtype``
     honoured; other arguments as lm-eval's "hf" model)."""
@@ -116,4 +115,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # Run as a script, this file is a second copy of the module: register the class of the importable one, once.
+    from lmshrink.lm_eval_model import main
+
     main()
+else:
+    register_model("lmshrink")(LmshrinkLM)
