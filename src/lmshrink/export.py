@@ -34,7 +34,10 @@ def _dense_tensors(name: str, layer: nn.Module, base: nn.Module) -> dict[str, to
     """State-dict entries of the base module ``base`` that reproduce ``layer``; None when it cannot be done exactly."""
     if not _has_dense_weight(type(layer)):
         return None
-    weight = layer.dense_weight().detach()  # (out, in) for linears, (V, d) for tables
+    try:
+        weight = layer.dense_weight().detach()  # (out, in) for linears, (V, d) for tables
+    except NotImplementedError:  # e.g. a TiedHead over an embedding that has no dense form
+        return None
     if type(base).__name__ == "Conv1D":  # GPT-2 stores (in, out)
         weight = weight.T
     elif not isinstance(base, (nn.Linear, nn.Embedding)):
@@ -81,7 +84,7 @@ def densify(loaded) -> nn.Module:
     own = compressed.state_dict()
     state = {}
     for key in dense.state_dict():
-        # Tied tensors (an embedding shared with the output layer) appear under both names; either source fills both.
+        # A tied embedding and output layer appear under both names: the factorized embedding and its TiedHead fill both.
         source = filled.get(key, own.get(key))
         if source is None:
             raise LmshrinkError(f"MODEL_DIR: no tensor for {key!r} in the compressed model; cannot build the dense checkpoint")
