@@ -18,5 +18,9 @@ from lmshrink.models import LoadedModel, load_model
 from lmshrink.plan import Plan
 from lmshrink.surgery import CompressionReport, compress
 
+from lmshrink import hf_compat as _hf_compat
+
+_hf_compat.register()  # transformers' Auto classes load saved lmshrink directories (model type "lmshrink")
+
 __all__ = ["CompressionReport", "Corpus", "LmshrinkError", "LoadedModel", "Plan", "compress", "finetune", "load", "load_corpus",
            "load_model", "save", "__version__"]

@@ -555,15 +555,21 @@ def _what_is_measured(loaded, tokens, window) -> str:
 @main.command("eval")
 @click.argument("model")
 @click.option("--reference", default=None, help="Original model to measure fidelity against (encoders).")
+@click.option("--tasks", default=None, help="lm-evaluation-harness tasks to run too, comma-separated (causal LMs; needs lm-eval: pip install 'lmshrink[eval]').")
+@click.option("--include-path", type=click.Path(), default=None, help="A folder of extra lm-eval task YAML files (as lm-eval's --include_path).")
+@click.option("--limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="lm-eval tasks: at most N documents per task (N >= 1), or that fraction of each task (N < 1).")
 @_with(common_eval)
-def eval_command(model, reference, data, tokens, window, as_json):
-    """Measure MODEL_OR_DIR: params, bytes, perplexity (causal LMs), fidelity (encoders, with --reference), tokens/s."""
+def eval_command(model, reference, tasks, include_path, limit, data, tokens, window, as_json):
+    """Measure MODEL_OR_DIR: params, bytes, perplexity (causal LMs), fidelity (encoders, with --reference), tokens/s;
+    with --tasks, lm-eval accuracies with their standard errors."""
     import lmshrink
     from lmshrink.evaluate import pooled_embeddings
 
     json_out = click.get_current_context().with_resource(_stdout_kept_for_json()) if as_json else None
     progress = not as_json and sys.stderr.isatty()
     _check_window_and_data(tokens, window, data)
+    task_names, task_manager = _lm_eval_tasks(tasks, include_path, limit)  # bad task names fail before any measuring
     corpus = lmshrink.load_corpus(data)
     loaded = lmshrink.load_model(model)
     _check_positions(loaded, window)
@@ -573,6 +579,10 @@ def eval_command(model, reference, data, tokens, window, as_json):
         ref = pooled_embeddings(lmshrink.load_model(reference), texts)
     summary = _eval_summary(loaded, corpus, tokens, window, progress, texts, ref)
     summary.update(model=str(model), data=corpus.source, window=window)
+    if task_names:
+        from lmshrink.lm_eval_model import evaluate_tasks
+
+        summary["tasks"] = evaluate_tasks(loaded, task_names, task_manager, limit=int(limit) if limit and limit >= 1 else limit)
     if as_json:
         click.echo(_json_line(summary), file=json_out)
         return
@@ -589,6 +599,37 @@ def eval_command(model, reference, data, tokens, window, as_json):
     if summary["perplexity"] is not None:
         click.echo(f"perplexity: {summary['perplexity_protocol']}")
     click.echo(f"tokens/s: {summary['speed']['method']}")
+    if task_names:
+        _print_table("lm-eval tasks", [[task, metric, value, row.get(f"{metric}_stderr"), row["samples"]]
+                                       for task, row in summary["tasks"].items() for metric, value in row.items()
+                                       if metric != "samples" and not metric.endswith("_stderr")],
+                     ["task", "metric", "value", "stderr", "documents"])
+
+
+def _lm_eval_tasks(tasks, include_path, limit):
+    """(task names, lm-eval TaskManager) for eval --tasks, checked; (None, None) without --tasks."""
+    from lmshrink.errors import InvalidArgument
+
+    if not tasks:
+        given = [flag for flag, value in (("--include-path", include_path), ("--limit", limit)) if value is not None]
+        if given:
+            raise InvalidArgument(given[0], "only applies to lm-eval tasks", "--tasks TASK[,TASK...] with it, or leave it out")
+        return None, None
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise InvalidArgument("--tasks", f"{tasks!r} names no task", "TASK[,TASK...]")
+    if limit is not None and limit > 1 and limit != int(limit):
+        raise InvalidArgument("--limit", f"{limit} is neither a whole number of documents nor a fraction below 1", "N >= 1 or 0 < N < 1")
+    try:
+        from lmshrink.lm_eval_model import task_manager
+    except ImportError as error:
+        raise InvalidArgument("--tasks", f"lm-evaluation-harness is not installed ({error})", "pip install 'lmshrink[eval]'") from error
+    import os
+
+    # Tasks read local files here; never reach for the Hub on a machine that may be offline (lm-eval would hang, then fail).
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return names, task_manager(names, include_path)
 
 
 @main.command()
@@ -767,6 +808,51 @@ def _human_bytes(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} GB"
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--reference", default=None, help="The original model: its greedy text is printed beside, to see what compression changed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def generate(model, prompt, max_new_tokens, reference, as_json):
+    """Greedy text from MODEL (a causal LM) after --prompt; with --reference, the original's text beside it."""
+    import lmshrink
+    from lmshrink.hf_compat import generate_text
+
+    loaded = lmshrink.load_model(model)
+    original = lmshrink.load_model(reference) if reference is not None else None
+    for name, candidate in (("MODEL", loaded), ("--reference", original)):
+        if candidate is not None and not candidate.causal:
+            raise lmshrink.errors.InvalidArgument(name, f"{candidate.source!r} is an encoder",
+                                                  "a causal language model (generation needs next-token logits)")
+    result = {"model": str(model), "prompt": prompt, "max_new_tokens": max_new_tokens,
+              "text": generate_text(loaded, prompt, max_new_tokens)}
+    if original is not None:
+        result.update(reference=str(reference), reference_text=generate_text(original, prompt, max_new_tokens))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"prompt: {prompt}")
+    click.echo(f"{model}: {result['text']}")
+    if original is not None:
+        click.echo(f"{reference}: {result['reference_text']}")
+
+
+@main.command()
+@click.argument("model_dir")
+@click.option("--dense", is_flag=True, help="Multiply the factors back into dense weights (the only export there is).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="A new or empty directory for the checkpoint.")
+def export(model_dir, dense, out):
+    """Write MODEL_DIR as a plain Hugging Face checkpoint (safetensors, the base architecture's config, tokenizer) that
+    transformers loads without lmshrink. It computes what the compressed model does but is as large as the original."""
+    from lmshrink.errors import InvalidArgument
+    from lmshrink.export import export_dense
+
+    if not dense:
+        raise InvalidArgument("--dense", "not given", "--dense (factors multiplied back into the base architecture's dense weights)")
+    click.echo(f"written: {export_dense(model_dir, out)}")
 
 
 def _add_model_commands():

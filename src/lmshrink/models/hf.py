@@ -63,12 +63,16 @@ _CODE_MAPS = ("config.json", "tokenizer_config.json", "processor_config.json", "
 _COUNT_KEY = re.compile(r"(^|_)(layers?|experts)$")
 
 
-def _checked_config(folder: Path) -> dict:
-    """config.json of a directory, refused (before transformers sees it) when it or a tokenizer/processor config
-    asks to run code from the directory, or when it names an architecture transformers does not have built in."""
+def checked_config(folder: Path) -> dict:
+    """The base model's config of a directory (config.json, unwrapped when lmshrink saved it), refused (before
+    transformers sees it) when it or a tokenizer/processor config asks to run code from the directory, or when it
+    names an architecture transformers does not have built in."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = read_json_object(resolve_inside(folder, "config.json", "config", LINKS_OUT), "config")
+    from lmshrink.hf_compat import unwrap_base_config
+
+    config = unwrap_base_config(read_json_object(resolve_inside(folder, "config.json", "config", LINKS_OUT), "config"),
+                                folder / "config.json")
     for name in _CODE_MAPS:
         if os.path.lexists(folder / name):
             content = config if name == "config.json" else read_json_object(resolve_inside(folder, name, name, LINKS_OUT), name)
@@ -94,6 +98,17 @@ def _bound_counts(config: Any, tensors: int, path: Path) -> None:
         elif isinstance(key, str) and _COUNT_KEY.search(key) and isinstance(value, int) and value > tensors:
             raise CorruptFile(f"MODEL: config {str(path)!r} asks for {key} = {value:,} but the weights hold {tensors} tensors; "
                               "allowed: a config matching its weights")
+
+
+def _config_from_dict(config: dict, folder: Path):
+    from lmshrink.hf_compat import base_config_from_dict
+
+    try:
+        return base_config_from_dict(config, repr(str(folder / "config.json")))
+    except CorruptFile:
+        raise
+    except Exception as error:  # noqa: BLE001 - transformers validates configs with many exception types
+        raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} is not a valid transformers config ({one_line(error)})") from error
 
 
 def _auto_config(folder: Path):
@@ -205,7 +220,7 @@ class _HuggingFace(ModelFamily):
         from transformers import AutoModel, AutoModelForCausalLM
 
         check_directory_files(path, LINKS_OUT)
-        config_dict = _checked_config(path)
+        config_dict = checked_config(path)
         stored, files = _stored_tensors(path)
         _bound_counts(config_dict, len(stored), path / "config.json")
         config = _auto_config(path)
@@ -285,7 +300,11 @@ class _HuggingFace(ModelFamily):
             part.tie_word_embeddings = False
 
     def save_base(self, loaded: LoadedModel, directory: Path) -> dict[str, Any]:
-        loaded.model.config.to_json_file(directory / "config.json")
+        from lmshrink.hf_compat import write_config
+
+        # lmshrink's own model_type with the base config inside: plain transformers refuses the directory instead of
+        # loading the factors' base architecture with random dense weights.
+        write_config(directory, loaded.model.config, loaded.causal)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(directory)
         return {"causal": loaded.causal, "tokenizer": loaded.tokenizer is not None}
@@ -298,10 +317,10 @@ class _HuggingFace(ModelFamily):
         if not isinstance(causal, bool) or not isinstance(has_tokenizer, bool):
             raise CorruptFile(f"MODEL: manifest in {str(directory)!r} has base {str(base)[:80]}; allowed: "
                               "{'causal': true|false, 'tokenizer': true|false}")
-        config_dict = _checked_config(directory)
+        config_dict = checked_config(directory)
         if stored is not None:
             _bound_counts(config_dict, len(stored), directory / "config.json")
-        model = _meta_model(AutoModelForCausalLM if causal else AutoModel, _auto_config(directory), directory)
+        model = _meta_model(AutoModelForCausalLM if causal else AutoModel, _config_from_dict(config_dict, directory), directory)
         tokenizer = _load_tokenizer(directory) if has_tokenizer else None
         model.eval()
         return LoadedModel(model, HF_CAUSAL if causal else HF_ENCODER, tokenizer, str(directory))

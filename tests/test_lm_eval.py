@@ -1,0 +1,141 @@
+"""lm-evaluation-harness on lmshrink models: a multiple-choice task the test writes itself (YAML + JSONL), run through
+`lmshrink eval --tasks`, lmshrink's task checks and the registered lm-eval model "lmshrink"; accuracies checked against
+a direct computation of the same log-likelihood comparisons."""
+
+import json
+import math
+import random
+import statistics
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+import lmshrink  # noqa: E402
+from lmshrink.errors import InvalidArgument  # noqa: E402
+from lmshrink.lm_eval_model import evaluate_tasks, task_manager  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano", "lemon", "candle", "forest", "silver"]
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _documents(count=30, seed=0):
+    rng = random.Random(seed)
+    docs = []
+    for i in range(count):
+        choices = rng.sample(WORDS, 3)
+        docs.append({"question": f"Item {i}: which word comes after {rng.choice(WORDS)}?", "choices": choices,
+                     "answer": rng.randrange(3)})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tasks")
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in _documents()))
+    (folder / "tiny_mc.yaml").write_text(TASK_YAML.format(name="tiny_mc", data=data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    loaded = tiny_llama()
+    # lm-eval's HFLM needs an end-of-text token; the byte tokenizer's byte 0 serves (no new vocabulary entry).
+    loaded.tokenizer.eos_token = loaded.tokenizer.convert_ids_to_tokens(0)
+    lmshrink.compress(loaded, lmshrink.Plan(ratio=0.5), progress=False)
+    return lmshrink.save(loaded, tmp_path_factory.mktemp("llama") / "model")
+
+
+@torch.no_grad()
+def direct_accuracy(loaded, docs):
+    """What lm-eval's multiple-choice acc is: for each document, the choice whose continuation ' ' + choice has the
+    highest summed log-likelihood after the question; the mean of hits, and its standard error."""
+    tokenizer, hits = loaded.tokenizer, []
+    for doc in docs:
+        context = tokenizer(doc["question"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in doc["choices"]:
+            whole = tokenizer(doc["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            logprobs = loaded.model(input_ids=torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole))))
+        hits.append(float(max(range(len(scores)), key=scores.__getitem__) == doc["answer"]))
+    return statistics.mean(hits), statistics.stdev(hits) / math.sqrt(len(hits))
+
+
+def test_task_accuracy_equals_the_direct_log_likelihood_comparison(llama_dir, tasks_dir):
+    loaded = lmshrink.load(llama_dir)
+    manager = task_manager(["tiny_mc"], tasks_dir, include_defaults=False)
+    result = evaluate_tasks(loaded, ["tiny_mc"], manager)["tiny_mc"]
+    accuracy, stderr = direct_accuracy(loaded, _documents())
+    assert result["samples"] == 30
+    assert result["acc"] == pytest.approx(accuracy, abs=1e-12)
+    assert result["acc_stderr"] == pytest.approx(stderr, rel=1e-9)
+    assert 0 < accuracy < 1  # a random tiny model: neither all right nor all wrong, so the comparison means something
+
+
+def test_cli_eval_tasks_prints_accuracy_beside_perplexity(llama_dir, tasks_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lmshrink.cli import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 120)
+    args = ["eval", str(llama_dir), "--data", str(text), "--tokens", "128", "--window", "32", "--tasks", "tiny_mc",
+            "--include-path", str(tasks_dir), "--limit", "20"]
+    result = CliRunner().invoke(main, args + ["--json"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    summary = json.loads(result.stdout)
+    accuracy, stderr = direct_accuracy(lmshrink.load(llama_dir), _documents()[:20])
+    assert summary["perplexity"] > 1 and summary["tasks"]["tiny_mc"]["samples"] == 20
+    assert summary["tasks"]["tiny_mc"]["acc"] == pytest.approx(accuracy, abs=1e-12)
+    assert summary["tasks"]["tiny_mc"]["acc_stderr"] == pytest.approx(stderr, rel=1e-9)
+    # Unknown names are refused before anything is measured, with lm-eval's close matches (built-in tasks included).
+    result = CliRunner().invoke(main, ["eval", str(llama_dir), "--data", str(text), "--tasks", "tiny_mc,hellaswagg",
+                                       "--include-path", str(tasks_dir)])
+    assert result.exit_code == 2 and result.stdout == ""
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: --tasks: unknown task 'hellaswagg'; close matches: hellaswag")
+
+
+def test_task_checks_name_the_problem(llama_dir, tasks_dir, tmp_path):
+    with pytest.raises(InvalidArgument, match=r"--tasks: unknown task 'tiny_mcq'; close matches: tiny_mc; allowed:"):
+        task_manager(["tiny_mcq"], tasks_dir, include_defaults=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "no_target.yaml").write_text(
+        TASK_YAML.format(name="no_target", data=tasks_dir / "tiny_mc.jsonl").replace("doc_to_target: answer\n", ""))
+    with pytest.raises(InvalidArgument, match=r"--tasks: task 'no_target' \(.*no_target.yaml\) lacks doc_to_target; allowed: a task YAML"):
+        task_manager(["no_target"], broken, include_defaults=False)
+    with pytest.raises(InvalidArgument, match="--include-path: .* is not a directory"):
+        task_manager(["tiny_mc"], tmp_path / "nowhere", include_defaults=False)
+
+
+def test_registered_lm_eval_model_lmshrink(llama_dir, tasks_dir):
+    import lm_eval
+
+    import lmshrink.lm_eval_model  # noqa: F401  (registers "lmshrink" with lm-eval)
+
+    manager = task_manager(["tiny_mc"], tasks_dir, include_defaults=False)
+    output = lm_eval.simple_evaluate(model="lmshrink", model_args=f"pretrained={llama_dir}", tasks=["tiny_mc"],
+                                     task_manager=manager, device="cpu", batch_size=4)
+    accuracy, _ = direct_accuracy(lmshrink.load(llama_dir), _documents())
+    assert output["results"]["tiny_mc"]["acc,none"] == pytest.approx(accuracy, abs=1e-12)
