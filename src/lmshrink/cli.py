@@ -407,10 +407,10 @@ def inspect(model, targets, as_json, data, calibration_windows, window):
     loaded = lmshrink.load_model(model)
     rows = inspect_model(loaded, targets, progress=not as_json and sys.stderr.isatty())
     risk = None
-    if data is not None:
+    dense = [r for r in rows if r["layer"] == "dense"]
+    if data is not None and dense:  # the SVD-risk is a property of dense matrices
         from lmshrink.analysis.svd_risk import add_risk_columns
 
-        dense = [r for r in rows if r["layer"] == "dense"]
         chosen = [t for t in loaded.candidates() if t.name in {r["name"] for r in dense}]
         risk = add_risk_columns(loaded, chosen, dense, lmshrink.load_corpus(data), calibration_windows, window,
                                 progress=not as_json and sys.stderr.isatty())
