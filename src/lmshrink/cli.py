@@ -430,7 +430,10 @@ def inspect(model, targets, as_json, data, calibration_windows, window):
     _print_table(f"{model}: {len(rows)} targets, {factorized} factorized", [[row[i] for i in shown] for row in table],
                  [headers[i] for i in shown])
     if left_out:
-        click.echo(f"left out to fit {_console_width()} columns: {', '.join(left_out)} (see --json, or a wider terminal)")
+        import textwrap
+
+        click.echo(textwrap.fill(f"left out to fit {_console_width()} columns: {', '.join(left_out)} (see --json, or a wider terminal)",
+                                 _console_width()))
 
 
 def _rank_text(rank) -> str | None:
