@@ -650,10 +650,10 @@ def inspect(model, targets, as_json, data, calibration_windows, window):
         _check_positions(loaded, window)
     rows = inspect_model(loaded, targets, progress=not as_json and sys.stderr.isatty())
     risk = None
-    if data is not None:
+    dense = [r for r in rows if r["layer"] == "dense"]
+    if data is not None and dense:  # the SVD-risk is a property of dense matrices
         from lmshrink.analysis.svd_risk import add_risk_columns
 
-        dense = [r for r in rows if r["layer"] == "dense"]
         chosen = [t for t in loaded.candidates() if t.name in {r["name"] for r in dense}]
         risk = add_risk_columns(loaded, chosen, dense, lmshrink.load_corpus(data), calibration_windows, window,
                                 progress=not as_json and sys.stderr.isatty())
@@ -673,7 +673,10 @@ def inspect(model, targets, as_json, data, calibration_windows, window):
     _print_table(f"{model}: {len(rows)} targets, {factorized} factorized", [[row[i] for i in shown] for row in table],
                  [headers[i] for i in shown])
     if left_out:
-        click.echo(f"left out to fit {_console_width()} columns: {', '.join(left_out)} (see --json, or a wider terminal)")
+        import textwrap
+
+        click.echo(textwrap.fill(f"left out to fit {_console_width()} columns: {', '.join(left_out)} (see --json, or a wider terminal)",
+                                 _console_width()))
 
 
 def _rank_text(rank) -> str | None:
