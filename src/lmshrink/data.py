@@ -163,7 +163,17 @@ def token_windows(ids: list[int] | torch.Tensor, window: int, count: int | None 
     return ids[: used * window].view(used, window)
 
 
+def model_windows(loaded, ids: list[int] | torch.Tensor, window: int, count: int | None = None, what: str = "text") -> torch.Tensor:
+    """Windows of ``window`` tokens as the model reads text: when it starts every sequence with a BOS (its tokenizer
+    prepends one), each window is that token followed by ``window - 1`` tokens of ``ids``; else ``token_windows``."""
+    leading = loaded.leading_token
+    if leading is None:
+        return token_windows(ids, window, count, what)
+    text = token_windows(ids, window - 1, count, what)
+    return torch.cat([torch.full((text.shape[0], 1), leading, dtype=text.dtype), text], dim=1)
+
+
 def calibration_windows(loaded, corpus: Corpus, count: int, window: int) -> torch.Tensor:
-    """The first ``count`` windows of the corpus's calibration text."""
+    """The first ``count`` windows of the corpus's calibration text (see ``model_windows``)."""
     ids = encode_prefix(loaded, corpus.train, count * window)
-    return token_windows(ids, window, count, what=f"calibration text of {corpus.name}")
+    return model_windows(loaded, ids, window, count, what=f"calibration text of {corpus.name}")

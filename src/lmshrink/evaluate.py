@@ -10,16 +10,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmshrink.data import Corpus, encode_prefix, token_windows
+from lmshrink.data import Corpus, encode_prefix, model_windows
 
 
 @torch.no_grad()
 def perplexity(loaded, ids, window: int = 512, progress: bool = True) -> dict:
-    """Perplexity over non-overlapping windows of ``window`` tokens (each window's first token is context only).
+    """Perplexity over non-overlapping windows of ``window`` tokens (each window's first token is context only: the
+    model's BOS where it starts sequences with one, else the window's first text token).
 
     Returns {"perplexity", "nll", "tokens" (scored), "windows", "window"}.
     """
-    windows = token_windows(ids, window, what="evaluation text")
+    windows = model_windows(loaded, ids, window, what="evaluation text")
     total, scored = 0.0, 0
     for row in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         logits = loaded.logits(row[None])[0, :-1].float()
@@ -39,9 +40,10 @@ def corpus_perplexity(loaded, corpus: Corpus, tokens: int = 8192, window: int = 
     result = perplexity(loaded, ids, window, progress)
     result["corpus"] = corpus.name
     # The word-level LSTM's vocabulary ends every line with <eos>; subword tokenizers see the text as it is.
-    eos = "<eos> ends each line" if loaded.family.name == "word-lstm" else "text as-is, no special tokens"
+    eos = "<eos> ends each line" if loaded.family.name == "word-lstm" else "text as-is"
+    first = "the model's BOS, then" if loaded.leading_token is not None else "first token of each window context only"
     result["protocol"] = (f"{result['windows']} non-overlapping windows of {window} from the first {len(ids):,} test tokens, "
-                          f"state reset per window, first token of each window context only ({result['tokens']:,} scored); {eos}")
+                          f"state reset per window, {first} ({result['tokens']:,} scored); {eos}")
     return result
 
 
@@ -54,6 +56,8 @@ def greedy_sample(loaded, prompt: str = "The capital of France is", new_tokens: 
     ids = list(loaded.encode(prompt))
     if not ids:
         return ""
+    if loaded.leading_token is not None:
+        ids.insert(0, loaded.leading_token)
     eos = getattr(loaded.tokenizer, "eos_token_id", None)
     added = []
     for _ in range(new_tokens):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmshrink.bounds import Bounds, check_number
-from lmshrink.data import Corpus, encode_prefix, load_corpus, token_windows
+from lmshrink.data import Corpus, encode_prefix, load_corpus, model_windows
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.base import FactorizedModule
 
@@ -79,7 +79,7 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
         raise InvalidArgument("train", f"{train!r} selects no trainable parameters (quantized factors cannot train)",
                               "a model with factorized float layers, train='all', or patterns that match parameter names")
     ids = encode_prefix(loaded, corpus.train, steps * batch_size * window)
-    windows = token_windows(ids, window, steps * batch_size, what=f"training text of {corpus.name}")
+    windows = model_windows(loaded, ids, window, steps * batch_size, what=f"training text of {corpus.name}")
     report = {"loss": "next-token" if teacher is None else "distillation (KL to teacher)", "steps": steps, "batch_size": batch_size, "window": window, "lr": lr, "train": train if isinstance(train, str) else list(train),
               "trained_parameters": sum(p.numel() for p in params.values()), "tokens": int(windows.numel()),
               "corpus": corpus.name}

@@ -43,6 +43,10 @@ class ModelFamily:
     def encode(self, loaded: "LoadedModel", text: str) -> list[int]:
         raise NotImplementedError
 
+    def leading_token(self, loaded: "LoadedModel") -> int | None:
+        """The token every sequence starts with in training (a BOS the tokenizer prepends by default), or None."""
+        return None
+
     def logits(self, loaded: "LoadedModel", ids: torch.Tensor) -> torch.Tensor:
         """(batch, seq) token ids -> (batch, seq, vocab) next-token logits (causal families)."""
         raise NotImplementedError
@@ -94,6 +98,10 @@ class LoadedModel:
 
     def encode(self, text: str) -> list[int]:
         return self.family.encode(self, text)
+
+    @property
+    def leading_token(self) -> int | None:
+        return self.family.leading_token(self)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.family.logits(self, ids)

@@ -285,6 +285,16 @@ class _HuggingFace(ModelFamily):
         # Long texts are expected here (whole corpora), so silence the max-length warning.
         return loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
+    def leading_token(self, loaded: LoadedModel) -> int | None:
+        # Gemma's tokenizer prepends <bos> and the model was trained with it: without it, Gemma-3-270M's WikiText-2
+        # perplexity is 134.8 instead of 53.7 (2k tokens). SmolLM2's tokenizer prepends nothing, so nothing changes there.
+        tokenizer = loaded.tokenizer
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None or not self.causal:
+            return None
+        ids = tokenizer("a", verbose=False)["input_ids"]
+        return int(bos) if ids and ids[0] == bos else None
+
     def logits(self, loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
         return loaded.model(input_ids=ids, use_cache=False).logits
 
