@@ -286,8 +286,8 @@ class _HuggingFace(ModelFamily):
         return loaded.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def leading_token(self, loaded: LoadedModel) -> int | None:
-        # Gemma's tokenizer prepends <bos> and the model was trained with it: without it, Gemma-3-270M's WikiText-2
-        # perplexity is 134.8 instead of 53.7 (2k tokens). SmolLM2's tokenizer prepends nothing, so nothing changes there.
+        # Gemma's tokenizer prepends <bos> and the model was trained with it: windows without it score far worse than
+        # the model is. SmolLM2's tokenizer prepends nothing, so nothing changes there.
         tokenizer = loaded.tokenizer
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is None or not self.causal:
