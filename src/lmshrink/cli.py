@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -390,7 +389,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
     """
     import lmshrink
-    from lmshrink.evaluate import compare_throughput, greedy_sample, pooled_embeddings, throughput
+    from lmshrink.evaluate import NOISY_SPREAD, compare_throughput, greedy_sample, pooled_embeddings, speed_label, throughput
     from lmshrink.methods import get_method
     from lmshrink.progress import Stages
     from lmshrink.surgery import check_plan

@@ -16,7 +16,6 @@ Its ``save_pretrained`` writes an lmshrink directory again.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from lm_eval.api.registry import register_model
