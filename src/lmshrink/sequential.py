@@ -291,6 +291,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
             for target in block_targets:
                 rows.append(_factorize_target(loaded, target, block_ranks[target.name], method, stats[target.name], options, False))
+                release(target.module)  # a replaced module is out of the model's tree, but its Target still holds it
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:
