@@ -75,6 +75,14 @@ def test_svd_gives_the_whole_model_factors_exactly(checkpoint, corpus, tmp_path)
     assert "model.safetensors.index.json" in names and not any(n.startswith(".") for n in names)
 
 
+def test_energy_plan_allocates_per_block_like_the_whole_model(checkpoint, corpus, tmp_path):
+    plan = lmshrink.Plan(method="svd", energy=0.9)
+    report = compress_sequential(checkpoint, plan, None, tmp_path / "seq", dtype="float32", device="cpu", progress=False)
+    _, whole_report = _whole(checkpoint, plan, corpus)
+    assert [r["rank"] for r in report.modules] == [r["rank"] for r in whole_report.modules]
+    assert any(r["rank"] for r in report.modules)
+
+
 @pytest.mark.parametrize("method", ["svdllm", "fwhiten"])
 def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, method):
     plan = _plan(method)
@@ -88,6 +96,32 @@ def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, 
         assert torch.allclose(left, right, rtol=1e-4, atol=1e-5 * float(right.abs().max())), name
     a, b = _ppl(saved, corpus), _ppl(whole, corpus)
     assert abs(a - b) <= 1e-4 * b, (a, b)
+
+
+def test_gemma3_fits_the_block_seam(corpus, tmp_path):
+    """Per-layer attention types (sliding and full masks, two rotary tables), a scaled embedding, soft-capped logits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from conftest import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0)
+    folder = tmp_path / "gemma"
+    Gemma3ForCausalLM(config).save_pretrained(folder, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(folder)
+    plan = _plan("fwhiten")
+    compress_sequential(folder, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original", progress=False)
+    whole, _ = _whole(folder, plan, corpus)
+    saved = load_sharded(tmp_path / "seq")
+    ours, theirs = saved.model.state_dict(), whole.model.state_dict()
+    assert set(ours) == set(theirs) and any(k.endswith(".left") for k in ours)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-5 * float(theirs[name].abs().max())), name
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        assert torch.allclose(saved.model(input_ids=ids).logits, whole.model(input_ids=ids).logits, atol=1e-4)
 
 
 def test_exact_fisher_equals_in_memory_fisher(checkpoint, corpus, tmp_path):
@@ -242,6 +276,13 @@ def test_bad_input_fails_cleanly_with_nothing_written(checkpoint, corpus, tmp_pa
     with pytest.raises(CorruptFile, match=victim.name):
         compress_sequential(broken, _plan("svd"), None, tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidArgument, match="--out: .* exists and is not empty"):
+        compress_sequential(checkpoint, _plan("svd"), None, taken, device="cpu", progress=False)
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
 
     gpt2 = tmp_path / "gpt2"
     tiny_gpt2().model.save_pretrained(gpt2)

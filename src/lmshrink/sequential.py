@@ -38,7 +38,7 @@ from lmshrink.methods import get_method
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.plan import Plan, select_targets
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
-from lmshrink.sharded_io import DTYPES, dtype_name, staging_directory, write_manifest
+from lmshrink.sharded_io import DTYPES, check_out, dtype_name, staging_directory, write_manifest
 from lmshrink.surgery import CompressionReport, _factorize_target, check_plan
 
 CALIBRATE_ON = ("compressed", "original")
@@ -119,8 +119,9 @@ class Engine:
     def load_outer(self) -> dict[str, torch.Tensor]:
         """Materialize and fill embedding, final norm, head (and the rest outside the blocks); returns their state."""
         outer = self.stack.blocks_name + "."
+        made = {}  # one memo: the embedding and a head tied to it stay one tensor
         for module in self.stack.outer_modules():
-            materialize(module, self.device, recurse=False)
+            materialize(module, self.device, recurse=False, made=made)
         fill(self.loaded.model, self.source, exclude=(outer,))
         return {k: v for k, v in self.loaded.model.state_dict().items() if not k.startswith(outer)}
 
@@ -164,7 +165,8 @@ def open_engine(source, plan: Plan, dtype="auto", device="auto", progress: bool 
     if outside:
         raise InvalidArgument("--targets", f"{outside[:3]} lie outside the decoder blocks, which the block-by-block engine "
                               "does not compress yet", "linears, attention, mlp, or globs inside the blocks")
-    check_plan(loaded, replace(plan, energy=None, ratio=0.5) if plan.energy is not None else plan)  # energy: per block, later
+    # An energy plan's ranks need the weights (allocated per block, later); check everything else with a stand-in ratio.
+    check_plan(loaded, replace(plan, energy=None, ratio=0.5) if plan.energy is not None else plan)
     return Engine(checkpoint, loaded, stack, targets, device, dtype, progress)
 
 
@@ -261,6 +263,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
         raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
     if plan.allocation == "sensitivity" and plan.energy is not None:
         raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
+    check_out(out, overwrite)  # before minutes of work
     engine = open_engine(source, plan, dtype, device, progress)
     loaded, model, dtype, device = engine.loaded, engine.loaded.model, engine.dtype, engine.device
     plan = plan.for_targets(engine.targets)
@@ -291,7 +294,6 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
             for target in block_targets:
                 rows.append(_factorize_target(loaded, target, block_ranks[target.name], method, stats[target.name], options, False))
-                release(target.module)  # a replaced module is out of the model's tree, but its Target still holds it
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:
@@ -299,6 +301,8 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             writer.add({engine.stack.prefix(index) + k: v for k, v in block.state_dict().items()})
             writer.end_shard()
             release(block)
+            for target in block_targets:
+                release(target.module)  # a replaced module is out of the model's tree, but its Target still holds it
             del stats
         release(model)
         writer.close()

@@ -28,13 +28,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@contextlib.contextmanager
-def staging_directory(directory: str | Path, overwrite: bool = False):
-    """A temporary sibling of ``directory`` to write into; renamed into place when the block ends without error.
-
-    Refuses a non-empty ``directory`` unless ``overwrite`` and it holds an earlier lmshrink save (checked before
-    anything is written).
-    """
+def check_out(directory: str | Path, overwrite: bool = False) -> Path:
+    """``directory`` resolved; refuses a non-empty one unless ``overwrite`` and it holds an earlier lmshrink save."""
     target = Path(directory).expanduser().resolve()
     if target.exists() and any(target.iterdir()):
         if not overwrite:
@@ -42,6 +37,14 @@ def staging_directory(directory: str | Path, overwrite: bool = False):
         if not (target / MANIFEST).is_file():
             raise InvalidArgument("--out", f"{str(target)!r} is not an lmshrink directory; refusing to overwrite it",
                                   "a new or empty directory, or a directory lmshrink saved before")
+    return target
+
+
+@contextlib.contextmanager
+def staging_directory(directory: str | Path, overwrite: bool = False):
+    """A temporary sibling of ``directory`` to write into; renamed into place when the block ends without error
+    (``check_out`` first: nothing is written when ``directory`` may not be replaced)."""
+    target = check_out(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:

@@ -285,13 +285,13 @@ class ShardWriter:
         return paths
 
 
-def materialize(module: nn.Module, device, recurse: bool = True) -> None:
+def materialize(module: nn.Module, device, recurse: bool = True, made: dict | None = None) -> None:
     """Give every meta parameter/buffer of ``module`` real (uninitialized) memory on ``device``; tied stay tied.
 
     Real buffers (e.g. rotary frequencies computed at construction) are moved, not wiped, which is what
-    ``nn.Module.to_empty`` would do.
+    ``nn.Module.to_empty`` would do. Calls on several modules that share tensors pass one ``made`` dict.
     """
-    made: dict[int, torch.Tensor] = {}
+    made = {} if made is None else made
     for sub in module.modules() if recurse else [module]:
         for name, param in list(sub._parameters.items()):
             if param is None:
