@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratio", type=float, default=0.8)
-    parser.add_argument("--methods", default="svd,fwhiten")
+    parser.add_argument("--methods", default="fwhiten,svd")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--window", type=int, default=512)
@@ -75,12 +75,12 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))))
         return
-    runs = [("dense", None, None, None)]
+    runs = []  # the most informative first: results are written after every run
     for method in args.methods.split(","):
         runs += [("whole", method, "float32", None), ("sequential", method, "float32", "original")]
         if method != "svd":  # data-free: closed and open loop are the same computation
             runs.append(("sequential", method, "float32", "compressed"))
-    runs += [("sequential", method, "auto", "compressed") for method in args.methods.split(",")]  # last: the least needed
+    runs += [("sequential", method, "auto", "compressed") for method in args.methods.split(",")] + [("dense", None, None, None)]
     rows, results = [], []
     env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"}
     with tempfile.TemporaryDirectory(prefix="lmshrink-sequential-") as scratch:

@@ -162,6 +162,25 @@ def test_closed_loop_calibrates_on_compressed_activations(checkpoint, corpus, tm
     assert _ppl(closed, corpus) < float("inf")
 
 
+def test_offloaded_activations_give_the_same_result(checkpoint, corpus, tmp_path):
+    from lmshrink.sequential import Boundary
+
+    boundary = Boundary(tmp_path, limit=100)
+    tensors = [torch.randn(1, 5, 4), torch.randn(1, 5, 4), torch.randn(1, 5, 4)]
+    for tensor in tensors:
+        boundary.append(tensor)
+    assert boundary.offloaded == 2 and len(list(tmp_path.glob("activation-*"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(boundary, tensors))
+    del boundary
+    assert not list(tmp_path.glob("activation-*"))
+
+    plan = _plan("fwhiten")
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "memory", dtype="float32", device="cpu", progress=False)
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "disk", dtype="float32", device="cpu", progress=False, offload_bytes=0)
+    a, b = load_sharded(tmp_path / "memory").model.state_dict(), load_sharded(tmp_path / "disk").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sensitivity_allocation_meets_the_budget_like_the_whole_model(checkpoint, corpus, tmp_path):
     plan = _plan("fwhiten", ratio=0.6, allocation="sensitivity")
     report = compress_sequential(checkpoint, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu",

@@ -20,6 +20,7 @@ the one global budget (lmshrink.budget) and factorizes in the main pass.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from dataclasses import replace
@@ -82,16 +83,61 @@ def _source_path(source) -> Path:
     return fetch_builtin(str(source)) if str(source) in BUILTINS else Path(str(source)).expanduser()
 
 
-def _block_pass(block, inputs, calls, index, targets, needs, keep_outputs):
-    """Run ``inputs`` through ``block``: input statistics of ``targets`` (``needs``), and the outputs if asked."""
+class Boundary:
+    """The activations at one block boundary, one tensor per calibration window: held where they were made until
+    ``limit`` bytes, the rest written to ``folder`` (one safetensors file each) and read back when iterated."""
+
+    _numbers = itertools.count()
+
+    def __init__(self, folder: Path | None = None, limit: int | None = None):
+        self.folder, self.limit, self.bytes = folder, limit, 0
+        self._items: list = []  # tensors, or (path, device) of offloaded ones
+
+    def append(self, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.folder is not None and self.limit is not None and self.bytes + size > self.limit:
+            from safetensors.torch import save_file
+
+            path = self.folder / f"activation-{next(self._numbers)}.safetensors"
+            save_file({"x": tensor.detach().cpu().contiguous()}, str(path))
+            self._items.append((path, tensor.device))
+        else:
+            self._items.append(tensor)
+            self.bytes += size
+
+    @property
+    def offloaded(self) -> int:
+        return sum(isinstance(item, tuple) for item in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self._items[index]
+        if isinstance(item, tuple):
+            from safetensors.torch import load_file
+
+            return load_file(str(item[0]))["x"].to(item[1])
+        return item
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __del__(self):
+        for item in self._items:
+            if isinstance(item, tuple):
+                item[0].unlink(missing_ok=True)
+
+
+def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary | None):
+    """Run ``inputs`` through ``block``: input statistics of ``targets`` (``needs``); outputs appended to ``outputs``."""
     stats = {t.name: {} for t in targets}
     hooks = [t.module.register_forward_hook(_input_hook(stats[t.name], needs)) for t in targets] if needs else []
-    outputs = []
     try:
         with torch.no_grad():
             for window, hidden in enumerate(inputs):
                 out = run_block(block, hidden, calls[window][index])
-                if keep_outputs:
+                if outputs is not None:
                     outputs.append(out)
     finally:
         for hook in hooks:
@@ -114,6 +160,8 @@ class Engine:
     def __init__(self, source, loaded, stack: DecoderStack, targets, device, dtype, progress):
         self.source, self.loaded, self.stack, self.targets = source, loaded, stack, targets
         self.device, self.dtype, self.progress = device, dtype, progress
+        self.scratch: Path | None = None  # where activations beyond ``offload_bytes`` go
+        self.offload_bytes: int | None = None
         self.by_block = [[t for t in targets if t.name.startswith(stack.prefix(i))] for i in range(len(stack))]
 
     def load_outer(self) -> dict[str, torch.Tensor]:
@@ -128,12 +176,15 @@ class Engine:
     def calibrate(self, corpus: Corpus | str | None, windows: int, window: int):
         """(token windows, first block's input per window, each block's (args, kwargs) per window)."""
         ids = calibration_windows(self.loaded, corpus if isinstance(corpus, Corpus) else load_corpus(corpus), windows, window)
-        first_inputs, calls = [], []
+        first_inputs, calls = self.boundary(), []
         for row in ids:
             hidden, call = self.stack.capture(row[None].to(self.device))
             first_inputs.append(hidden)
             calls.append(to_device(call, self.device))
         return ids, first_inputs, calls
+
+    def boundary(self) -> Boundary:
+        return Boundary(self.scratch, self.offload_bytes)
 
     def load_block(self, index: int):
         block = self.stack.blocks[index]
@@ -183,10 +234,9 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
     for index in engine.blocks("fisher (forward)"):
         save_file({f"w{w}": h.detach().cpu().contiguous() for w, h in enumerate(hidden)}, str(scratch / f"inputs-{index}.safetensors"))
         block = engine.load_block(index)
-        with torch.no_grad():
-            hidden = [run_block(block, h, calls[w][index]) for w, h in enumerate(hidden)]
+        _, hidden = _block_pass(block, hidden, calls, index, [], set(), engine.boundary())
         release(block)
-    grads = []
+    grads = engine.boundary()
     for w, h in enumerate(hidden):
         h = h.detach().requires_grad_(True)
         ids = windows[w].to(engine.device)
@@ -198,12 +248,12 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
         targets = engine.by_block[index]
         weights = [t.module.weight for t in targets]
         sums = [torch.zeros(w.shape, dtype=torch.float32, device=engine.device) for w in weights]
-        previous = []
-        for w in range(len(grads)):
+        previous = engine.boundary()
+        for w, incoming in enumerate(grads):
             h = stored[f"w{w}"].to(engine.device).requires_grad_(True)
             with torch.enable_grad():
                 out = run_block(block, h, calls[w][index])
-                found = torch.autograd.grad(out, [h, *weights], grad_outputs=grads[w], allow_unused=True)
+                found = torch.autograd.grad(out, [h, *weights], grad_outputs=incoming, allow_unused=True)
             previous.append(found[0])
             for target, total, grad in zip(targets, sums, found[1:]):
                 if grad is None:
@@ -230,7 +280,7 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
     hidden = first_inputs
     for index in engine.blocks("spectra"):
         block = engine.load_block(index)
-        stats, hidden = _block_pass(block, hidden, calls, index, engine.by_block[index], method.needs & INPUT_STATS, True)
+        stats, hidden = _block_pass(block, hidden, calls, index, engine.by_block[index], method.needs & INPUT_STATS, engine.boundary())
         fisher = load_file(str(fisher_dir / f"fisher-{index}.safetensors")) if fisher_dir else {}
         for target in engine.by_block[index]:
             entry = {**stats[target.name], **({"fisher": fisher[target.name].to(engine.device)} if fisher else {})}
@@ -243,13 +293,14 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
 
 def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str | Path, dtype: str = "auto",
                         device: str = "auto", calibrate_on: str = "compressed", progress: bool = True,
-                        overwrite: bool = False) -> CompressionReport:
+                        overwrite: bool = False, offload_bytes: int | None = None) -> CompressionReport:
     """Compress a Hugging Face causal decoder (a safetensors directory, one or many shards; a .gguf file; a built-in
     name) block by block into ``out`` (sharded safetensors + index + lmshrink.json). See the module docstring.
 
     ``dtype``: "auto" (the checkpoint's declared dtype; a GGUF: bfloat16), "float32", "bfloat16" or "float16":
     weights are held and saved in it, each factorization runs in float32 (float64 where the method does).
-    ``device``: "auto" (CUDA when present), "cpu" or "cuda".
+    ``device``: "auto" (CUDA when present), "cpu" or "cuda". ``offload_bytes``: the activations at a block
+    boundary beyond this many bytes go to a scratch folder beside ``out`` (default: all kept in memory).
     """
     from safetensors.torch import load_file
 
@@ -270,10 +321,11 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
     params_before, bytes_before = count_params(model), count_bytes(model)
     rows = []
     with staging_directory(out, overwrite) as staging, tempfile.TemporaryDirectory(dir=staging, prefix=".scratch-") as scratch:
+        engine.scratch, engine.offload_bytes = Path(scratch), offload_bytes
         writer = ShardWriter(staging, dtype)
         writer.add(engine.load_outer())
         writer.end_shard()
-        windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs else (None, [], [])
+        windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs else (None, engine.boundary(), [])
         stats_start = time.perf_counter()
         fisher_dir = exact_fisher(engine, windows, first_inputs, calls, Path(scratch)) if "fisher" in method.needs else None
         ranks = (_sensitivity_ranks(engine, plan, method, options, first_inputs, calls, fisher_dir)
@@ -285,9 +337,10 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             block = engine.load_block(index)
             block_targets = engine.by_block[index]
             needs = method.needs & INPUT_STATS
-            stats, original_outputs = ({t.name: {} for t in block_targets}, [])
+            stats, original_outputs = {t.name: {} for t in block_targets}, None
             if needs or calibrate_on == "original":
-                stats, original_outputs = _block_pass(block, hidden, calls, index, block_targets, needs, calibrate_on == "original")
+                stats, original_outputs = _block_pass(block, hidden, calls, index, block_targets, needs,
+                                                      engine.boundary() if calibrate_on == "original" else None)
             if fisher_dir is not None:
                 for name, tensor in load_file(str(fisher_dir / f"fisher-{index}.safetensors")).items():
                     stats[name]["fisher"] = tensor.to(device)
@@ -297,7 +350,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:
-                _, hidden = _block_pass(block, hidden, calls, index, [], set(), True)
+                _, hidden = _block_pass(block, hidden, calls, index, [], set(), engine.boundary())
             writer.add({engine.stack.prefix(index) + k: v for k, v in block.state_dict().items()})
             writer.end_shard()
             release(block)
