@@ -161,6 +161,12 @@ def sensitivity(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int
         values, in_loss = error_spectrum(target.weight().float(), stats.get(target.name, {}), plan.options)
         spectra[target.name] = values.cpu()
         loss_units.add(in_loss)
+    return ranks_from_spectra(targets, plan, stats, spectra, loss_units)
+
+
+def ranks_from_spectra(targets: list[Target], plan: Plan, stats: dict, spectra: dict[str, torch.Tensor],
+                       loss_units: set[bool]) -> dict[str, int | None]:
+    """``sensitivity``'s ranks from spectra already computed (by error_spectrum), e.g. streamed block by block."""
     if len(loss_units) > 1:
         # Mixed units cannot be compared: fall back to relative error everywhere.
         spectra = {name: v / v.sum().clamp_min(1e-300) for name, v in spectra.items()}

@@ -1,0 +1,340 @@
+"""The block-by-block engine against the whole-model path, its Fisher, its output format, and its memory bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmshrink
+from conftest import tiny_gpt2, tiny_llama
+from lmshrink.errors import CorruptFile, InvalidArgument
+from lmshrink.evaluate import perplexity
+from lmshrink.sequential import compress_sequential, exact_fisher, open_engine
+from lmshrink.sharded_io import load_sharded, save_sharded
+
+WINDOWS, WINDOW = 6, 48
+
+
+@pytest.fixture(autouse=True)
+def _no_stats_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMSHRINK_NO_STATS_CACHE", "1")
+
+
+def _checkpoint(folder: Path, seed: int = 0, tie: bool = False, dtype=torch.float32) -> Path:
+    loaded = tiny_llama(seed=seed, tie=tie)
+    loaded.model.to(dtype).save_pretrained(folder, max_shard_size="60KB")
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def corpus(wikitext):
+    return lmshrink.Corpus("wikitext-2", wikitext.train[:200_000], wikitext.test[:40_000], wikitext.source)
+
+
+def _plan(method: str, **kw) -> lmshrink.Plan:
+    return lmshrink.Plan(method=method, ratio=kw.pop("ratio", 0.5), calibration_windows=WINDOWS, window=WINDOW, **kw)
+
+
+def _whole(checkpoint, plan, corpus):
+    loaded = lmshrink.load_model(checkpoint)
+    report = lmshrink.compress(loaded, plan, data=corpus, progress=False)
+    return loaded, report
+
+
+def _ppl(loaded, corpus) -> float:
+    ids = loaded.encode(corpus.test[:6000])
+    return perplexity(loaded, ids, window=64, progress=False)["perplexity"]
+
+
+def test_svd_gives_the_whole_model_factors_exactly(checkpoint, corpus, tmp_path):
+    plan = _plan("svd")
+    report = compress_sequential(checkpoint, plan, None, tmp_path / "seq", dtype="float32", device="cpu", progress=False)
+    whole, whole_report = _whole(checkpoint, plan, corpus)
+    saved = load_sharded(tmp_path / "seq")
+    ours, theirs = saved.model.state_dict(), whole.model.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert saved.manifest["modules"] == {k: v for k, v in lmshrink.io.manifest_of(whole)["modules"].items()}
+    assert [r["rank"] for r in report.modules] == [r["rank"] for r in whole_report.modules] and len(report.compressed) == 14
+    assert report.params_after == whole_report.params_after < report.params_before
+    names = sorted(p.name for p in (tmp_path / "seq").iterdir())
+    assert names[:2] == ["config.json", "lmshrink.json"] and "model-00001-of-00003.safetensors" in names  # outer + 2 blocks
+    assert "model.safetensors.index.json" in names and not any(n.startswith(".") for n in names)
+
+
+def test_energy_plan_allocates_per_block_like_the_whole_model(checkpoint, corpus, tmp_path):
+    plan = lmshrink.Plan(method="svd", energy=0.9)
+    report = compress_sequential(checkpoint, plan, None, tmp_path / "seq", dtype="float32", device="cpu", progress=False)
+    _, whole_report = _whole(checkpoint, plan, corpus)
+    assert [r["rank"] for r in report.modules] == [r["rank"] for r in whole_report.modules]
+    assert any(r["rank"] for r in report.modules)
+
+
+@pytest.mark.parametrize("method", ["svdllm", "fwhiten"])
+def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, method):
+    plan = _plan(method)
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original",
+                        progress=False)
+    whole, _ = _whole(checkpoint, plan, corpus)
+    saved = load_sharded(tmp_path / "seq")
+    ours, theirs = saved.model.state_dict(), whole.model.state_dict()
+    for name in ours:
+        left, right = ours[name], theirs[name]
+        assert torch.allclose(left, right, rtol=1e-4, atol=1e-5 * float(right.abs().max())), name
+    a, b = _ppl(saved, corpus), _ppl(whole, corpus)
+    assert abs(a - b) <= 1e-4 * b, (a, b)
+
+
+def test_gemma3_fits_the_block_seam(corpus, tmp_path):
+    """Per-layer attention types (sliding and full masks, two rotary tables), a scaled embedding, soft-capped logits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from conftest import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0)
+    folder = tmp_path / "gemma"
+    Gemma3ForCausalLM(config).save_pretrained(folder, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(folder)
+    plan = _plan("fwhiten")
+    compress_sequential(folder, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original", progress=False)
+    whole, _ = _whole(folder, plan, corpus)
+    saved = load_sharded(tmp_path / "seq")
+    ours, theirs = saved.model.state_dict(), whole.model.state_dict()
+    assert set(ours) == set(theirs) and any(k.endswith(".left") for k in ours)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-5 * float(theirs[name].abs().max())), name
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        assert torch.allclose(saved.model(input_ids=ids).logits, whole.model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_exact_fisher_equals_in_memory_fisher(checkpoint, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmshrink.calibration import collect_stats
+    from lmshrink.plan import select_targets
+
+    plan = _plan("fwhiten")
+    engine = open_engine(checkpoint, plan, "float32", "cpu", progress=False)
+    engine.load_outer()
+    windows, first_inputs, calls = engine.calibrate(corpus, WINDOWS, WINDOW)
+    exact_fisher(engine, windows, first_inputs, calls, tmp_path)
+    ours = {}
+    for index in range(len(engine.stack)):
+        ours.update(load_file(str(tmp_path / f"fisher-{index}.safetensors")))
+    whole = lmshrink.load_model(checkpoint)
+    targets = select_targets(whole.candidates(), plan.targets)
+    theirs = collect_stats(whole, targets, corpus, {"fisher"}, WINDOWS, WINDOW, progress=False, cache=False)
+    assert set(ours) == {t.name for t in targets} and len(ours) == 14
+    for name, value in ours.items():
+        reference = theirs[name]["fisher"]
+        assert float(reference.abs().max()) > 0
+        assert torch.allclose(value, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max())), name
+
+
+def test_closed_loop_calibrates_on_compressed_activations(checkpoint, corpus, tmp_path):
+    plan = _plan("svdllm", ratio=0.3)
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "open", dtype="float32", device="cpu", calibrate_on="original", progress=False)
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "closed", dtype="float32", device="cpu", progress=False)
+    opened, closed = load_sharded(tmp_path / "open"), load_sharded(tmp_path / "closed")
+    a, b = opened.model.state_dict(), closed.model.state_dict()
+    first = [k for k in a if k.startswith("model.layers.0.")]
+    second = [k for k in a if k.startswith("model.layers.1.") and k.endswith(".left")]
+    assert all(torch.equal(a[k], b[k]) for k in first)  # block 0 sees the same (embedding) inputs either way
+    assert not any(torch.allclose(a[k], b[k]) for k in second)  # block 1 sees what compressed block 0 produces
+    assert closed.manifest["compression"][0]["rank"] == opened.manifest["compression"][0]["rank"]
+    assert _ppl(closed, corpus) < float("inf")
+
+
+def test_offloaded_activations_give_the_same_result(checkpoint, corpus, tmp_path):
+    from lmshrink.sequential import Boundary
+
+    boundary = Boundary(tmp_path, limit=100)
+    tensors = [torch.randn(1, 5, 4), torch.randn(1, 5, 4), torch.randn(1, 5, 4)]
+    for tensor in tensors:
+        boundary.append(tensor)
+    assert boundary.offloaded == 2 and len(list(tmp_path.glob("activation-*"))) == 2
+    assert all(torch.equal(a, b) for a, b in zip(boundary, tensors))
+    del boundary
+    assert not list(tmp_path.glob("activation-*"))
+
+    plan = _plan("fwhiten")
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "memory", dtype="float32", device="cpu", progress=False)
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "disk", dtype="float32", device="cpu", progress=False, offload_bytes=0)
+    a, b = load_sharded(tmp_path / "memory").model.state_dict(), load_sharded(tmp_path / "disk").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sensitivity_allocation_meets_the_budget_like_the_whole_model(checkpoint, corpus, tmp_path):
+    plan = _plan("fwhiten", ratio=0.6, allocation="sensitivity")
+    report = compress_sequential(checkpoint, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu",
+                                 calibrate_on="original", progress=False)
+    _, whole_report = _whole(checkpoint, plan, corpus)
+    ranks = [r["rank"] for r in report.modules]
+    assert ranks == [r["rank"] for r in whole_report.modules] and len(set(ranks)) > 1
+    budget = int(0.6 * sum(r["shape"][0] * r["shape"][1] for r in report.modules))
+    assert sum(r["params_after"] for r in report.modules) <= budget
+
+
+def test_bf16_round_trip_and_half_the_bytes(checkpoint, corpus, tmp_path):
+    whole = lmshrink.load_model(checkpoint)
+    lmshrink.compress(whole, _plan("svd"), progress=False)
+    for param in whole.model.parameters():  # parameters only: rotary frequencies stay float32, as in a bf16-built model
+        param.data = param.data.bfloat16()
+    save_sharded(whole, tmp_path / "bf16")
+    again = load_sharded(tmp_path / "bf16")
+    assert all(p.dtype == torch.bfloat16 for p in again.model.parameters())
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(again.model(input_ids=ids).logits, whole.model(input_ids=ids).logits)
+    compress_sequential(checkpoint, _plan("svd"), None, tmp_path / "seq16", dtype="bfloat16", device="cpu", progress=False)
+    compress_sequential(checkpoint, _plan("svd"), None, tmp_path / "seq32", dtype="float32", device="cpu", progress=False)
+
+    def size(folder):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        return index["metadata"]["total_size"]
+
+    assert size(tmp_path / "seq16") * 2 == size(tmp_path / "seq32")
+    assert json.loads((tmp_path / "seq16" / "lmshrink.json").read_text())["weights"]["dtype"] == "bfloat16"
+    assert load_sharded(tmp_path / "seq16").model.model.layers[0].mlp.up_proj.left.dtype == torch.bfloat16
+
+
+def test_auto_dtype_is_the_checkpoint_dtype(tmp_path, corpus):
+    folder = _checkpoint(tmp_path / "half", dtype=torch.bfloat16)
+    report = compress_sequential(folder, _plan("svdllm"), corpus, tmp_path / "out", progress=False)
+    assert report.plan["dtype"] == "bfloat16" and report.plan["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == report.bytes_after
+
+
+_CHILD = textwrap.dedent("""
+    import resource, sys
+    import torch
+    import lmshrink
+    import transformers.models.llama.modeling_llama  # imported before measuring, as everything below is
+    from transformers import AutoConfig, AutoTokenizer
+    from lmshrink.sequential import compress_sequential
+    path, mode, out, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    def vm_data():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1]) * 1024
+    limit = vm_data() + headroom
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    plan = lmshrink.Plan(method="rsvd", rank=16)
+    try:
+        if mode == "sequential":
+            compress_sequential(path, plan, None, out, device="cpu", progress=False)
+        else:
+            loaded = lmshrink.load_model(path)
+            lmshrink.compress(loaded, plan, progress=False)
+    except (MemoryError, RuntimeError, OSError) as error:
+        print("FAILED", type(error).__name__, str(error).splitlines()[0][:200])
+        sys.exit(3)
+    print("DONE")
+""")
+
+
+def test_block_by_block_runs_under_a_memory_limit_smaller_than_the_weights(tmp_path):
+    from transformers import LlamaConfig
+
+    from conftest import byte_tokenizer
+    from lmshrink.models.blocks import build_skeleton
+    from lmshrink.shards import ShardWriter
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=3072, num_hidden_layers=10, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=512, max_position_embeddings=128, dtype="bfloat16")  # 10 blocks of 27 MB
+    folder = tmp_path / "big"
+    writer = ShardWriter(folder, torch.bfloat16, max_shard_bytes=40 << 20)
+    generator = torch.Generator().manual_seed(0)
+    weight_bytes = 0
+    for name, tensor in build_skeleton(config, torch.bfloat16).state_dict().items():  # random weights, written as made
+        weight_bytes += tensor.numel() * 2
+        writer.add({name: torch.randn(tensor.shape, generator=generator, dtype=torch.bfloat16) * 0.02 + (1 if "norm" in name else 0)})
+    writer.close()
+    config.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    headroom = weight_bytes // 2  # the process may grow by half the bf16 weights
+    # glibc's adaptive mmap threshold keeps freed blocks in the heap (fragmentation grows the process by ~100 MB here);
+    # a fixed threshold returns big buffers to the OS, so what is measured is what the code holds. Same for both paths.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lmshrink.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+    def child(mode):
+        return subprocess.run([sys.executable, "-c", _CHILD, str(folder), mode, str(tmp_path / "out"), str(headroom)],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    done = child("sequential")
+    assert done.returncode == 0 and "DONE" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert load_sharded(tmp_path / "out").model.model.layers[9].mlp.down_proj.rank == 16
+    failed = child("whole")
+    assert failed.returncode == 3 and "FAILED" in failed.stdout, failed.stdout + failed.stderr[-2000:]
+
+
+def test_bad_input_fails_cleanly_with_nothing_written(checkpoint, corpus, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    victim = sorted(broken.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CorruptFile, match=victim.name):
+        compress_sequential(broken, _plan("svd"), None, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidArgument, match="--out: .* exists and is not empty"):
+        compress_sequential(checkpoint, _plan("svd"), None, taken, device="cpu", progress=False)
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
+
+    gpt2 = tmp_path / "gpt2"
+    tiny_gpt2().model.save_pretrained(gpt2)
+    with pytest.raises(InvalidArgument, match=r"--sequential: model type 'gpt2' has no decoder-block stack.*llama"):
+        compress_sequential(gpt2, _plan("svd"), None, tmp_path / "out", device="cpu", progress=False)
+    with pytest.raises(InvalidArgument, match="--targets: .*embed_tokens.* outside the decoder blocks"):
+        compress_sequential(checkpoint, _plan("svd", targets=("embedding",)), None, tmp_path / "out", device="cpu", progress=False)
+    with pytest.raises(InvalidArgument, match="--method: 'tt' builds its own modules"):
+        compress_sequential(checkpoint, _plan("tt"), None, tmp_path / "out", device="cpu", progress=False)
+    with pytest.raises(InvalidArgument, match="--calibrate-on"):
+        compress_sequential(checkpoint, _plan("svd"), None, tmp_path / "out", calibrate_on="teacher", progress=False)
+    with pytest.raises(InvalidArgument, match="--dtype: 'int8'"):
+        compress_sequential(checkpoint, _plan("svd"), None, tmp_path / "out", dtype="int8", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_names_the_device_option(checkpoint, tmp_path):
+    with pytest.raises(InvalidArgument, match=r"^--device: 'cuda' was asked but this machine has no CUDA device.*allowed: cpu or auto"):
+        compress_sequential(checkpoint, _plan("svd"), None, tmp_path / "out", device="cuda", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["svdllm", "fwhiten"])
+def test_cuda_matches_cpu(checkpoint, corpus, tmp_path, method):
+    plan = _plan(method)
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "cpu", dtype="float32", device="cpu", progress=False)
+    report = compress_sequential(checkpoint, plan, corpus, tmp_path / "gpu", dtype="float32", device="cuda", progress=False)
+    assert report.plan["device"].startswith("cuda")
+    a, b = _ppl(load_sharded(tmp_path / "cpu"), corpus), _ppl(load_sharded(tmp_path / "gpu"), corpus)
+    assert abs(a - b) <= 1e-3 * a, (a, b)
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "bf16", dtype="bfloat16", device="cuda", progress=False)
+    c = _ppl(load_sharded(tmp_path / "bf16", dtype=torch.float32), corpus)
+    assert abs(c - a) <= 0.05 * a, (a, c)

@@ -1,0 +1,153 @@
+"""Tensor sources (safetensors shards, GGUF), the sharded writer, and filling meta-device skeletons."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from lmshrink.errors import CorruptFile
+from lmshrink.models.blocks import build_skeleton
+from lmshrink.shards import INDEX_FILE, SafetensorsSource, ShardWriter, fill, materialize, open_source, release
+
+
+def _save(model, folder: Path, shard: str | None = "40KB") -> Path:
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(seed=1)
+
+
+def test_sharded_source_lists_from_headers_and_reads_each_tensor(llama, tmp_path):
+    folder = _save(llama.model, tmp_path / "m")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (folder / INDEX_FILE).is_file()
+    source = SafetensorsSource(folder)
+    state = llama.model.state_dict()
+    assert set(source.names()) == set(state) - {"lm_head.weight"} or set(source.names()) == set(state)
+    for name in source.names():
+        assert source.shape(name) == tuple(state[name].shape) and source.dtype(name) == torch.float32
+        assert torch.equal(source.get(name), state[name])
+    half = source.get("model.layers.0.mlp.up_proj.weight", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, state["model.layers.0.mlp.up_proj.weight"].bfloat16())
+    assert source.declared_dtype() == torch.float32
+
+
+def test_single_file_source(llama, tmp_path):
+    folder = _save(llama.model, tmp_path / "m", shard=None)
+    assert (folder / "model.safetensors").is_file()
+    source = open_source(folder)
+    assert torch.equal(source.get("model.norm.weight"), llama.model.model.norm.weight)
+
+
+def test_missing_shard_is_named(llama, tmp_path):
+    folder = _save(llama.model, tmp_path / "m")
+    victim = sorted(folder.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CorruptFile, match=f"shard '{victim.name}'.*missing"):
+        SafetensorsSource(folder)
+
+
+def test_truncated_shard_is_named(llama, tmp_path):
+    folder = _save(llama.model, tmp_path / "m")
+    victim = sorted(folder.glob("model-*.safetensors"))[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CorruptFile, match=f"shard '{victim.name}' is truncated"):
+        SafetensorsSource(folder)
+    victim.write_bytes(data[:5])
+    with pytest.raises(CorruptFile, match=f"shard '{victim.name}' is truncated"):
+        SafetensorsSource(folder)
+
+
+def test_index_naming_absent_tensor(llama, tmp_path):
+    folder = _save(llama.model, tmp_path / "m")
+    index = json.loads((folder / INDEX_FILE).read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["model.layers.9.mlp.gate_proj.weight"] = shard
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CorruptFile, match=f"names tensor 'model.layers.9.mlp.gate_proj.weight' in shard '{shard}'"):
+        SafetensorsSource(folder)
+
+
+def test_writer_layout_is_what_transformers_loads(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "w"
+    writer = ShardWriter(folder, torch.bfloat16)
+    state = llama.model.state_dict()
+    for index in range(2):
+        writer.add({k: v for k, v in state.items() if k.startswith(f"model.layers.{index}.")})
+        writer.end_shard()
+    writer.add({k: v for k, v in state.items() if not k.startswith("model.layers.")})
+    paths = writer.close()
+    assert [p.name for p in paths] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([p.name for p in paths] + [INDEX_FILE])  # no temporary left
+    index = json.loads((folder / INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(state) and index["metadata"]["total_size"] == sum(v.numel() * 2 for v in state.values())
+    llama.model.config.save_pretrained(folder)
+    again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, state[name].bfloat16().float()), name
+
+
+def test_writer_writes_tied_tensors_once_and_size_limit_splits(tmp_path):
+    shared = torch.randn(8, 4)
+    writer = ShardWriter(tmp_path / "w", max_shard_bytes=200)
+    writer.add({"a.weight": shared, "b.weight": shared, "c": torch.randn(20), "d": torch.arange(3)})
+    paths = writer.close()
+    index = json.loads((tmp_path / "w" / INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == {"a.weight", "c", "d"} and len(paths) == 2
+    source = SafetensorsSource(tmp_path / "w")
+    assert source.dtype("d") == torch.int64 and torch.equal(source.get("a.weight"), shared)
+
+
+def test_fill_is_strict_and_keeps_ties_and_buffers(tmp_path):
+    tied = tiny_llama(seed=2, tie=True)
+    folder = _save(tied.model, tmp_path / "t")
+    source = SafetensorsSource(folder)
+    skeleton = build_skeleton(tied.model.config, torch.float32)
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight and skeleton.lm_head.weight.is_meta
+    inv_freq = skeleton.model.rotary_emb.inv_freq.clone()
+    materialize(skeleton, "cpu")
+    fill(skeleton, source)
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+    assert torch.equal(skeleton.model.rotary_emb.inv_freq, inv_freq)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(skeleton(input_ids=ids).logits, tied.model(input_ids=ids).logits)
+    release(skeleton)
+    assert all(p.is_meta for p in skeleton.parameters()) and skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+
+    untied = build_skeleton(tiny_llama(seed=3).model.config, torch.float32)  # has its own lm_head.weight: missing here
+    materialize(untied, "cpu")
+    with pytest.raises(CorruptFile, match=r"lacks 1 tensor.*lm_head.weight"):
+        fill(untied, source)
+    small = build_skeleton(tied.model.config.__class__(**{**tied.model.config.to_dict(), "num_hidden_layers": 1}), torch.float32)
+    materialize(small, "cpu")
+    with pytest.raises(CorruptFile, match=r"does not have.*model.layers.1"):
+        fill(small, source)
+
+
+@pytest.mark.slow
+def test_gguf_source_equals_transformers_loading():
+    """Every tensor of the real SmolLM2 GGUF, read one at a time, equals what from_pretrained(gguf_file=) loads."""
+    from transformers import AutoModelForCausalLM
+
+    from lmshrink.models.builtin import fetch_builtin
+
+    path = fetch_builtin("smollm2-135m")
+    source = open_source(path)
+    assert source.declared_dtype() == torch.bfloat16
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).state_dict()
+    names = source.names()
+    assert "lm_head.weight" not in names and len(names) == len(reference) - 1  # tied head: one tensor in the file
+    for name in names:
+        assert torch.equal(source.get(name), reference[name]), name
