@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from lmshrink.errors import CorruptFile, InvalidArgument
+from lmshrink.errors import CorruptFile
+from lmshrink.outputs import check_output, reserve
+from lmshrink.safefiles import file_digest
 from lmshrink.io import MANIFEST, manifest_of, read_manifest
 from lmshrink.shards import ShardWriter, SafetensorsSource, fill, materialize
 
@@ -29,36 +28,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_out(directory: str | Path, overwrite: bool = False) -> Path:
-    """``directory`` resolved; refuses a non-empty one unless ``overwrite`` and it holds an earlier lmshrink save."""
-    target = Path(directory).expanduser().resolve()
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise InvalidArgument("--out", f"{str(target)!r} exists and is not empty", "a new or empty directory, or overwrite=True (--overwrite)")
-        if not (target / MANIFEST).is_file():
-            raise InvalidArgument("--out", f"{str(target)!r} is not an lmshrink directory; refusing to overwrite it",
-                                  "a new or empty directory, or a directory lmshrink saved before")
-    return target
+    """``directory`` checked as an output before any work (lmshrink.outputs.check_output)."""
+    return check_output(directory, overwrite=overwrite)
 
 
 @contextlib.contextmanager
 def staging_directory(directory: str | Path, overwrite: bool = False):
-    """A temporary sibling of ``directory`` to write into; renamed into place when the block ends without error
-    (``check_out`` first: nothing is written when ``directory`` may not be replaced)."""
-    target = check_out(directory, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    """A temporary sibling of ``directory`` to write into, swapped into place atomically when the block ends without
+    error; the output is locked meanwhile (lmshrink.outputs)."""
+    with reserve(directory, overwrite=overwrite) as output, output.staging() as staging:
         yield staging
-        if target.exists():
-            trash = target.with_name(f".{target.name}.old")
-            os.replace(target, trash)
-            os.replace(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_manifest(loaded, directory: Path, dtype: torch.dtype) -> dict:
@@ -67,6 +46,8 @@ def write_manifest(loaded, directory: Path, dtype: torch.dtype) -> dict:
     manifest = manifest_of(loaded)
     manifest["base"] = loaded.family.save_base(loaded, directory)
     manifest["weights"] = {"layout": "sharded-safetensors", "dtype": dtype_name(dtype)}
+    # Digests of every weights file, verified by lmshrink.load (the shards and their index are written by now).
+    manifest["files"] = {path.name: file_digest(path) for path in sorted(directory.glob("model*.safetensors*"))}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
