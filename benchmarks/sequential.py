@@ -44,7 +44,6 @@ def child(spec: dict) -> dict:
         lmshrink.save(loaded, out)
     else:
         from lmshrink.sequential import compress_sequential
-        from lmshrink.sharded_io import load_sharded
 
         compress_sequential(spec["model"], plan, corpus, out, dtype=spec["dtype"], device="cpu", calibrate_on=spec["calibrate_on"],
                             progress=False)
@@ -52,7 +51,8 @@ def child(spec: dict) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     disk = sum(f.stat().st_size for f in out.rglob("*.safetensors")) if out.exists() else None
     if spec["path"] == "sequential":
-        loaded = load_sharded(out, dtype=torch.float32)  # evaluated in float32 like the others (bf16 weights, exactly)
+        loaded = lmshrink.load(out)
+        loaded.model.float()  # evaluated in float32 like the others (bf16 weights, exactly)
     ppl = corpus_perplexity(loaded, corpus, tokens=spec["tokens"], window=spec["window"], progress=False)
     return {"seconds": seconds, "peak_rss_mib": peak, "weights_bytes_on_disk": disk, "perplexity": ppl["perplexity"],
             "eval_tokens": ppl["tokens"]}

@@ -17,7 +17,7 @@ from conftest import tiny_gpt2, tiny_llama
 from lmshrink.errors import CorruptFile, InvalidArgument
 from lmshrink.evaluate import perplexity
 from lmshrink.sequential import compress_sequential, exact_fisher, open_engine
-from lmshrink.sharded_io import load_sharded, save_sharded
+from lmshrink.sharded_io import save_sharded
 
 WINDOWS, WINDOW = 6, 48
 
@@ -40,8 +40,8 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def corpus(wikitext):
-    return lmshrink.Corpus("wikitext-2", wikitext.train[:200_000], wikitext.test[:40_000], wikitext.source)
+def corpus(prose):
+    return lmshrink.Corpus(prose.name, prose.train[:200_000], prose.test[:40_000], prose.source)
 
 
 def _plan(method: str, **kw) -> lmshrink.Plan:
@@ -63,7 +63,7 @@ def test_svd_gives_the_whole_model_factors_exactly(checkpoint, corpus, tmp_path)
     plan = _plan("svd")
     report = compress_sequential(checkpoint, plan, None, tmp_path / "seq", dtype="float32", device="cpu", progress=False)
     whole, whole_report = _whole(checkpoint, plan, corpus)
-    saved = load_sharded(tmp_path / "seq")
+    saved = lmshrink.load(tmp_path / "seq")
     ours, theirs = saved.model.state_dict(), whole.model.state_dict()
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -89,7 +89,7 @@ def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, 
     compress_sequential(checkpoint, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original",
                         progress=False)
     whole, _ = _whole(checkpoint, plan, corpus)
-    saved = load_sharded(tmp_path / "seq")
+    saved = lmshrink.load(tmp_path / "seq")
     ours, theirs = saved.model.state_dict(), whole.model.state_dict()
     for name in ours:
         left, right = ours[name], theirs[name]
@@ -114,7 +114,7 @@ def test_gemma3_fits_the_block_seam(corpus, tmp_path):
     plan = _plan("fwhiten")
     compress_sequential(folder, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original", progress=False)
     whole, _ = _whole(folder, plan, corpus)
-    saved = load_sharded(tmp_path / "seq")
+    saved = lmshrink.load(tmp_path / "seq")
     ours, theirs = saved.model.state_dict(), whole.model.state_dict()
     assert set(ours) == set(theirs) and any(k.endswith(".left") for k in ours)
     for name in ours:
@@ -152,7 +152,7 @@ def test_closed_loop_calibrates_on_compressed_activations(checkpoint, corpus, tm
     plan = _plan("svdllm", ratio=0.3)
     compress_sequential(checkpoint, plan, corpus, tmp_path / "open", dtype="float32", device="cpu", calibrate_on="original", progress=False)
     compress_sequential(checkpoint, plan, corpus, tmp_path / "closed", dtype="float32", device="cpu", progress=False)
-    opened, closed = load_sharded(tmp_path / "open"), load_sharded(tmp_path / "closed")
+    opened, closed = lmshrink.load(tmp_path / "open"), lmshrink.load(tmp_path / "closed")
     a, b = opened.model.state_dict(), closed.model.state_dict()
     first = [k for k in a if k.startswith("model.layers.0.")]
     second = [k for k in a if k.startswith("model.layers.1.") and k.endswith(".left")]
@@ -177,7 +177,7 @@ def test_offloaded_activations_give_the_same_result(checkpoint, corpus, tmp_path
     plan = _plan("fwhiten")
     compress_sequential(checkpoint, plan, corpus, tmp_path / "memory", dtype="float32", device="cpu", progress=False)
     compress_sequential(checkpoint, plan, corpus, tmp_path / "disk", dtype="float32", device="cpu", progress=False, offload_bytes=0)
-    a, b = load_sharded(tmp_path / "memory").model.state_dict(), load_sharded(tmp_path / "disk").model.state_dict()
+    a, b = lmshrink.load(tmp_path / "memory").model.state_dict(), lmshrink.load(tmp_path / "disk").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -198,7 +198,7 @@ def test_bf16_round_trip_and_half_the_bytes(checkpoint, corpus, tmp_path):
     for param in whole.model.parameters():  # parameters only: rotary frequencies stay float32, as in a bf16-built model
         param.data = param.data.bfloat16()
     save_sharded(whole, tmp_path / "bf16")
-    again = load_sharded(tmp_path / "bf16")
+    again = lmshrink.load(tmp_path / "bf16")
     assert all(p.dtype == torch.bfloat16 for p in again.model.parameters())
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_bf16_round_trip_and_half_the_bytes(checkpoint, corpus, tmp_path):
 
     assert size(tmp_path / "seq16") * 2 == size(tmp_path / "seq32")
     assert json.loads((tmp_path / "seq16" / "lmshrink.json").read_text())["weights"]["dtype"] == "bfloat16"
-    assert load_sharded(tmp_path / "seq16").model.model.layers[0].mlp.up_proj.left.dtype == torch.bfloat16
+    assert lmshrink.load(tmp_path / "seq16").model.model.layers[0].mlp.up_proj.left.dtype == torch.bfloat16
 
 
 def test_auto_dtype_is_the_checkpoint_dtype(tmp_path, corpus):
@@ -280,7 +280,7 @@ def test_block_by_block_runs_under_a_memory_limit_smaller_than_the_weights(tmp_p
 
     done = child("sequential")
     assert done.returncode == 0 and "DONE" in done.stdout, done.stdout + done.stderr[-2000:]
-    assert load_sharded(tmp_path / "out").model.model.layers[9].mlp.down_proj.rank == 16
+    assert lmshrink.load(tmp_path / "out").model.model.layers[9].mlp.down_proj.rank == 16
     failed = child("whole")
     assert failed.returncode == 3 and "FAILED" in failed.stdout, failed.stdout + failed.stderr[-2000:]
 
@@ -333,8 +333,8 @@ def test_cuda_matches_cpu(checkpoint, corpus, tmp_path, method):
     compress_sequential(checkpoint, plan, corpus, tmp_path / "cpu", dtype="float32", device="cpu", progress=False)
     report = compress_sequential(checkpoint, plan, corpus, tmp_path / "gpu", dtype="float32", device="cuda", progress=False)
     assert report.plan["device"].startswith("cuda")
-    a, b = _ppl(load_sharded(tmp_path / "cpu"), corpus), _ppl(load_sharded(tmp_path / "gpu"), corpus)
+    a, b = _ppl(lmshrink.load(tmp_path / "cpu"), corpus), _ppl(lmshrink.load(tmp_path / "gpu"), corpus)
     assert abs(a - b) <= 1e-3 * a, (a, b)
     compress_sequential(checkpoint, plan, corpus, tmp_path / "bf16", dtype="bfloat16", device="cuda", progress=False)
-    c = _ppl(load_sharded(tmp_path / "bf16", dtype=torch.float32), corpus)
+    c = _ppl(lmshrink.load(tmp_path / "bf16", dtype=torch.float32), corpus)
     assert abs(c - a) <= 0.05 * a, (a, c)

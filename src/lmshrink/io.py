@@ -20,6 +20,7 @@ from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finit
 FORMAT_VERSION = 1
 MANIFEST = "lmshrink.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # sharded weights (the block-by-block engine writes them)
 
 
 def _version() -> str:
@@ -150,17 +151,34 @@ def load(directory: str | Path, verify: bool = True):
     family = FAMILIES.get(manifest["family"])
     if family is None:
         raise CorruptFile(f"MODEL: manifest names model family {manifest['family'][:40]!r}; known: {', '.join(FAMILIES)}")
-    weights = resolve_inside(directory, WEIGHTS, "weights file")
     if verify:
         verify_files(directory, manifest)
-    stored = safetensors_header(weights)
+    where = _weight_files(directory)
+    weights = directory / (INDEX if os.path.lexists(directory / INDEX) else WEIGHTS)  # named in messages
+    stored = {}
+    for path in dict.fromkeys(where.values()):
+        for name, info in safetensors_header(path).items():
+            if where.get(name) != path:
+                raise CorruptFile(f"MODEL: {str(path)!r} holds tensor {name!r}, which the index places elsewhere or nowhere; "
+                                  "allowed: each tensor in the one shard its index names")
+            stored[name] = info
+    missing = sorted(set(where) - set(stored))
+    if missing:
+        raise CorruptFile(f"MODEL: {str(weights)!r} names tensors that no shard holds ({', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''})")
     _bound_list_lengths(directory, manifest, len(stored))
     loaded = _build(directory, manifest, family, stored)
     groups = _check_against_header(loaded.model, manifest, stored, weights)
     _bound_transient_buffers(loaded.model, stored, weights)
     family.materialize(loaded)  # allocates exactly what was checked
     _retie(loaded.model, groups)
-    _fill(loaded.model, groups, weights)
+    _fill(loaded.model, groups, where)
+    saved_dtype = manifest.get("weights", {}).get("dtype") if isinstance(manifest.get("weights"), dict) else None
+    if saved_dtype in ("bfloat16", "float16"):
+        # Held in the dtype it was saved in (built in float32 on meta); parameters only, as a model built in that
+        # dtype has them: computed buffers such as rotary frequencies stay float32.
+        for parameter in loaded.model.parameters():
+            parameter.data = parameter.data.to(getattr(torch, saved_dtype))
     loaded.model.eval()
     loaded.manifest, loaded.source = manifest, str(directory)
     loaded.compression = manifest.get("compression", [])
@@ -275,21 +293,40 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
     return attribute in model.get_submodule(owner)._parameters
 
 
-def _fill(model: nn.Module, groups: list[list[str]], weights: Path) -> None:
-    """Read every stored tensor (refusing non-finite values) into the model, strictly."""
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the file holding it: ``model.safetensors``, or the shards a ``model.safetensors.index.json`` names
+    (each a regular file inside the directory)."""
+    if not os.path.lexists(directory / INDEX):
+        weights = resolve_inside(directory, WEIGHTS, "weights file")
+        return dict.fromkeys(safetensors_header(weights), weights)
+    index = read_json_object(resolve_inside(directory, INDEX, "weights index"), "weights index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CorruptFile(f"MODEL: weights index {str(directory / INDEX)!r} has no 'weight_map' of tensor names to shard files")
+    shards = {name: resolve_inside(directory, name, "weights shard") for name in sorted(set(weight_map.values()))}
+    return {tensor: shards[shard] for tensor, shard in weight_map.items()}
+
+
+def _fill(model: nn.Module, groups: list[list[str]], where: dict[str, Path]) -> None:
+    """Read every stored tensor (refusing non-finite values) into the model, strictly, one weights file at a time."""
     from safetensors import safe_open
 
     state = {}
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for names in groups:
-                tensor = handle.get_tensor(names[0])
-                check_finite(tensor, names[0], weights)
-                state.update(dict.fromkeys(names, tensor))
-    except CorruptFile:
-        raise
-    except Exception as error:  # noqa: BLE001 - the Rust reader raises its own types for a file changed under it
-        raise CorruptFile(f"MODEL: {str(weights)!r} is truncated or corrupted ({one_line(error)})") from error
+    by_file: dict[Path, list[list[str]]] = {}
+    for names in groups:
+        by_file.setdefault(where[names[0]], []).append(names)
+    for weights, file_groups in by_file.items():
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                for names in file_groups:
+                    tensor = handle.get_tensor(names[0])
+                    check_finite(tensor, names[0], weights)
+                    state.update(dict.fromkeys(names, tensor))
+        except CorruptFile:
+            raise
+        except Exception as error:  # noqa: BLE001 - the Rust reader raises its own types for a file changed under it
+            raise CorruptFile(f"MODEL: {str(weights)!r} is truncated or corrupted ({one_line(error)})") from error
+    weights = next(iter(by_file), "weights")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:  # the header check makes this unreachable; kept so a silent partial load never happens
         raise CorruptFile(f"MODEL: {str(weights)!r} does not match its manifest: missing {list(missing)[:5]}, "

@@ -1,9 +1,8 @@
-"""Sharded save/load: Hugging Face sharded safetensors + index + lmshrink.json, one format for both compress paths.
+"""The sharded layout: Hugging Face sharded safetensors + index + lmshrink.json, in the weights' own dtype.
 
-``save_sharded`` writes an in-memory (whole-model) result module by module through ``ShardWriter``;
-the block-by-block engine writes the same layout block by block. ``load_sharded`` builds the model on the
-meta device from config + manifest and fills it tensor by tensor (never a second copy of the weights).
-To be merged into lmshrink.io (save/load) by the lead.
+``save_sharded`` writes an in-memory (whole-model) result through ``ShardWriter``; the block-by-block engine
+writes the same layout block by block. ``lmshrink.load`` reads it, as strictly as a single-file save. (``io.save``
+still writes one model.safetensors; making this the one save format of both paths is open work.)
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from lmshrink.errors import CorruptFile
 from lmshrink.outputs import check_output, reserve
 from lmshrink.safefiles import file_digest
-from lmshrink.io import MANIFEST, manifest_of, read_manifest
-from lmshrink.shards import ShardWriter, SafetensorsSource, fill, materialize
+from lmshrink.io import MANIFEST, manifest_of
+from lmshrink.shards import ShardWriter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,39 +63,3 @@ def save_sharded(loaded, directory: str | Path, dtype: torch.dtype | None = None
         writer.close()
         write_manifest(loaded, staging, dtype)
     return Path(directory).expanduser().resolve()
-
-
-def load_sharded(directory: str | Path, dtype: torch.dtype | None = None, device="cpu"):
-    """Rebuild a sharded lmshrink save: skeleton on the meta device, factorized layers from the manifest, then every
-    tensor from the shards (strict: nothing missing, nothing extra). ``dtype`` defaults to the saved one."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from lmshrink.layers import layer_type
-    from lmshrink.models import FAMILIES, LoadedModel, _import_families
-    from lmshrink.models.blocks import build_skeleton
-    from lmshrink.surgery import replace_module
-
-    directory = Path(directory).expanduser()
-    manifest = read_manifest(directory)
-    _import_families()
-    family = FAMILIES.get(manifest.get("family"))
-    if family is None or not manifest.get("base", {}).get("causal"):
-        raise CorruptFile(f"MODEL: {str(directory)!r}: sharded loading handles Hugging Face causal LMs; the manifest names "
-                          f"family {manifest.get('family')!r}")
-    saved = manifest.get("weights", {}).get("dtype", "float32")
-    dtype = dtype or DTYPES.get(saved, torch.float32)
-    source = SafetensorsSource(directory)
-    config = AutoConfig.from_pretrained(directory)
-    model = build_skeleton(config, dtype)
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        for name, spec in manifest["modules"].items():
-            layer = layer_type(spec["layer"]).from_config(spec["config"], model).to(dtype)
-            replace_module(model, name, layer)
-    materialize(model, device)
-    fill(model, source)
-    tokenizer = AutoTokenizer.from_pretrained(directory) if manifest["base"].get("tokenizer") else None
-    loaded = LoadedModel(model, family, tokenizer, str(directory))
-    loaded.manifest, loaded.compression = manifest, manifest.get("compression", [])
-    return loaded
