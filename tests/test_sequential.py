@@ -338,3 +338,35 @@ def test_cuda_matches_cpu(checkpoint, corpus, tmp_path, method):
     compress_sequential(checkpoint, plan, corpus, tmp_path / "bf16", dtype="bfloat16", device="cuda", progress=False)
     c = _ppl(lmshrink.load(tmp_path / "bf16", dtype=torch.float32), corpus)
     assert abs(c - a) <= 0.05 * a, (a, c)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "lmshrink", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"})
+
+
+def test_cli_sequential_writes_a_model_that_loads_and_reports_it(checkpoint, corpus, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(corpus.train[:60_000])
+    done = _cli("compress", checkpoint, "--sequential", "--method", "svdllm", "--ratio", "0.5", "--dtype", "bfloat16",
+                "--calibrate-on", "original", "--data", text, "--calibration-windows", 2, "--window", 32, "--tokens", 128,
+                "--out", tmp_path / "out", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["plan"]["executor"] == "sequential" and result["plan"]["dtype"] == "bfloat16"
+    assert result["plan"]["calibrate_on"] == "original"
+    again = lmshrink.load(tmp_path / "out")
+    assert all(p.dtype == torch.bfloat16 for p in again.model.parameters())
+    assert sum(m["status"] == "factorized" for m in result["modules"]) == 14
+    assert result["params"]["after"] < result["params"]["before"] and 1 < result["perplexity"]["after"] < 1e4
+    assert result["on_disk"]["saved"] < result["on_disk"]["source"]  # bf16 factors vs float32 dense shards
+
+
+@pytest.mark.parametrize("args,flag", [(["--dtype", "bfloat16"], "--dtype"), (["--device", "cpu"], "--device"),
+                                       (["--sequential", "--no-save"], "--no-save"),
+                                       (["--sequential", "--finetune-steps", "2"], "--finetune-steps")])
+def test_cli_flags_of_the_block_by_block_path_are_refused_elsewhere(checkpoint, tmp_path, args, flag):
+    done = _cli("compress", checkpoint, "--method", "svd", "--ratio", "0.5", *args, "--out", tmp_path / "out", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag}:"), done.stderr
+    assert not (tmp_path / "out").exists()

@@ -380,10 +380,20 @@ def _with(options):
 @click.option("--out", default=None, help="Where to save the compressed model (a new or empty directory). Default ./compressed/<model>-<method>.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier lmshrink save (atomically: it is never missing).")
 @click.option("--no-save", is_flag=True, help="Measure only; do not save.")
+@click.option("--sequential", is_flag=True,
+              help="Block by block: one decoder block in memory at a time, read from the checkpoint and written as sharded "
+                   "safetensors (Hugging Face causal decoders such as LLaMA and Gemma 3; low-rank methods; targets in the blocks).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="--sequential: where blocks run (auto: CUDA when present).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+              help="--sequential: the dtype weights are held and saved in (auto: the checkpoint's; a GGUF: bfloat16).")
+@click.option("--calibrate-on", type=click.Choice(["compressed", "original"]), default=None,
+              help="--sequential: calibrate each block on what the compressed blocks before it produce (compressed, the "
+                   "default: closed loop) or on the original model's activations (original).")
 @_with(common_eval)
 @_method_options
 def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, untie_head, finetune_steps,
-             finetune_lr, finetune_distill, out, overwrite, no_save, data, tokens, window, as_json, **method_options):
+             finetune_lr, finetune_distill, out, overwrite, no_save, sequential, device, dtype, calibrate_on, data, tokens, window, as_json,
+             **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
 
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
@@ -409,6 +419,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                          allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
                          window=window, untie_head=untie_head)
     _check_window_and_data(tokens, window, data)
+    _check_sequential_flags(sequential, device, dtype, calibrate_on, no_save, finetune_steps, untie_head)
     output = None
     if not no_save:  # checked and locked before any work; held until the command ends
         from lmshrink.outputs import reserve
@@ -419,6 +430,13 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     stages = Stages(enabled=not as_json)
     progress = stages.bars
     stages.note(f"text: {corpus.source}")
+    if sequential:
+        result = _compress_block_by_block(model, plan, corpus, output, overwrite, device, dtype, calibrate_on, tokens, window, stages)
+        if as_json:
+            click.echo(_json_line(result), file=json_out)
+        else:
+            _print_block_by_block(result)
+        return
     loaded, source_path = _load_with_stages(model, stages)
     _check_positions(loaded, window)
     if finetune_steps and not loaded.causal:
@@ -534,6 +552,70 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(f"saved to: {saved}" if saved else "not saved (--no-save)")
+
+
+def _check_sequential_flags(sequential, device, dtype, calibrate_on, no_save, finetune_steps, untie_head) -> None:
+    if not sequential:
+        given = [flag for flag, value in (("--device", device), ("--dtype", dtype), ("--calibrate-on", calibrate_on)) if value]
+        if given:
+            raise InvalidArgument(given[0], "applies to block-by-block compression only in this version",
+                                  "--sequential with it, or leave it out (the whole-model path runs on the CPU in float32)")
+        return
+    for flag, value in (("--no-save", no_save), ("--finetune-steps", finetune_steps), ("--untie-head", untie_head)):
+        if value:
+            raise InvalidArgument(flag, "is not available with --sequential", "the whole-model path (no --sequential) for it")
+
+
+def _compress_block_by_block(model, plan, corpus, output, overwrite, device, dtype, calibrate_on, tokens, window, stages) -> dict:
+    """compress --sequential: the model is never whole in memory; the compressed result is evaluated from its output.
+    The original is not evaluated (that would load it whole): `lmshrink eval MODEL` measures it."""
+    import lmshrink
+    from lmshrink.evaluate import corpus_perplexity, greedy_sample
+    from lmshrink.sequential import compress_sequential
+
+    with stages.stage(f"compressing block by block ({calibrate_on or 'compressed'} activations)", has_bar=True):
+        report = compress_sequential(model, plan, corpus, output.target, dtype=dtype or "auto", device=device or "auto",
+                                     calibrate_on=calibrate_on or "compressed", progress=stages.bars, overwrite=overwrite)
+    with stages.stage(f"evaluating the compressed model (perplexity on {tokens:,} tokens, windows of {window})", has_bar=True):
+        loaded = lmshrink.load(output.target)
+        after = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=stages.bars)
+        sample = greedy_sample(loaded, SAMPLE_PROMPT, SAMPLE_TOKENS)
+    stages.note("done")
+    source = _builtin_or_path(model)
+    return {"model": str(model), "method": plan.method, "plan": report.plan, "data": corpus.source,
+            "params": {"before": report.params_before, "after": report.params_after},
+            "on_disk": {"source": _size_on_disk(source) if source else None, "saved": _size_on_disk(output.target)},
+            "perplexity": {"before": None, "after": after["perplexity"]}, "perplexity_protocol": after["protocol"],
+            "eval_tokens": after["tokens"], "window": window, "samples": {"prompt": SAMPLE_PROMPT, "after": sample},
+            "compression_seconds": report.seconds, "calibration_seconds": report.stats_seconds, "notes": report.notes,
+            "saved_to": str(output.target), "modules": report.modules}
+
+
+def _builtin_or_path(model) -> Path | None:
+    from lmshrink.models.builtin import BUILTINS, fetch_builtin
+
+    path = fetch_builtin(str(model)) if str(model) in BUILTINS else Path(str(model)).expanduser()
+    return path if path.exists() else None
+
+
+def _print_block_by_block(result: dict) -> None:
+    plan = result["plan"]
+    click.echo(f"model: {result['model']}   method: {result['method']} (block by block, {plan['calibrate_on']} activations, "
+               f"{plan['dtype']} on {plan['device']})")
+    click.echo(f"data: {result['data']}")
+    factorized = sum(1 for m in result["modules"] if m["status"] == "factorized")
+    click.echo(f"{factorized} of {len(result['modules'])} targeted matrices factorized in {result['compression_seconds']:.1f} s")
+    disk = result["on_disk"]
+    _print_table("before / after", [
+        ["params", result["params"]["before"], result["params"]["after"], result["params"]["after"] / result["params"]["before"]],
+        ["bytes on disk", disk["source"], disk["saved"], disk["saved"] / disk["source"] if disk["source"] else None],
+        ["perplexity", None, result["perplexity"]["after"], None]], ["", "before", "after", "after/before"])
+    click.echo(f"perplexity: {result['perplexity_protocol']}; the original is not evaluated block by block "
+               f"(`lmshrink eval {result['model']}` measures it)")
+    click.echo(f"greedy sample after {SAMPLE_PROMPT!r}: {result['samples']['after']}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"saved to: {result['saved_to']}")
 
 
 def _speed_args(measured: dict) -> dict:
