@@ -370,3 +370,32 @@ def test_cli_flags_of_the_block_by_block_path_are_refused_elsewhere(checkpoint, 
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag}:"), done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("shard-outside", "outside the directory"), ("tensor-nowhere", "no shard holds"), ("shard-missing", "cannot be read"),
+    ("shard-truncated", "truncated or corrupted"), ("tensor-misplaced", "places elsewhere")])
+def test_damaged_sharded_save_is_refused_in_one_line(checkpoint, tmp_path, damage, needle):
+    """The shard index is a file lmshrink.load reads from an untrusted directory, like the manifest (issue: hostile inputs)."""
+    compress_sequential(checkpoint, _plan("svd"), None, tmp_path / "out", dtype="float32", device="cpu", progress=False)
+    folder = tmp_path / "out"
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    if damage == "shard-outside":
+        index["weight_map"][next(iter(index["weight_map"]))] = "../" + shards[0]
+    elif damage == "tensor-nowhere":
+        index["weight_map"]["model.extra.weight"] = shards[0]
+    elif damage == "shard-missing":
+        (folder / shards[-1]).unlink()
+    elif damage == "shard-truncated":
+        (folder / shards[-1]).write_bytes((folder / shards[-1]).read_bytes()[:-64])
+    else:
+        first, second = sorted(index["weight_map"].items(), key=lambda item: item[1])[:: len(index["weight_map"]) - 1]
+        index["weight_map"][first[0]] = second[1]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CorruptFile, match=needle) as error:
+        lmshrink.load(folder, verify=False)  # the structure checks themselves, not only the digests
+    assert "\n" not in str(error.value)
+    with pytest.raises(CorruptFile):
+        lmshrink.load(folder)
