@@ -522,6 +522,25 @@ def test_truncated_gguf_is_one_line(tmp_path, work, pristine, cut):
     refused_everywhere(path, work, pristine["text"], "model.gguf")
 
 
+@pytest.mark.parametrize("key,value,needle", [("llama.block_count", 100_000, "block_count = 100,000"),
+                                             ("llama.feed_forward_length", 4_000_000, "feed-forward width 4,000,000")])
+def test_gguf_metadata_asking_for_more_than_it_stores_is_refused_before_building(tmp_path, key, value, needle):
+    """GGUF metadata sizes the model transformers builds: a crafted count must not cost memory or minutes."""
+    import gguf
+
+    from lmshrink.models.builtin import fetch_builtin
+
+    path = tmp_path / "model.gguf"
+    shutil.copy(fetch_builtin("smollm2-135m"), path)
+    reader = gguf.GGUFReader(str(path), "r+")
+    reader.fields[key].parts[-1][0] = value  # the value's bytes in the memory-mapped file
+    del reader
+    start = time.monotonic()
+    with pytest.raises(CorruptFile, match=needle) as error:
+        lmshrink.load_model(path)
+    assert "\n" not in str(error.value) and time.monotonic() - start < 60
+
+
 @pytest.mark.parametrize("content", ["empty-dict", "empty-tensors", "wrong-dims", "not-a-checkpoint", "huge-layer-index"])
 def test_import_lm_bad_checkpoints_are_one_line(tmp_path, work, content):
     corpus = tmp_path / "corpus"

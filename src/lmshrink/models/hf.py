@@ -111,6 +111,37 @@ def _config_from_dict(config: dict, folder: Path):
         raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} is not a valid transformers config ({one_line(error)})") from error
 
 
+def _bound_gguf(path: Path) -> None:
+    """Refuse GGUF metadata that asks for more than the file stores, before transformers builds the model it describes:
+    block / expert counts above the number of tensors, or blocks whose MLP alone (width x feed-forward width each)
+    would hold more numbers than all the stored tensors together."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as error:  # noqa: BLE001 - the reader fails on a damaged file with struct.error, ValueError, ...
+        raise CorruptFile(f"MODEL: GGUF file {str(path)!r} is truncated or corrupted ({one_line(error)})") from error
+    tensors = len(reader.tensors)
+    stored = sum(int(t.n_elements) for t in reader.tensors)
+    values = {key: int(field.parts[-1][0]) for key, field in reader.fields.items()
+              if key.endswith(("block_count", "expert_count", "embedding_length", "feed_forward_length"))
+              and len(field.parts[-1]) == 1 and field.types and field.types[0].name in _GGUF_INTEGERS}
+    for key, value in values.items():
+        if key.endswith(("block_count", "expert_count")) and value > tensors:
+            raise CorruptFile(f"MODEL: GGUF file {str(path)!r} asks for {key} = {value:,} but stores {tensors} tensors; "
+                              "allowed: metadata matching the tensors")
+    for key, blocks in values.items():
+        if key.endswith("block_count"):
+            prefix = key[: -len("block_count")]
+            width, hidden = values.get(prefix + "embedding_length", 0), values.get(prefix + "feed_forward_length", 0)
+            if blocks * width * hidden > stored:
+                raise CorruptFile(f"MODEL: GGUF file {str(path)!r} describes {blocks:,} blocks of width {width:,} and feed-forward "
+                                  f"width {hidden:,}, more numbers than its {stored:,} stored ones; allowed: metadata matching the tensors")
+
+
+_GGUF_INTEGERS = {"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64"}
+
+
 def _auto_config(folder: Path):
     from transformers import AutoConfig
 
@@ -242,6 +273,7 @@ class _HuggingFace(ModelFamily):
         from transformers import AutoModelForCausalLM
 
         check_regular(path, "GGUF file")
+        _bound_gguf(path)
         try:
             with _quiet_gguf_reader():
                 tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
