@@ -160,6 +160,14 @@ class CanaryTokenizer(PreTrainedTokenizerFast):
 """
 
 
+def edit_base_config(folder: Path, edit) -> None:
+    """Apply ``edit`` to the base model's config: config.json itself, or the base config inside lmshrink's wrapper."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["lmshrink"]["base_config"] if config.get("model_type") == "lmshrink" else config)
+    path.write_text(json.dumps(config))
+
+
 def plant_canary(folder: Path, where: str) -> Path:
     canary = folder.parent / f"{folder.name}-canary"
     (folder / "canary_code.py").write_text(CANARY_CODE.format(canary=str(canary)))
@@ -365,9 +373,7 @@ def test_config_sizes_are_bounded_by_the_stored_tensors(pristine, tmp_path, key,
     kinds = ("llama", "hf") if key != "intermediate_size" else ("hf",)
     for kind in kinds:
         folder = copy_dir(pristine[kind][0], tmp_path / kind)
-        config = json.loads((folder / "config.json").read_text())
-        config[key] = value
-        (folder / "config.json").write_text(json.dumps(config))
+        edit_base_config(folder, lambda config: config.update({key: value}))
         start = time.monotonic()
         with pytest.raises(CorruptFile) as raised:
             lmshrink.load_model(folder)
@@ -379,9 +385,7 @@ def test_dense_modules_replaced_by_the_manifest_are_never_allocated(pristine, tm
     # Every MLP matrix of this model is low-rank: config.json's intermediate_size sizes only the dense modules the
     # manifest replaces, which exist on the meta device alone, so 10^9 x 64 floats are never asked for.
     folder = copy_dir(pristine["llama"][0], tmp_path / "model")
-    config = json.loads((folder / "config.json").read_text())
-    config["intermediate_size"] = 10 ** 9
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_base_config(folder, lambda config: config.update(intermediate_size=10 ** 9))
     assert torch.allclose(logits(lmshrink.load(folder)), pristine["llama"][1], atol=1e-5)
 
 
@@ -466,8 +470,8 @@ MANIFEST_CASES = {
     "config-list": (_write("config.json", b"[]"), "config.json"),
     "config-lacks-type": (lambda f: (f / "config.json").write_text(json.dumps({"hidden_size": 64})), "model_type"),
     "config-unknown-type": (lambda f: (f / "config.json").write_text(json.dumps({"model_type": "evil"})), "'evil'"),
-    "config-inconsistent": (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
-                                                                                 "num_attention_heads": 7})), "config.json"),
+    "config-inconsistent": (lambda f: edit_base_config(f, lambda config: config.update(num_attention_heads=7)), "config.json"),
+    "config-wrapper-without-base": (lambda f: (f / "config.json").write_text(json.dumps({"model_type": "lmshrink"})), "no base model config"),
     "tokenizer-garbage": (_write("tokenizer.json", b"{garbage"), "tokenizer"),
     "tokenizer-missing": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "tokenizer"),
     "weights-truncated": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]), "truncated or corrupted"),

@@ -71,12 +71,12 @@ def checked_config(folder: Path) -> dict:
 
     from lmshrink.hf_compat import unwrap_base_config
 
-    config = unwrap_base_config(read_json_object(resolve_inside(folder, "config.json", "config", LINKS_OUT), "config"),
-                                folder / "config.json")
+    raw = read_json_object(resolve_inside(folder, "config.json", "config", LINKS_OUT), "config")
+    config = unwrap_base_config(raw, folder / "config.json")
     for name in _CODE_MAPS:
         if os.path.lexists(folder / name):
-            content = config if name == "config.json" else read_json_object(resolve_inside(folder, name, name, LINKS_OUT), name)
-            if "auto_map" in content:
+            contents = (raw, config) if name == "config.json" else (read_json_object(resolve_inside(folder, name, name, LINKS_OUT), name),)
+            if any("auto_map" in content for content in contents):
                 raise NotAModel(f"MODEL: {str(folder / name)!r} has an 'auto_map': the model needs code from its directory, and "
                                 "lmshrink never runs code from a model; allowed: architectures built into transformers")
     model_type = config.get("model_type")
