@@ -192,7 +192,7 @@ def test_save_refuses_nonfinite_weights(tmp_path):
 def test_json_is_strict_even_with_nonfinite_figures(workspace, monkeypatch):
     import lmshrink.evaluate
 
-    monkeypatch.setattr(lmshrink.evaluate, "corpus_perplexity", lambda *a, **k: {"perplexity": math.nan, "tokens": 60})
+    monkeypatch.setattr(lmshrink.evaluate, "corpus_perplexity", lambda *a, **k: {"perplexity": math.nan, "tokens": 60, "protocol": "stub"})
     result = invoke(workspace, "eval", "llama", "--data", "text.txt", "--tokens", "64", "--window", "16", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
