@@ -23,3 +23,7 @@ class DataError(LmshrinkError):
 
 class CorruptFile(LmshrinkError):
     """A saved file that is truncated, corrupted, or from a newer lmshrink."""
+
+
+class OutOfMemory(LmshrinkError, MemoryError):
+    """A model or step that does not fit in the memory this process may use."""
