@@ -1,6 +1,6 @@
 """Block-by-block vs whole-model compression (issue 13) on a real model: perplexity, peak RSS, wall time, bytes on disk.
 
-    python benchmarks/sequential.py [--model smollm2-135m] [--ratio 0.8] [--methods svd,fwhiten] [--tokens 8192]
+    python benchmarks/sequential.py [--model smollm2-135m] [--ratios 0.6,0.8] [--methods fwhiten] [--allocation sensitivity]
 
 Each run is a child process (so ru_maxrss is that run's own peak), taken at the end of compression + save,
 before the evaluation loads the result. Runs: the dense model; per method the whole-model path
@@ -34,8 +34,10 @@ def child(spec: dict) -> dict:
     corpus = lmshrink.load_corpus(spec["data"])
     start = time.perf_counter()
     out = Path(spec["out"])
-    plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], calibration_windows=spec["windows"], window=spec["window"]) \
-        if spec["method"] else None
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], allocation=spec["allocation"], calibration_windows=spec["windows"],
+                         window=spec["window"]) if spec["method"] else None
     if spec["path"] == "dense":
         loaded = lmshrink.load_model(spec["model"])
     elif spec["path"] == "whole":
@@ -63,52 +65,92 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratio", type=float, default=0.8)
-    parser.add_argument("--methods", default="fwhiten,svd")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--ratios", default="0.6,0.8", help="Comma-separated; the first is run first.")
+    parser.add_argument("--methods", default="fwhiten")
+    parser.add_argument("--allocation", default="sensitivity")
+    parser.add_argument("--paths", default="closed,open,whole,bf16", help="Which runs per ratio (closed, open, whole, bf16).")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--data", default="wikitext-2")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's choice).")
     parser.add_argument("--name", default="sequential")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))))
         return
-    runs = []  # the most informative first: results are written after every run
-    for method in args.methods.split(","):
-        runs += [("whole", method, "float32", None), ("sequential", method, "float32", "original")]
-        if method != "svd":  # data-free: closed and open loop are the same computation
-            runs.append(("sequential", method, "float32", "compressed"))
-    runs += [("sequential", method, "auto", "compressed") for method in args.methods.split(",")] + [("dense", None, None, None)]
+    kinds = {"closed": ("sequential", "float32", "compressed"), "open": ("sequential", "float32", "original"),
+             "whole": ("whole", "float32", None), "bf16": ("sequential", "auto", "compressed")}
+    runs = [(*kinds[kind], method, float(ratio)) for ratio in args.ratios.split(",") for method in args.methods.split(",")
+            for kind in args.paths.split(",")]
+    runs.append(("dense", None, None, None, None))
     rows, results = [], []
     env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"}
     with tempfile.TemporaryDirectory(prefix="lmshrink-sequential-") as scratch:
-        for number, (path, method, dtype, calibrate_on) in enumerate(runs):
+        for number, (path, dtype, calibrate_on, method, ratio) in enumerate(runs):
             spec = {"model": args.model, "path": path, "method": method, "dtype": dtype, "calibrate_on": calibrate_on,
-                    "ratio": args.ratio, "windows": args.windows, "window": args.window, "tokens": args.tokens, "data": args.data,
-                    "out": str(Path(scratch) / f"run{number}")}
+                    "ratio": ratio, "allocation": args.allocation, "windows": args.windows, "window": args.window,
+                    "tokens": args.tokens, "data": args.data, "threads": args.threads, "out": str(Path(scratch) / f"run{number}")}
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                result = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            else:
-                result = json.loads(line[len("RESULT "):])
-            results.append({**spec, **result})
-            label = "dense (float32)" if path == "dense" else (f"{method} whole-model float32" if path == "whole" else
-                                                               f"{method} block-by-block {dtype}, {'closed' if calibrate_on == 'compressed' else 'open'} loop")
-            rows.append([label, result.get("perplexity"), result.get("peak_rss_mib"), result.get("seconds"),
-                         result.get("weights_bytes_on_disk"), result.get("error")])
-            write_results(args.name, {"model": args.model, "ratio": args.ratio, "runs": results},
-                          ["run", f"perplexity ({args.tokens} tokens, window {args.window})", "peak RSS MiB (compress + save)",
-                           "wall s (compress + save)", "weights bytes on disk", "error"], rows,
-                          notes=[f"{args.windows} calibration windows of {args.window} tokens from WikiText-2 train; statistics cache off.",
+            result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            results.append({**spec, **result, "label": _label(path, dtype, calibrate_on)})
+            rows.append([_label(path, dtype, calibrate_on), method or "-", ratio, result.get("perplexity"), result.get("peak_rss_mib"),
+                         result.get("seconds"), result.get("weights_bytes_on_disk"), result.get("error")])
+            write_results(args.name, {"model": args.model, "allocation": args.allocation, "runs": results},
+                          ["run", "method", "ratio", f"perplexity ({args.tokens} tokens, window {args.window})",
+                           "peak RSS MiB (load + compress + save)", "wall s (load + compress + save)", "weights bytes on disk", "error"],
+                          rows,
+                          notes=[f"{args.windows} calibration windows of {args.window} tokens from {args.data} train; "
+                                 f"allocation {args.allocation}; statistics cache off.",
                                  "Peak RSS: ru_maxrss of the child process at the end of compression and saving (before evaluation).",
                                  "Block-by-block outputs are evaluated in float32 (the bf16 run's weights are exactly its bf16 values).",
-                                 "Closed loop: each block is calibrated on the outputs of the already-compressed blocks; the Fisher "
-                                 "(fwhiten) is always the original model's (exact, block-wise backward).",
-                                 "2 shared CPU cores: wall times are noisy."])
+                                 "Closed loop: each block is calibrated on the outputs of the already-compressed blocks; open loop: on the "
+                                 "original model's activations (what the whole-model path sees). The Fisher (fwhiten) is always the "
+                                 "original model's (exact, block-wise backward).",
+                                 "2 shared CPU cores: wall times are noisy; compare within one run only."])
+            _plot(args.name, results)
             print(rows[-1], flush=True)
+
+
+def _label(path, dtype, calibrate_on) -> str:
+    if path == "dense":
+        return "dense (float32)"
+    if path == "whole":
+        return "whole-model float32"
+    return f"block-by-block {'bf16' if dtype == 'auto' else dtype}, {'closed' if calibrate_on == 'compressed' else 'open'} loop"
+
+
+def _plot(name: str, results: list[dict]) -> None:
+    """Perplexity against ratio per path, and peak RSS per path (two panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from _common import RESULTS
+
+    done = [r for r in results if r.get("perplexity") is not None]
+    if not done:
+        return
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in dict.fromkeys(r["label"] for r in done if r["path"] != "dense"):
+        points = sorted((r["ratio"], r["perplexity"]) for r in done if r["label"] == label)
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for r in done:
+        if r["path"] == "dense":
+            left.axhline(r["perplexity"], color="black", linestyle=":", label="dense")
+    left.set_xlabel("ratio (parameters kept per matrix)")
+    left.set_ylabel("perplexity")
+    left.legend(fontsize=8)
+    labels = [f"{r['label']}\n{'' if r['ratio'] is None else r['ratio']}" for r in done if r.get("peak_rss_mib")]
+    right.barh(labels, [r["peak_rss_mib"] for r in done if r.get("peak_rss_mib")])
+    right.set_xlabel("peak RSS MiB")
+    right.tick_params(axis="y", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
