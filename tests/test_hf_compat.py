@@ -94,6 +94,27 @@ for auto, directory in (("AutoModelForCausalLM", {str(llama_dir)!r}), ("AutoMode
         assert "has model type `lmshrink` but Transformers does not recognize this architecture" in line, line
 
 
+def test_a_model_class_used_directly_refuses_a_saved_directory_naming_lmshrink(llama_dir, gpt2_dir, bert_dir):
+    # LlamaForCausalLM.from_pretrained skips the model-type check: it used to build LLaMA's default 7B config with random
+    # weights. It must fail while parsing config.json, quoting how to load the directory, and build nothing.
+    result = _child(f"""
+import transformers
+for cls, directory in (("LlamaForCausalLM", {str(llama_dir)!r}), ("GPT2LMHeadModel", {str(gpt2_dir)!r}),
+                       ("BertModel", {str(bert_dir)!r}), ("LlamaConfig", {str(llama_dir)!r})):
+    try:
+        getattr(transformers, cls).from_pretrained(directory)
+    except Exception as error:
+        print(cls, type(error).__name__, str(error).splitlines()[0])
+    else:
+        print(cls, "LOADED")
+""")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["LlamaForCausalLM", "GPT2LMHeadModel", "BertModel", "LlamaConfig"]
+    for line in lines:
+        assert "LOADED" not in line and "lmshrink: a compressed model" in line and "import lmshrink" in line, line
+
+
 @pytest.mark.parametrize("fixture,auto", [("llama_dir", "AutoModelForCausalLM"), ("gpt2_dir", "AutoModelForCausalLM"),
                                           ("bert_dir", "AutoModel")])
 def test_auto_classes_after_import_give_lmshrink_loads_logits(request, fixture, auto):

@@ -29,6 +29,9 @@ CONFIG = "config.json"
 HOW_TO_LOAD = ("a model compressed by lmshrink: model.safetensors holds factorized layers, not the base model's dense weights. "
                "Load it with `import lmshrink` and then AutoModelForCausalLM.from_pretrained(DIR) (AutoModel for encoders), "
                "or lmshrink.load(DIR); `lmshrink export DIR --dense --out OUT` writes a plain Hugging Face checkpoint")
+# Not a dtype: a transformers config class built from this directory fails on it, quoting it (see the module docstring).
+REFUSAL = ("lmshrink: a compressed model, not loadable by this transformers class; `import lmshrink`, then "
+           "AutoModelForCausalLM.from_pretrained(DIR) (AutoModel for encoders) or lmshrink.load(DIR)")
 
 
 class LmshrinkConfig(PretrainedConfig):
@@ -38,7 +41,13 @@ class LmshrinkConfig(PretrainedConfig):
 
     def __init__(self, lmshrink: dict[str, Any] | None = None, **kwargs):
         self.lmshrink = dict(lmshrink or {})
+        for key in ("dtype", "torch_dtype"):
+            if kwargs.get(key) == REFUSAL:
+                del kwargs[key]
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "dtype": REFUSAL}
 
     @property
     def causal(self) -> bool:
