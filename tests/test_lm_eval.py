@@ -139,3 +139,17 @@ def test_registered_lm_eval_model_lmshrink(llama_dir, tasks_dir):
                                      task_manager=manager, device="cpu", batch_size=4)
     accuracy, _ = direct_accuracy(lmshrink.load(llama_dir), _documents())
     assert output["results"]["tiny_mc"]["acc,none"] == pytest.approx(accuracy, abs=1e-12)
+
+
+def test_lm_eval_command_line_with_the_lmshrink_model(llama_dir, tasks_dir):
+    # lm-eval's own CLI (what `lmshrink-lm-eval` runs), in a fresh process: the model "lmshrink" is found and scores the task.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lmshrink.lm_eval_model", "run", "--model", "lmshrink", "--model_args",
+                           f"pretrained={llama_dir}", "--tasks", "tiny_mc", "--include_path", str(tasks_dir), "--device", "cpu",
+                           "--batch_size", "4"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    accuracy, _ = direct_accuracy(lmshrink.load(llama_dir), _documents())
+    row = next(line for line in done.stdout.splitlines() if "tiny_mc" in line and "acc" in line)
+    assert f"{accuracy:.4f}" in row, row
