@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lmshrink.cache import cache_dir
 from lmshrink.data import Corpus, calibration_windows
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.plan import Target
@@ -44,8 +45,6 @@ CACHE_SECONDS_PER_GB = 10.0
 
 
 def stats_cache_dir() -> Path:
-    from lmshrink.models.builtin import cache_dir
-
     return cache_dir() / "stats"
 
 

@@ -17,67 +17,22 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from lmshrink.errors import CorruptFile, InvalidArgument, NotAModel
-
-MODEL_TYPE = "lmshrink"
-CONFIG = "config.json"
-HOW_TO_LOAD = ("a model compressed by lmshrink: model.safetensors holds factorized layers, not the base model's dense weights. "
-               "Load it with `import lmshrink` and then AutoModelForCausalLM.from_pretrained(DIR) (AutoModel for encoders), "
-               "or lmshrink.load(DIR); `lmshrink export DIR --dense --out OUT` writes a plain Hugging Face checkpoint")
-
-
-class LmshrinkConfig(PretrainedConfig):
-    """config.json of a saved lmshrink directory: {"model_type": "lmshrink", "lmshrink": {"base_config": {...}, ...}}."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, lmshrink: dict[str, Any] | None = None, **kwargs):
-        self.lmshrink = dict(lmshrink or {})
-        super().__init__(**kwargs)
-
-    @property
-    def causal(self) -> bool:
-        return bool(self.lmshrink.get("causal", True))
-
-    def base(self) -> PretrainedConfig:
-        """The base model's own config (LlamaConfig, GPT2Config, BertConfig, ...)."""
-        return base_config_from_dict(self.lmshrink.get("base_config"), "config.json")
-
-
-def base_config_from_dict(data: Any, where: str) -> PretrainedConfig:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type is None or model_type == MODEL_TYPE or model_type not in CONFIG_MAPPING:
-        raise CorruptFile(f"MODEL: {where} names base model type {model_type!r}, which this transformers does not know")
-    return CONFIG_MAPPING[model_type].from_dict(data)
-
-
-def write_config(directory: Path, base_config: PretrainedConfig, causal: bool) -> None:
-    """Write ``directory/config.json``: lmshrink's model type, with ``base_config`` inside."""
-    architecture = LmshrinkForCausalLM.__name__ if causal else LmshrinkModel.__name__
-    config = LmshrinkConfig(lmshrink={"about": HOW_TO_LOAD, "causal": causal, "base_config": base_config.to_dict()},
-                            architectures=[architecture])
-    config.to_json_file(Path(directory) / CONFIG, use_diff=True)
-
-
-def unwrap_base_config(config: dict, path: Path) -> dict:
-    """The base model's config from a directory's config.json: inside lmshrink's wrapper, or as it is (a plain Hugging
-    Face directory, or one lmshrink saved before config.json was wrapped)."""
-    if config.get("model_type") != MODEL_TYPE:
-        return config
-    inner = config.get("lmshrink")
-    base = inner.get("base_config") if isinstance(inner, dict) else None
-    if not isinstance(base, dict):
-        raise CorruptFile(f"MODEL: config {str(path)!r} is lmshrink's but holds no base model config; allowed: "
-                          "{'model_type': 'lmshrink', 'lmshrink': {'base_config': {...}}}")
-    return base
-
+from lmshrink.errors import InvalidArgument, NotAModel
+from lmshrink.hf_config import (  # noqa: F401  (re-exported: the config pieces live in hf_config)
+    CAUSAL_ARCHITECTURE,
+    CONFIG,
+    ENCODER_ARCHITECTURE,
+    HOW_TO_LOAD,
+    MODEL_TYPE,
+    LmshrinkConfig,
+    base_config_from_dict,
+    unwrap_base_config,
+    write_config,
+)
 
 class _SavesAsLmshrink:
     """Mixed into a loaded model's class: ``save_pretrained`` writes an lmshrink directory (factors + manifest)."""
@@ -202,6 +157,9 @@ class LmshrinkForCausalLM(_LmshrinkAutoModel):
 
 class LmshrinkModel(_LmshrinkAutoModel):
     causal = False
+
+
+assert (LmshrinkForCausalLM.__name__, LmshrinkModel.__name__) == (CAUSAL_ARCHITECTURE, ENCODER_ARCHITECTURE)
 
 
 def register() -> None:
