@@ -55,6 +55,11 @@ def test_registry_get_names_and_unknown_name_lists_known_and_close(tmp_path, mon
         host.THINGS.register("alpha", 99)
     view = host.THINGS.mapping()
     assert view.get("nothing") is None and view["gamma"] == 3 and list(view) == ["alpha", "alphabet", "gamma"]
+    # A declared module that fails to import fails every lookup, never passing for an unknown name.
+    broken = Registry("thing", "--thing", modules=("lmshrink_test_no_such_plugin",))
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError):
+            broken.get("alpha")
 
 
 def test_every_registry_is_a_registry_with_its_entries():
@@ -73,6 +78,17 @@ def test_every_registry_is_a_registry_with_its_entries():
     assert "norms" in ANALYSES
     with pytest.raises(InvalidArgument, match=r"--allocation: unknown allocation 'sensitive'.*close: sensitivity"):
         lmshrink.compress(tiny_gpt2(), Plan(ratio=0.5, allocation="sensitive"), progress=False)
+
+
+def test_a_manifest_naming_the_directory_opener_as_its_family_is_refused(tmp_path):
+    from lmshrink.errors import CorruptFile
+
+    lmshrink.save(tiny_gpt2(), tmp_path / "saved")
+    assert lmshrink.load_model(tmp_path / "saved").family.name == "hf"  # opened by "lmshrink-directory", built by "hf"
+    manifest = tmp_path / "saved" / "lmshrink.json"
+    manifest.write_text(manifest.read_text().replace('"family": "hf"', '"family": "lmshrink-directory"'))
+    with pytest.raises(CorruptFile, match="names model family 'lmshrink-directory', which opens saved directories"):
+        lmshrink.load(tmp_path / "saved")
 
 
 # ------------------------------------------------------------------------------------------------ method options

@@ -60,8 +60,12 @@ class Registry(Generic[Entry]):
         if self.package is not None:
             package = importlib.import_module(self.package)
             names += [f"{self.package}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
-        for module in names:
-            importlib.import_module(module)
+        try:
+            for module in names:
+                importlib.import_module(module)
+        except BaseException:
+            self._discovered = False  # a failed import is raised again on the next lookup, never read as "unknown name"
+            raise
 
     def get(self, name: str) -> Entry:
         """The entry called ``name``; else InvalidArgument naming the known ones (close matches first)."""

@@ -11,11 +11,11 @@ from tqdm.auto import tqdm
 
 from lmshrink.accounting import count_bytes, count_params, module_params
 from lmshrink.allocation import allocate, check_amounts
+from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
 from lmshrink.methods import get_method
-from lmshrink.calibration import collect_stats
 from lmshrink.models import LoadedModel, load_model
 from lmshrink.plan import Plan, Target, select_targets
 
@@ -112,7 +112,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         ranks = allocate(targets, plan, stats)
         for target in tqdm(targets, desc=f"{method.name}", unit="matrix", disable=not progress):
             rows.append(factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options,
-                                          plan.untie_head))
+                                         plan.untie_head))
     else:
         for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
             before = module_params(target.module)
