@@ -10,11 +10,12 @@ import lmshrink
 from conftest import tiny_llama
 from lmshrink import calibration
 from lmshrink.analysis.svd_risk import model_svd_risk, rank_correlation, svd_risk
-from lmshrink.budget import allocate_budget, allocated_params, error_spectrum
+from lmshrink.budget import allocate_budget, allocated_params
 from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus
 from lmshrink.decompose.weighted import fisher_output_weights, safe_weights
 from lmshrink.errors import DataError, InvalidArgument
+from lmshrink.methods import get_method
 from lmshrink.plan import Plan, Target, select_targets
 
 
@@ -259,11 +260,11 @@ def test_params_budget_is_the_global_ratio_and_is_met(calibrated):
 def test_error_spectrum_units():
     weight = torch.randn(12, 10, dtype=torch.float64)
     fisher = torch.full((12, 10), 2.0, dtype=torch.float64)
-    values, loss_units = error_spectrum(weight, {"fisher": fisher})
+    values, loss_units = get_method("fwsvd").error_spectrum(weight, {"fisher": fisher})
     assert loss_units
     # Uniform Fisher c: 1/2 c sigma_i^2.
     assert torch.allclose(values, torch.linalg.svdvals(weight) ** 2, rtol=1e-10)
-    values, loss_units = error_spectrum(weight, {})
+    values, loss_units = get_method("svd").error_spectrum(weight, {})
     assert not loss_units and values.sum() == pytest.approx(1.0)
 
 

@@ -245,7 +245,7 @@ def test_saved_files_follow_the_umask(tmp_path, models, mask):
 
 
 def test_a_killed_train_lm_does_not_block_the_next(tmp_path, monkeypatch):
-    from lmshrink.models import lstm
+    from lmshrink.models.lstm import zoo as lstm
 
     monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path))
     directory = lstm.reference_dir("ptb-small")

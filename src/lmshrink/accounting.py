@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lmshrink.decompose.svd import lowrank_params
+
 
 def _unique(tensors):
     seen = set()
@@ -26,3 +28,26 @@ def count_bytes(module: nn.Module) -> int:
 
 def module_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# The one rule for "stays dense": a replacement is made only when it stores fewer parameters than the dense matrix
+# it replaces. Every place that decides it (allocations, the budget, module methods, the report) calls these.
+
+def stays_dense(stored_params: int, dense_params: int) -> bool:
+    """Whether a replacement storing ``stored_params`` values is not smaller than the ``dense_params`` it replaces."""
+    return stored_params >= dense_params
+
+
+def keep_if_smaller(rank: int, shape: tuple[int, int]) -> int | None:
+    """``rank``, or None (stays dense) when its factors would hold at least as many parameters as the matrix."""
+    return None if stays_dense(lowrank_params(rank, shape), shape[0] * shape[1]) else rank
+
+
+def largest_smaller_rank(shape: tuple[int, int], multiple_of: int = 1) -> int | None:
+    """The largest rank (a multiple of ``multiple_of``, at most min(m, n)) that keep_if_smaller keeps; None if none."""
+    m, n = shape
+    rank = (m * n - 1) // (m + n)  # the largest k with k (m + n) < m n, i.e. not stays_dense
+    if multiple_of > 1:
+        rank = rank // multiple_of * multiple_of
+    rank = min(rank, min(shape))
+    return rank if rank >= 1 else None

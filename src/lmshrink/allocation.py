@@ -1,30 +1,37 @@
-"""Who gets which rank: the second axis of lmshrink, independent of the factorization method."""
+"""Who gets which rank: the second axis of lmshrink, independent of the factorization method.
+
+Allocations register in ALLOCATIONS ("uniform" here, "sensitivity" in lmshrink.budget).
+"""
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Callable
 
-from lmshrink.decompose.svd import check_rank, lowrank_params, rank_for_energy, rank_for_ratio, round_rank, svd
-from lmshrink.errors import InvalidArgument
+from lmshrink.accounting import keep_if_smaller
+from lmshrink.decompose.svd import check_rank, rank_for_energy, rank_for_ratio, round_rank, svd
 from lmshrink.plan import Plan, Target
+from lmshrink.registry import Registry
 
 # An allocation maps (targets, plan, stats) to {target name: rank, or None to stay dense}.
 Allocation = Callable[[list[Target], Plan, dict], dict[str, int | None]]
-ALLOCATIONS: dict[str, Allocation] = {}
+ALLOCATIONS: Registry[Allocation] = Registry("allocation", "--allocation", modules=("lmshrink.allocation", "lmshrink.budget"))
 
 
-def register_allocation(name: str):
-    def decorate(function: Allocation) -> Allocation:
-        ALLOCATIONS[name] = function
-        return function
-
-    return decorate
+def register_allocation(name: str) -> Callable[[Allocation], Allocation]:
+    return ALLOCATIONS.register(name)
 
 
-def keep_if_smaller(rank: int, shape: tuple[int, int]) -> int | None:
-    """A rank, or None when the factors would hold at least as many parameters as the dense matrix."""
-    return rank if lowrank_params(rank, shape) < shape[0] * shape[1] else None
+def uniform_rank(target: Target, plan: Plan) -> int | None:
+    """The uniform rule's rank for one target from a ratio or rank plan, without looking at the weights (None: energy
+    plans, which need the spectrum). Raises InvalidArgument for a rank the matrix cannot have."""
+    shape = target.shape
+    if plan.ratio is not None:
+        rank = rank_for_ratio(shape, plan.ratio)
+    elif plan.rank is not None:
+        rank = check_rank(plan.rank, shape, f"--rank (for {target.name}, {shape[0]}x{shape[1]})")
+    else:
+        return None
+    return round_rank(rank, plan.multiple_of, min(shape))
 
 
 @register_allocation("uniform")
@@ -33,24 +40,20 @@ def uniform(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | N
     ranks = {}
     for target in targets:
         shape = target.shape
-        if plan.ratio is not None:
-            rank = rank_for_ratio(shape, plan.ratio)
-        elif plan.rank is not None:
-            rank = check_rank(plan.rank, shape, f"--rank (for {target.name}, {shape[0]}x{shape[1]})")
-        else:
-            rank = rank_for_energy(svd(target.weight().detach())[1], plan.energy)
-        ranks[target.name] = keep_if_smaller(round_rank(rank, plan.multiple_of, min(shape)), shape)
+        rank = uniform_rank(target, plan)
+        if rank is None:
+            rank = round_rank(rank_for_energy(svd(target.weight().detach())[1], plan.energy), plan.multiple_of, min(shape))
+        ranks[target.name] = keep_if_smaller(rank, shape)
     return ranks
 
 
 def allocate(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | None]:
-    _import_plugins()
-    if plan.allocation not in ALLOCATIONS:
-        raise InvalidArgument("--allocation", f"unknown allocation {plan.allocation!r}", ", ".join(sorted(ALLOCATIONS)))
-    return ALLOCATIONS[plan.allocation](targets, plan, stats)
+    return ALLOCATIONS.get(plan.allocation)(targets, plan, stats)
 
 
-def _import_plugins() -> None:
-    # Budgeted allocations live in lmshrink.budget (importance-aware); import it when present.
-    if importlib.util.find_spec("lmshrink.budget") is not None:
-        importlib.import_module("lmshrink.budget")
+def check_amounts(targets: list[Target], plan: Plan) -> None:
+    """Cheap checks of a plan's amount against its targets before any work (no spectra, no allocation): the allocation
+    exists, and a --rank fits every matrix."""
+    ALLOCATIONS.get(plan.allocation)
+    for target in targets:
+        uniform_rank(target, plan)

@@ -2,13 +2,13 @@
 
 ``sensitivity`` (registered into lmshrink.allocation) spends the budget where it buys the most: greedily,
 it gives up the rank-one component whose removal costs the least error per parameter saved, until the
-targets fit the budget. The error of each matrix at each rank comes from the same weighted spectrum the
-method truncates, so allocation and factorization agree:
+targets fit the budget. The error of each matrix at each rank comes from the method itself
+(``Method.error_spectrum``: the same weighted spectrum the method truncates), so allocation and factorization agree:
 
 - Fisher + input Gram (fwhiten): singular values of G^1/2 W A^1/2, in loss units (nats);
 - Fisher (fwsvd, tfwsvd): singular values of diag(mean row Fisher)^1/2 W, in loss units;
 - input Gram (svdllm): singular values of W C, C C^T = Gram; input |x| means (asvd): of W diag(s);
-- nothing (svd): singular values of W.
+- the others (svd, rsvd, seminmf): singular values of W.
 
 Only the first two are comparable across matrices as they stand (a second-order estimate of the loss
 increase); the others are divided by each matrix's total, i.e. relative error, the usual proxy.
@@ -28,46 +28,11 @@ import math
 
 import torch
 
-from lmshrink.allocation import keep_if_smaller, register_allocation, uniform
-from lmshrink.decompose.weighted import asvd_scales, fisher_output_weights, psd_sqrt, safe_weights, weighted_spectrum
+from lmshrink.accounting import keep_if_smaller, largest_smaller_rank
+from lmshrink.allocation import register_allocation, uniform
 from lmshrink.errors import InvalidArgument
+from lmshrink.methods import get_method
 from lmshrink.plan import Plan, Target
-
-
-def error_spectrum(weight: torch.Tensor, stats: dict, options: dict | None = None) -> tuple[torch.Tensor, bool]:
-    """(squared weighted singular values, descending; whether they are in loss units) for one target."""
-    options = options or {}
-    weight = weight.detach()
-    fisher = stats.get("fisher")
-    gram = stats.get("input_gram")
-    square_mean = stats.get("input_sq_mean")
-    if fisher is not None and gram is not None and square_mean is not None:
-        count = float(gram.double().diagonal().sum() / square_mean.double().sum().clamp_min(1e-300))
-        root, _ = psd_sqrt(gram.double() / max(count, 1.0), options.get("whiten_damping", 0.0))
-        rows = safe_weights(fisher_output_weights(fisher, square_mean))
-        return 0.5 * weighted_spectrum(weight, rows, root) ** 2, True
-    if fisher is not None:
-        rows = safe_weights(fisher.double().mean(1))  # mean over the row: sum_j I_ij d_ij^2 ~ mean_j I_ij ||d_i||^2
-        return 0.5 * weighted_spectrum(weight, rows) ** 2, True
-    if gram is not None:
-        root, _ = psd_sqrt(gram, options.get("whiten_damping", 0.0))
-        values = weighted_spectrum(weight, None, root) ** 2
-    elif stats.get("input_abs_mean") is not None:
-        scales = asvd_scales(stats["input_abs_mean"], options.get("asvd_alpha", 0.5))
-        values = weighted_spectrum(weight, None, torch.diag(scales)) ** 2
-    else:
-        values = torch.linalg.svdvals(weight.double()) ** 2
-    return values / values.sum().clamp_min(1e-300), False
-
-
-def _max_rank(shape: tuple[int, int], multiple_of: int) -> int | None:
-    """The largest rank (a multiple of ``multiple_of``) whose factors are smaller than the dense matrix."""
-    m, n = shape
-    rank = (m * n - 1) // (m + n)
-    if multiple_of > 1:
-        rank = rank // multiple_of * multiple_of
-    rank = min(rank, min(shape))
-    return rank if rank >= 1 else None
 
 
 def allocate_budget(targets: list[Target], spectra: dict[str, torch.Tensor], budget: int,
@@ -83,7 +48,7 @@ def allocate_budget(targets: list[Target], spectra: dict[str, torch.Tensor], bud
     bounds = bounds or {}
     dense = {t.name: t.shape[0] * t.shape[1] for t in targets}
     lowest = {t.name: max(multiple_of, bounds.get(t.name, (multiple_of, None))[0]) for t in targets}
-    floor = {t.name: (t.shape[0] + t.shape[1]) * lowest[t.name] if _max_rank(t.shape, multiple_of) else dense[t.name]
+    floor = {t.name: (t.shape[0] + t.shape[1]) * lowest[t.name] if largest_smaller_rank(t.shape, multiple_of) else dense[t.name]
              for t in targets}
     total_dense = sum(dense.values())
     minimum = sum(floor.values())
@@ -93,7 +58,7 @@ def allocate_budget(targets: list[Target], spectra: dict[str, torch.Tensor], bud
                               f"a budget >= {minimum:,} parameters, i.e. ratio >= {math.ceil(minimum / total_dense * 1e4) / 1e4:.4f}")
     ranks: dict[str, int | None] = {}
     for t in targets:
-        top, highest = _max_rank(t.shape, multiple_of), bounds.get(t.name, (None, None))[1]
+        top, highest = largest_smaller_rank(t.shape, multiple_of), bounds.get(t.name, (None, None))[1]
         ranks[t.name] = highest if top is not None and highest is not None and highest < top else None
     used = allocated_params(targets, ranks)
     heap = []
@@ -103,7 +68,7 @@ def allocate_budget(targets: list[Target], spectra: dict[str, torch.Tensor], bud
         rank = ranks[name]
         values = spectra[name]
         if rank is None:
-            top = _max_rank(target.shape, multiple_of)
+            top = largest_smaller_rank(target.shape, multiple_of)
             if top is None:
                 return
             cost, saved, new_rank = float(values[top:].sum()), dense[name] - top * (m + n), top
@@ -142,7 +107,7 @@ def shift_bounds(targets: list[Target], plan: Plan, stats: dict) -> dict[str, tu
     bounds = {}
     for target in targets:
         base = uniform([target], plan, stats)[target.name]
-        top = _max_rank(target.shape, step)
+        top = largest_smaller_rank(target.shape, step)
         if top is None:
             continue
         center = top if base is None else base  # uniform leaves it dense: count from the largest useful rank
@@ -155,10 +120,12 @@ def shift_bounds(targets: list[Target], plan: Plan, stats: dict) -> dict[str, tu
 @register_allocation("sensitivity")
 def sensitivity(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | None]:
     """Ranks under the plan's global budget, spent where the weighted truncation error per parameter is lowest."""
+    method = get_method(plan.method)
+    options = method.resolve_options(plan.options)
     spectra = {}
     loss_units = set()
     for target in targets:
-        values, in_loss = error_spectrum(target.weight().float(), stats.get(target.name, {}), plan.options)
+        values, in_loss = method.error_spectrum(target.weight().float(), stats.get(target.name, {}), options)
         spectra[target.name] = values.cpu()
         loss_units.add(in_loss)
     return ranks_from_spectra(targets, plan, stats, spectra, loss_units)
@@ -166,7 +133,7 @@ def sensitivity(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int
 
 def ranks_from_spectra(targets: list[Target], plan: Plan, stats: dict, spectra: dict[str, torch.Tensor],
                        loss_units: set[bool]) -> dict[str, int | None]:
-    """``sensitivity``'s ranks from spectra already computed (by error_spectrum), e.g. streamed block by block."""
+    """``sensitivity``'s ranks from spectra already computed (by Method.error_spectrum), e.g. streamed block by block."""
     if len(loss_units) > 1:
         # Mixed units cannot be compared: fall back to relative error everywhere.
         spectra = {name: v / v.sum().clamp_min(1e-300) for name, v in spectra.items()}

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lmshrink.cache import cache_dir
 from lmshrink.data import Corpus, calibration_windows
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.plan import Target
@@ -44,8 +45,6 @@ CACHE_SECONDS_PER_GB = 10.0
 
 
 def stats_cache_dir() -> Path:
-    from lmshrink.models.builtin import cache_dir
-
     return cache_dir() / "stats"
 
 
@@ -126,7 +125,7 @@ def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
 def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, torch.Tensor]]:
     stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
     input_needs = needs & INPUT_STATS
-    hooks = [t.module.register_forward_hook(_input_hook(stats[t.name], input_needs)) for t in targets] if input_needs else []
+    hooks = [t.module.register_forward_hook(input_hook(stats[t.name], input_needs)) for t in targets] if input_needs else []
     model = loaded.model
     fisher = "fisher" in needs
     saved_flags = {}
@@ -196,7 +195,9 @@ def _as_out_in(target: Target, tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tuple(tensor.shape) == shape else tensor.T.contiguous()
 
 
-def _input_hook(entry: dict, needs: set):
+def input_hook(entry: dict, needs: set):
+    """A forward hook that adds a module's input statistics (``needs``: input_gram, input_abs_mean, input_sq_mean) into
+    ``entry`` as running sums, with the token count in ``entry["_tokens"]`` (collect_stats and sequential use it)."""
     def hook(module, inputs, output):
         x = inputs[0].detach()
         if not x.is_floating_point():

@@ -141,28 +141,42 @@ def main(threads):
 
 
 def _method_options(command):
-    """Add every registered method's own options (e.g. --groups, --bits) to the compress command."""
+    """Add every registered method's own options (e.g. --groups, --bits) to the compress command.
+
+    Methods may share an option name with their own defaults and ranges (--bits: groupreduce 0, quantize 8): the flag
+    has no default of its own, its help names each method's, and the chosen method's resolve_options fills and checks it.
+    """
     from lmshrink.methods import all_methods
 
-    seen = {}
+    by_name: dict[str, list] = {}
     for method in all_methods().values():
         for option in method.options:
-            seen.setdefault(option.name, option)
-    for option in sorted(seen.values(), key=lambda o: o.name, reverse=True):
-        flag = option.name.replace("_", "-")
-        if option.type is bool:
-            command = click.option(f"--{flag}/--no-{flag}", option.name, default=None,
-                                   help=f"{option.help} [default: {option.default}]")(command)
-            continue
-        if option.choices:
-            kind = click.Choice([str(c) for c in option.choices])
-        elif option.type in (int, float):
-            kind = _Number(option.type, option.bounds or Bounds())
+            by_name.setdefault(option.name, []).append((method.name, option))
+    for name in sorted(by_name, reverse=True):
+        owners = by_name[name]
+        first = owners[0][1]
+        flag = name.replace("_", "-")
+
+        def same(attribute):
+            return all(getattr(o, attribute) == getattr(first, attribute) for _, o in owners)
+
+        if first.type is bool and same("type"):
+            kind = None
+        elif first.choices and same("choices"):
+            kind = click.Choice([str(c) for c in first.choices])
+        elif first.type in (int, float) and same("type"):
+            kind = _Number(first.type, (first.bounds or Bounds()) if same("bounds") else Bounds())
         else:
-            kind = option.type
-        allowed = f"; {kind.bounds.describe(kind.kind)}" if isinstance(kind, _Number) else ""
-        command = click.option(f"--{flag}", option.name, type=kind, default=None,
-                               help=f"{option.help} [default: {option.default}{allowed}]")(command)
+            kind = first.type if same("type") else str
+        described = []
+        for method_name, option in owners:
+            allowed = f"; {option.bounds.describe(option.type)}" if option.bounds is not None else ""
+            described.append(f"{method_name}: {option.help} [default: {option.default}{allowed}]")
+        help_text = "; ".join(described)
+        if kind is None:
+            command = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)(command)
+        else:
+            command = click.option(f"--{flag}", name, type=kind, default=None, help=help_text)(command)
     return command
 
 
@@ -793,11 +807,9 @@ def _fit_columns(headers: list[str], table: list[list]) -> tuple[list[int], list
 @main.command()
 def methods():
     """List the compression methods with their options, and the rank allocations."""
+    from lmshrink.allocation import ALLOCATIONS
     from lmshrink.methods import all_methods
 
-    from lmshrink.allocation import ALLOCATIONS, _import_plugins
-
-    _import_plugins()
     click.echo("methods (--method):")
     for method in all_methods().values():
         extra = f" (calibrates: {', '.join(sorted(method.needs))})" if method.needs else ""

@@ -4,7 +4,9 @@ A saved directory's config.json has lmshrink's own ``model_type`` with the base 
 (``config["lmshrink"]["base_config"]``). Plain transformers therefore refuses the directory, naming lmshrink,
 instead of building the dense base model and filling its attention/MLP weights at random (the factors do not
 match the base model's parameter names). The base config sits one level deeper than transformers' own
-sub-config lookup, so ``LlamaForCausalLM.from_pretrained(saved_dir)`` does not pick it up either.
+sub-config lookup, so ``LlamaConfig.from_pretrained(saved_dir)`` does not pick it up either, and config.json's ``dtype``
+is a text every transformers config class rejects (``hf_config.REFUSAL``), so a model class used directly
+(``LlamaForCausalLM.from_pretrained(saved_dir)``) fails while reading the config, quoting how to load the directory.
 
 ``register()`` (called once by ``import lmshrink``) teaches transformers that model type through its own
 ``register`` API, never ``trust_remote_code``: ``AutoModelForCausalLM.from_pretrained(saved_dir)`` (``AutoModel``
@@ -17,76 +19,22 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from lmshrink.errors import CorruptFile, InvalidArgument, NotAModel
-
-MODEL_TYPE = "lmshrink"
-CONFIG = "config.json"
-HOW_TO_LOAD = ("a model compressed by lmshrink: model.safetensors holds factorized layers, not the base model's dense weights. "
-               "Load it with `import lmshrink` and then AutoModelForCausalLM.from_pretrained(DIR) (AutoModel for encoders), "
-               "or lmshrink.load(DIR); `lmshrink export DIR --dense --out OUT` writes a plain Hugging Face checkpoint")
-# Not a dtype: a transformers config class built from this directory fails on it, quoting it (see the module docstring).
-REFUSAL = ("lmshrink: a compressed model, not loadable by this transformers class; `import lmshrink`, then "
-           "AutoModelForCausalLM.from_pretrained(DIR) (AutoModel for encoders) or lmshrink.load(DIR)")
-
-
-class LmshrinkConfig(PretrainedConfig):
-    """config.json of a saved lmshrink directory: {"model_type": "lmshrink", "lmshrink": {"base_config": {...}, ...}}."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, lmshrink: dict[str, Any] | None = None, **kwargs):
-        self.lmshrink = dict(lmshrink or {})
-        for key in ("dtype", "torch_dtype"):
-            if kwargs.get(key) == REFUSAL:
-                del kwargs[key]
-        super().__init__(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "dtype": REFUSAL}
-
-    @property
-    def causal(self) -> bool:
-        return bool(self.lmshrink.get("causal", True))
-
-    def base(self) -> PretrainedConfig:
-        """The base model's own config (LlamaConfig, GPT2Config, BertConfig, ...)."""
-        return base_config_from_dict(self.lmshrink.get("base_config"), "config.json")
-
-
-def base_config_from_dict(data: Any, where: str) -> PretrainedConfig:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type is None or model_type == MODEL_TYPE or model_type not in CONFIG_MAPPING:
-        raise CorruptFile(f"MODEL: {where} names base model type {model_type!r}, which this transformers does not know")
-    return CONFIG_MAPPING[model_type].from_dict(data)
-
-
-def write_config(directory: Path, base_config: PretrainedConfig, causal: bool) -> None:
-    """Write ``directory/config.json``: lmshrink's model type, with ``base_config`` inside."""
-    architecture = LmshrinkForCausalLM.__name__ if causal else LmshrinkModel.__name__
-    config = LmshrinkConfig(lmshrink={"about": HOW_TO_LOAD, "causal": causal, "base_config": base_config.to_dict()},
-                            architectures=[architecture])
-    config.to_json_file(Path(directory) / CONFIG, use_diff=True)
-
-
-def unwrap_base_config(config: dict, path: Path) -> dict:
-    """The base model's config from a directory's config.json: inside lmshrink's wrapper, or as it is (a plain Hugging
-    Face directory, or one lmshrink saved before config.json was wrapped)."""
-    if config.get("model_type") != MODEL_TYPE:
-        return config
-    inner = config.get("lmshrink")
-    base = inner.get("base_config") if isinstance(inner, dict) else None
-    if not isinstance(base, dict):
-        raise CorruptFile(f"MODEL: config {str(path)!r} is lmshrink's but holds no base model config; allowed: "
-                          "{'model_type': 'lmshrink', 'lmshrink': {'base_config': {...}}}")
-    return base
-
+from lmshrink.errors import InvalidArgument, NotAModel
+from lmshrink.hf_config import (  # noqa: F401  (re-exported: the config pieces live in hf_config)
+    CAUSAL_ARCHITECTURE,
+    CONFIG,
+    ENCODER_ARCHITECTURE,
+    HOW_TO_LOAD,
+    MODEL_TYPE,
+    LmshrinkConfig,
+    base_config_from_dict,
+    unwrap_base_config,
+    write_config,
+)
 
 class _SavesAsLmshrink:
     """Mixed into a loaded model's class: ``save_pretrained`` writes an lmshrink directory (factors + manifest)."""
@@ -211,6 +159,9 @@ class LmshrinkForCausalLM(_LmshrinkAutoModel):
 
 class LmshrinkModel(_LmshrinkAutoModel):
     causal = False
+
+
+assert (LmshrinkForCausalLM.__name__, LmshrinkModel.__name__) == (CAUSAL_ARCHITECTURE, ENCODER_ARCHITECTURE)
 
 
 def register() -> None:

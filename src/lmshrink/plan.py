@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from lmshrink.errors import InvalidArgument
 
-# Target groups a user can name instead of a glob pattern.
-GROUP_ALIASES = {
+# Target groups a user can name instead of a glob pattern (alias -> the Target.group values it selects). A model
+# family adds its own (ModelFamily.target_groups); select_targets takes them from the candidates it is given.
+COMMON_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "linears": ("attention", "mlp"),
     "attention": ("attention",),
     "mlp": ("mlp",),
@@ -133,31 +134,44 @@ class Plan:
                 "untie_head": self.untie_head}
 
 
-def select_targets(candidates: list[Target], patterns: tuple[str, ...]) -> list[Target]:
-    """Targets matching any pattern: a group alias (linears, attention, mlp, embedding, lm_head) or a glob on names.
+class Candidates(list):
+    """The targets a model offers (a list of Target) and the group aliases its family declares for them."""
 
-    A pattern that matches nothing is an error that lists close matches.
+    def __init__(self, targets, groups: dict[str, tuple[str, ...]] | None = None):
+        super().__init__(targets)
+        self.groups = dict(COMMON_TARGET_GROUPS if groups is None else groups)
+
+
+def select_targets(candidates: list[Target], patterns: tuple[str, ...],
+                   groups: dict[str, tuple[str, ...]] | None = None) -> list[Target]:
+    """Targets matching any pattern: a group alias (linears, attention, mlp, embedding, lm_head, and those the
+    model's family declares) or a glob on names.
+
+    ``groups`` (alias -> Target.group values) defaults to the ones the candidates carry (``Candidates``, as
+    ``LoadedModel.candidates()`` returns them), else COMMON_TARGET_GROUPS. A pattern that matches nothing is an
+    error that lists close matches.
     """
+    aliases = groups if groups is not None else getattr(candidates, "groups", COMMON_TARGET_GROUPS)
     by_name = {t.name: t for t in candidates}
     chosen: dict[str, Target] = {}
     for pattern in patterns:
-        if pattern in GROUP_ALIASES:
-            groups = GROUP_ALIASES[pattern]
-            matched = [t for t in candidates if t.group in groups
-                       or (t.tied_head is not None and "lm_head" in groups)]
+        if pattern in aliases:
+            members = aliases[pattern]
+            matched = [t for t in candidates if t.group in members
+                       or (t.tied_head is not None and "lm_head" in members)]
         else:
             matched = [t for t in candidates if fnmatch.fnmatchcase(t.name, pattern)
                        or (t.tied_head is not None and fnmatch.fnmatchcase(t.tied_head, pattern))]
         if not matched:
             # Name what this model does have: the groups with at least one member, and a glob on its own names.
             present = {t.group for t in candidates} | ({"lm_head"} if any(t.tied_head for t in candidates) else set())
-            groups = [alias for alias, members in GROUP_ALIASES.items() if present & set(members)]
+            offered = [alias for alias, members in aliases.items() if present & set(members)]
             example = next(iter(by_name), "*.q_proj")
-            hint = f"groups this model has: {', '.join(groups) or 'none'}; or a glob on its module names such as {example!r}"
-            close = [c for c in difflib.get_close_matches(pattern, groups + list(by_name), n=5, cutoff=0.5) if c != pattern]
+            hint = f"groups this model has: {', '.join(offered) or 'none'}; or a glob on its module names such as {example!r}"
+            close = [c for c in difflib.get_close_matches(pattern, offered + list(by_name), n=5, cutoff=0.5) if c != pattern]
             if close:
                 hint = f"close matches: {', '.join(close)}; {hint}"
-            what = (f"group {pattern!r} ({', '.join(GROUP_ALIASES[pattern])}) matches no module of this model" if pattern in GROUP_ALIASES
+            what = (f"group {pattern!r} ({', '.join(aliases[pattern])}) matches no module of this model" if pattern in aliases
                     else f"pattern {pattern!r} matches no module")
             raise InvalidArgument("--targets", what, hint)
         for target in matched:

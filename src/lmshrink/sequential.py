@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from lmshrink.accounting import count_bytes, count_params
 from lmshrink.allocation import allocate
-from lmshrink.calibration import INPUT_STATS, _input_hook
+from lmshrink.calibration import INPUT_STATS, input_hook
 from lmshrink.data import Corpus, calibration_windows, load_corpus
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.methods import get_method
@@ -40,7 +40,7 @@ from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_d
 from lmshrink.plan import Plan, select_targets
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
 from lmshrink.sharded_io import DTYPES, check_out, dtype_name, staging_directory, write_manifest
-from lmshrink.surgery import CompressionReport, _factorize_target, check_plan
+from lmshrink.surgery import CompressionReport, check_plan, factorize_target
 
 CALIBRATE_ON = ("compressed", "original")
 
@@ -132,7 +132,7 @@ class Boundary:
 def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary | None):
     """Run ``inputs`` through ``block``: input statistics of ``targets`` (``needs``); outputs appended to ``outputs``."""
     stats = {t.name: {} for t in targets}
-    hooks = [t.module.register_forward_hook(_input_hook(stats[t.name], needs)) for t in targets] if needs else []
+    hooks = [t.module.register_forward_hook(input_hook(stats[t.name], needs)) for t in targets] if needs else []
     try:
         with torch.no_grad():
             for window, hidden in enumerate(inputs):
@@ -274,7 +274,7 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
     """One open-loop streamed pass for every target's weighted spectrum, then the global budget (lmshrink.budget)."""
     from safetensors.torch import load_file
 
-    from lmshrink.budget import error_spectrum, ranks_from_spectra
+    from lmshrink.budget import ranks_from_spectra
 
     spectra, units = {}, set()
     hidden = first_inputs
@@ -284,7 +284,7 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
         fisher = load_file(str(fisher_dir / f"fisher-{index}.safetensors")) if fisher_dir else {}
         for target in engine.by_block[index]:
             entry = {**stats[target.name], **({"fisher": fisher[target.name].to(engine.device)} if fisher else {})}
-            values, in_loss = error_spectrum(target.weight().float(), entry, options)
+            values, in_loss = method.error_spectrum(target.weight().float(), entry, options)
             spectra[target.name] = values.cpu()
             units.add(in_loss)
         release(block)
@@ -346,7 +346,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
                     stats[name]["fisher"] = tensor.to(device)
             block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
             for target in block_targets:
-                rows.append(_factorize_target(loaded, target, block_ranks[target.name], method, stats[target.name], options, False))
+                rows.append(factorize_target(loaded, target, block_ranks[target.name], method, stats[target.name], options, False))
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:

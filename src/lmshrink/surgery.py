@@ -10,7 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmshrink.accounting import count_bytes, count_params, module_params
-from lmshrink.allocation import allocate
+from lmshrink.allocation import allocate, check_amounts
+from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
@@ -63,7 +64,7 @@ def lowrank_layer(target: Target, left: torch.Tensor, right: torch.Tensor) -> nn
 def check_plan(model, plan: Plan) -> list[Target]:
     """Fail fast on a plan that cannot apply to this model (method, options, targets, budget, ranks); return its targets.
 
-    Cheap for ratio, params and rank plans; energy plans compute each target's spectrum.
+    Cheap: nothing is allocated or factorized (compress allocates once, after calibrating).
     """
     loaded = load_model(model)
     method = get_method(plan.method)
@@ -78,8 +79,8 @@ def check_plan(model, plan: Plan) -> list[Target]:
                               "targets that include a tied token embedding (--targets embedding on a model with tied embeddings), "
                               "or no --untie-head")
     plan = plan.for_targets(targets)
-    if method.kind == "lowrank" and plan.allocation == "uniform":
-        allocate(targets, plan, {})
+    if method.kind == "lowrank":
+        check_amounts(targets, plan)
     return targets
 
 
@@ -100,8 +101,6 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     start = time.perf_counter()
     stats = {}
     if method.needs:
-        from lmshrink.calibration import collect_stats
-
         corpus = data if isinstance(data, Corpus) else load_corpus(data)
         on_stage(f"calibrating ({', '.join(sorted(method.needs))} over {plan.calibration_windows} windows of {plan.window} tokens)")
         stats = collect_stats(loaded, targets, corpus, method.needs, windows=plan.calibration_windows,
@@ -112,8 +111,8 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     if method.kind == "lowrank":
         ranks = allocate(targets, plan, stats)
         for target in tqdm(targets, desc=f"{method.name}", unit="matrix", disable=not progress):
-            rows.append(_factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options,
-                                          plan.untie_head))
+            rows.append(factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options,
+                                         plan.untie_head))
     else:
         for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
             before = module_params(target.module)
@@ -148,7 +147,8 @@ def _row(target: Target, params_before: int) -> dict:
             "params_after": params_before, "relative_error": 0.0, "tied_head": target.tied_head}
 
 
-def _factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, options, untie_head: bool) -> dict:
+def factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, options, untie_head: bool) -> dict:
+    """Factorize one target at ``rank`` (None: it stays dense) with a low-rank method and swap it in; its report row."""
     row = _row(target, module_params(target.module))
     if rank is None:
         row["status"] = "dense (not smaller)"

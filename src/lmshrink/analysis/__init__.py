@@ -1,4 +1,5 @@
-"""Per-matrix diagnostics for ``lmshrink inspect``: spectra first; other analyses register in ANALYSES."""
+"""Per-matrix diagnostics for ``lmshrink inspect``: spectra first; other analyses register in ANALYSES (every module
+of this package may hold some)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,21 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from lmshrink.accounting import module_params
 from lmshrink.decompose.svd import effective_rank, energy_at_rank, rank_for_ratio, svd
+from lmshrink.plan import Target, select_targets
+from lmshrink.registry import Registry
 
 # name -> function(target, singular_values) -> dict of extra columns
-ANALYSES: dict[str, Callable] = {}
+ANALYSES: Registry[Callable] = Registry("analysis", "analysis", package="lmshrink.analysis")
 INSPECT_RATIOS = (0.9, 0.8, 0.6, 0.4)
 
 
 def register_analysis(name: str):
-    def decorate(function):
-        ANALYSES[name] = function
-        return function
-
-    return decorate
+    return ANALYSES.register(name)
 
 
 def inspect_targets(targets, progress: bool = True) -> list[dict]:
-    import importlib
-    import pkgutil
-
-    import lmshrink.analysis as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"lmshrink.analysis.{info.name}")
     rows = []
     for target in tqdm(targets, desc="inspect", unit="matrix", disable=not progress):
         weight = target.weight().detach()
@@ -52,9 +45,6 @@ def inspect_model(loaded, patterns, progress: bool = True) -> list[dict]:
     carry the layer that replaced the matrix and its rank (or ranks), with its parameters now. Every row has
     ``layer`` ("dense" or the factorized layer's class) and ``rank`` (None for dense matrices).
     """
-    from lmshrink.accounting import module_params
-    from lmshrink.plan import Target, select_targets
-
     factorized = (loaded.manifest or {}).get("modules", {})
     if not factorized:
         rows = inspect_targets(select_targets(loaded.candidates(), patterns), progress)

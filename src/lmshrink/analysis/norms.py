@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from lmshrink.analysis import register_analysis
+
 NORM_COLUMNS = ("l1", "nuclear", "row_l1_std", "frobenius")
 
 
@@ -92,15 +94,9 @@ def format_norms(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _register() -> None:
-    # Shown by `lmshrink inspect` for every matrix (the singular values are already computed there).
-    from lmshrink.analysis import register_analysis
-
-    @register_analysis("norms")
-    def norms_columns(target, singular_values) -> dict:
-        rows = target.weight().detach().to(torch.float64).abs().sum(1)
-        return {"l1": float(rows.sum()), "nuclear": float(singular_values.double().sum()),
-                "row_l1_std": float(rows.std(unbiased=False))}
-
-
-_register()
+@register_analysis("norms")
+def norms_columns(target, singular_values) -> dict:
+    """Shown by `lmshrink inspect` for every matrix (the singular values are already computed there)."""
+    rows = target.weight().detach().to(torch.float64).abs().sum(1)
+    return {"l1": float(rows.sum()), "nuclear": float(singular_values.double().sum()),
+            "row_l1_std": float(rows.std(unbiased=False))}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
 from lmshrink.errors import CorruptFile
+from lmshrink.registry import Registry
 
-LAYER_TYPES: dict[str, type["FactorizedModule"]] = {}
+# Layer classes by class name, which is what a manifest stores; every module of lmshrink.layers may hold some.
+LAYERS: Registry[type["FactorizedModule"]] = Registry("layer type", "layer", package="lmshrink.layers")
+# A dict-like view (``LAYER_TYPES[name]``, iteration) for the loaders and export.
+LAYER_TYPES = LAYERS.mapping()
 
 # No dimension of a stored tensor comes near this; it keeps shape arithmetic on hostile configs far from overflow.
 MAX_DIMENSION = 2 ** 40
@@ -19,12 +23,9 @@ class FactorizedModule(nn.Module):
 
     Subclasses implement ``layer_config`` (JSON-safe shapes, ranks and flags) and ``from_config``
     (an empty module of the right shapes; ``model`` lets a layer find modules it shares weights with).
-    Defining a subclass registers it under its class name, which is what the manifest stores.
+    A concrete subclass is decorated with ``@register_layer``, which registers it under its class name (what
+    the manifest stores).
     """
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        LAYER_TYPES[cls.__name__] = cls
 
     def layer_config(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -36,6 +37,14 @@ class FactorizedModule(nn.Module):
     def dense_weight(self):
         """The dense matrix this layer stands for, in the layout of the module it replaced (for checks)."""
         raise NotImplementedError
+
+
+Layer = TypeVar("Layer", bound=type[FactorizedModule])
+
+
+def register_layer(cls: Layer) -> Layer:
+    """Class decorator: a FactorizedModule subclass that manifests may name (by its class name)."""
+    return LAYERS.register(cls.__name__, cls)
 
 
 # Validators for ``from_config``: a manifest is untrusted input, so every value is checked for its type and range

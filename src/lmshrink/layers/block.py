@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list, register_layer
 from lmshrink.layers.quantized import PackedTensor, config_bits
 
 
@@ -164,6 +164,7 @@ def _table_config(config: dict[str, Any], layer: str) -> tuple:
             frequencies if isinstance(frequencies, dict) else None)
 
 
+@register_layer
 class BlockLowRankEmbedding(_BlockLowRankTable):
     """Input embedding: token -> its group's code row @ the group's basis. ``logits`` serves a tied output layer."""
 
@@ -192,6 +193,7 @@ class BlockLowRankEmbedding(_BlockLowRankTable):
                    padding_idx=config_int(config, "padding_idx", cls.__name__, minimum=0, optional=True, default=None))
 
 
+@register_layer
 class BlockLowRankOutput(_BlockLowRankTable):
     """Untied output layer (V, d): logits = hidden @ W.T (+ bias) computed group by group through the factors."""
 

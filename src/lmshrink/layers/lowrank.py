@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.svd import truncated_svd
-from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int
+from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int, register_layer
 
 
 def linear_weight(module: nn.Module) -> Tensor:
@@ -21,6 +21,7 @@ def linear_weight(module: nn.Module) -> Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
 
 
+@register_layer
 class LowRankLinear(FactorizedModule):
     """y = (x @ right.T) @ left.T + bias, with left (out, k) and right (k, in)."""
 
@@ -69,6 +70,7 @@ class LowRankLinear(FactorizedModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+@register_layer
 class LowRankEmbedding(FactorizedModule):
     """E ~ left @ right with left (V, k) per-token codes and right (k, d) a shared basis."""
 
@@ -114,6 +116,7 @@ class LowRankEmbedding(FactorizedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
 
 
+@register_layer
 class TiedHead(FactorizedModule):
     """An output layer that shares a factorized embedding's parameters (tied input/output embeddings).
 

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmshrink.layers.base import FactorizedModule, config_bool, config_int
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int, register_layer
 from lmshrink.layers.lowrank import LowRankLinear
 
 
+@register_layer
 class PrunedLinear(FactorizedModule):
     """A linear map whose weight keeps only some entries: stored as ``values`` (nnz) + flat ``indices`` (int32).
 

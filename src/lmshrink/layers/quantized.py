@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.quantize import QuantizedMatrix, dequantize, quantize
-from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int
+from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int, register_layer
 from lmshrink.layers.lowrank import linear_weight
 
 
@@ -82,6 +82,7 @@ def _check_ids(ids: Tensor, vocab: int) -> None:
         raise IndexError(f"token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
 
 
+@register_layer
 class QuantizedEmbedding(FactorizedModule):
     """A (V, d) embedding stored as k-bit integers per row (or column group); ``logits`` serves a tied head."""
 
@@ -123,6 +124,7 @@ class QuantizedEmbedding(FactorizedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_q.bits}"
 
 
+@register_layer
 class QuantizedLinear(FactorizedModule):
     """y = x W^T + b with W (out, in) stored as k-bit integers; the bias stays float."""
 

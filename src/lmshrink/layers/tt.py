@@ -24,7 +24,7 @@ from lmshrink.decompose.tt import (
     tt_parameter_counts,
     tt_reconstruct_batched,
 )
-from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list, register_layer
 
 # Rows rebuilt per step when every row is needed (logits, dense_weight): bounds the transient memory.
 REBUILD_CHUNK = 8192
@@ -85,6 +85,7 @@ class _TTTable:
         super()._load_from_state_dict(*args, **kwargs)
 
 
+@register_layer
 class TTEmbedding(_TTTable, FactorizedModule):
     """TensorGPT: each token's d-vector, reshaped to (n_1, ..., n_N), stored as its own tensor train.
 
@@ -161,6 +162,7 @@ class TTEmbedding(_TTTable, FactorizedModule):
                 f"ranks={self.ranks}, rate={self.compression_rate():.2f}x")
 
 
+@register_layer
 class TTMatrixEmbedding(_TTTable, FactorizedModule):
     """The whole (V, d) table as one TT-matrix: cores (r_{k-1}, v_k, d_k, r_k), V' = prod v_k >= V, d = prod d_k.
 

@@ -1,26 +1,36 @@
-"""Compression methods: one file each, registered by name.
+"""Compression methods: one file each, registered by name in METHODS.
 
 Two kinds exist. A *low-rank* method is a function
 ``(weight (out, in) float, rank, stats, options) -> (left (out, k), right (k, in))``; the surgery turns its
 factors into ``LowRankLinear`` / ``LowRankEmbedding``. A *module* method is a function
 ``(target, plan, stats, options) -> nn.Module | None`` that builds the replacement itself (tensor trains,
 GroupReduce blocks, pruning, factorized LSTMs); ``None`` means the target stays dense.
+
+Each method declares its options as a frozen dataclass deriving from ``MethodOptions`` whose fields carry their
+type, default, help and bounds (``option(...)``); ``Method.resolve_options`` turns what the user gave (a dict, as
+``Plan.options`` keeps it) into an instance with that method's own defaults. A low-rank method also says how it
+scores the loss of each rank-one component (``error_spectrum``), which the sensitivity allocation spends its
+budget on.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
+
+import torch
 
 from lmshrink.bounds import Bounds, check_number
 from lmshrink.errors import InvalidArgument
+from lmshrink.registry import Registry
 
 
 @dataclass(frozen=True)
 class MethodOption:
-    """A method-specific parameter; the CLI exposes it as ``--<name>`` on ``lmshrink compress``.
+    """A method-specific parameter as the CLI and ``lmshrink methods`` show it: ``--<name>`` on ``lmshrink compress``.
 
     A numeric option (int, float) is checked against ``bounds`` (default: any integer, any finite number);
     a default of None means "not given" and is always allowed.
@@ -47,7 +57,41 @@ class MethodOption:
             return check_number(self.flag, value, self.type, self.bounds)
         if self.type is bool and not isinstance(value, bool):
             raise InvalidArgument(self.flag, f"{value!r} is not true or false", "True or False")
+        if self.type is str and not isinstance(value, str):
+            raise InvalidArgument(self.flag, f"{value!r} is not text", "a string")
         return value
+
+
+def option(default: Any, help: str, *, bounds: Bounds | None = None, choices: tuple | None = None):
+    """A field of a MethodOptions dataclass: its default, its help line, and what values it allows."""
+    return dataclasses.field(default=default, metadata={"help": help, "bounds": bounds, "choices": choices})
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options (a frozen dataclass of ``option(...)`` fields); the method ``svd`` has none."""
+
+    @classmethod
+    def describe(cls) -> tuple[MethodOption, ...]:
+        """Each field as a MethodOption (its type without ``| None``), in declaration order."""
+        hints = typing.get_type_hints(cls)
+        described = []
+        for spec in dataclasses.fields(cls):
+            kind = hints[spec.name]
+            if typing.get_origin(kind) in (Union, types.UnionType):
+                kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+            described.append(MethodOption(spec.name, kind, spec.default, spec.metadata.get("help", ""),
+                                          spec.metadata.get("choices"), spec.metadata.get("bounds")))
+        return tuple(described)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plain_spectrum(weight: torch.Tensor, stats: dict, options: MethodOptions) -> tuple[torch.Tensor, bool]:
+    """The default error spectrum: squared singular values of W, as a fraction of their total (relative error)."""
+    values = torch.linalg.svdvals(weight.detach().double()) ** 2
+    return values / values.sum().clamp_min(1e-300), False
 
 
 @dataclass(frozen=True)
@@ -57,11 +101,23 @@ class Method:
     kind: str = "lowrank"  # "lowrank" or "module"
     summary: str = ""
     needs: frozenset[str] = frozenset()  # calibration statistics, see lmshrink.calibration
-    options: tuple[MethodOption, ...] = ()
+    options_type: type[MethodOptions] = MethodOptions
     target_kinds: frozenset[str] = frozenset({"linear", "embedding"})
+    # (weight (out, in), stats, options) -> (error of dropping each rank-one component, descending; whether it is in
+    # loss units, comparable across matrices, or relative to the matrix's total)
+    spectrum: Callable[[torch.Tensor, dict, MethodOptions], tuple[torch.Tensor, bool]] = plain_spectrum
 
-    def resolve_options(self, given: dict[str, Any] | None) -> dict[str, Any]:
-        """Defaults filled in; unknown names rejected so a typo never passes silently."""
+    @property
+    def options(self) -> tuple[MethodOption, ...]:
+        return self.options_type.describe()
+
+    def resolve_options(self, given: dict[str, Any] | MethodOptions | None) -> MethodOptions:
+        """This method's options: what was given (checked against each option's type and bounds), defaults for the rest.
+
+        Unknown names are rejected, naming this method's own options, so a typo never passes silently.
+        """
+        if isinstance(given, self.options_type):
+            return given
         given = dict(given or {})
         known = {o.name: o for o in self.options}
         unknown = sorted(set(given) - set(known))
@@ -69,10 +125,15 @@ class Method:
             raise InvalidArgument(
                 "options", f"method {self.name!r} has no option(s) {unknown}", f"{sorted(known) or 'none'}"
             )
-        return {name: option.check(given.get(name, option.default)) for name, option in known.items()}
+        return self.options_type(**{name: o.check(given.get(name, o.default)) for name, o in known.items()})
+
+    def error_spectrum(self, weight: torch.Tensor, stats: dict, options: dict[str, Any] | MethodOptions | None = None
+                       ) -> tuple[torch.Tensor, bool]:
+        """How this method scores truncation: (squared weighted singular values, descending; whether in loss units)."""
+        return self.spectrum(weight.detach(), stats, self.resolve_options(options))
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method", "--method", package="lmshrink.methods")
 
 
 def register_method(
@@ -81,36 +142,29 @@ def register_method(
     kind: str = "lowrank",
     summary: str = "",
     needs: tuple[str, ...] = (),
-    options: tuple[MethodOption, ...] = (),
+    options: type[MethodOptions] = MethodOptions,
     target_kinds: tuple[str, ...] = ("linear", "embedding"),
+    error_spectrum: Callable[[torch.Tensor, dict, MethodOptions], tuple[torch.Tensor, bool]] = plain_spectrum,
 ) -> Callable[[Callable], Callable]:
-    """Decorator that adds a method to the registry under ``name``."""
+    """Decorator that adds a method to METHODS under ``name``."""
     if kind not in ("lowrank", "module"):
         raise ValueError(f"kind must be 'lowrank' or 'module', got {kind!r}")
+    if not (isinstance(options, type) and issubclass(options, MethodOptions) and dataclasses.is_dataclass(options)):
+        raise ValueError(f"options of method {name!r} must be a MethodOptions dataclass, got {options!r}")
 
     def decorate(function: Callable) -> Callable:
-        METHODS[name] = Method(
+        METHODS.register(name, Method(
             name, function, kind, summary or (function.__doc__ or "").strip().split("\n")[0],
-            frozenset(needs), tuple(options), frozenset(target_kinds),
-        )
+            frozenset(needs), options, frozenset(target_kinds), error_spectrum,
+        ))
         return function
 
     return decorate
 
 
-def _import_all() -> None:
-    # Every module in this package registers its methods on import.
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-
-
 def get_method(name: str) -> Method:
-    _import_all()
-    if name not in METHODS:
-        raise InvalidArgument("--method", f"unknown method {name!r}", ", ".join(sorted(METHODS)))
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 def all_methods() -> dict[str, Method]:
-    _import_all()
     return dict(sorted(METHODS.items()))

@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from lmshrink.accounting import stays_dense
 from lmshrink.bounds import Bounds
 from lmshrink.decompose.groupreduce import RANK_RULES, SPLITS, budget_for_ratio, groupreduce
 from lmshrink.decompose.quantize import SUPPORTED_BITS, check_bits
 from lmshrink.errors import InvalidArgument
 from lmshrink.frequencies import Frequencies
 from lmshrink.layers.block import BlockLowRankEmbedding, BlockLowRankOutput
-from lmshrink.methods import MethodOption, register_method
+from lmshrink.methods import MethodOptions, option, register_method
 from lmshrink.methods.quantize import BITS, QUANT_GROUP
 
-OPTIONS = (
-    MethodOption("groups", int, 8, "groupreduce: number of frequency groups the vocabulary is split into",
-                 bounds=Bounds(1, 65536)),
-    MethodOption("refine_steps", int, 5, "groupreduce: rounds of moving tokens to the group that reconstructs them best (0: none)",
-                 bounds=Bounds(0, 1000)),
-    MethodOption("weight_power", float, 0.5, "groupreduce: row weight = token count ** power (0 unweighted, 1 raw frequency)",
-                 bounds=Bounds(0, 10)),
-    MethodOption("split", str, "equal", "groupreduce: initial split, equal-size groups or geometric sizes", SPLITS),
-    MethodOption("rank_rule", str, "frequency", "groupreduce: ranks proportional to group frequency, or greedy by weighted error", RANK_RULES),
-    MethodOption("bits", int, 0, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)",
-                 bounds=BITS),
-    MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)",
-                 bounds=QUANT_GROUP),
-    MethodOption("frequencies", str, "", "groupreduce: a frequency table file (Frequencies.save); default: count the calibration text"),
-)
+@dataclass(frozen=True)
+class GroupReduceOptions(MethodOptions):
+    groups: int = option(8, "number of frequency groups the vocabulary is split into", bounds=Bounds(1, 65536))
+    refine_steps: int = option(5, "rounds of moving tokens to the group that reconstructs them best (0: none)",
+                               bounds=Bounds(0, 1000))
+    weight_power: float = option(0.5, "row weight = token count ** power (0 unweighted, 1 raw frequency)", bounds=Bounds(0, 10))
+    split: str = option("equal", "initial split, equal-size groups or geometric sizes", choices=SPLITS)
+    rank_rule: str = option("frequency", "ranks proportional to group frequency, or greedy by weighted error", choices=RANK_RULES)
+    bits: int = option(0, f"bits per stored factor value, one of {SUPPORTED_BITS}; 0 keeps float factors", bounds=BITS)
+    quant_group: int = option(0, "factor columns sharing one scale (0: one scale per row)", bounds=QUANT_GROUP)
+    frequencies: str = option("", "a frequency table file (Frequencies.save); default: count the calibration text")
 
 
 def block_budget(shape: tuple[int, int], plan) -> int:
@@ -37,9 +36,9 @@ def block_budget(shape: tuple[int, int], plan) -> int:
     raise InvalidArgument("--energy", "groupreduce has no energy rule", "--ratio R (fraction of dense parameters) or --rank K")
 
 
-def resolve_frequencies(stats: dict, options: dict, vocab: int) -> Frequencies:
-    if options.get("frequencies"):
-        table = Frequencies.load(options["frequencies"])
+def resolve_frequencies(stats: dict, options: GroupReduceOptions, vocab: int) -> Frequencies:
+    if options.frequencies:
+        table = Frequencies.load(options.frequencies)
     elif "token_counts" in stats:
         table = stats["token_counts"]
     else:
@@ -53,23 +52,23 @@ def resolve_frequencies(stats: dict, options: dict, vocab: int) -> Frequencies:
     kind="module",
     summary="GroupReduce: frequency-grouped, frequency-weighted block low-rank embedding/LM head (+ optional k-bit factors)",
     needs=("token_counts",),
-    options=OPTIONS,
+    options=GroupReduceOptions,
     target_kinds=("embedding", "lm_head"),
 )
-def groupreduce_method(target, plan, stats, options):
+def groupreduce_method(target, plan, stats, options: GroupReduceOptions):
     weight = target.weight().detach()
     vocab, dim = weight.shape
     table = resolve_frequencies(stats, options, vocab)
-    bits = options.get("bits") or None
+    bits = options.bits or None
     if bits is not None:
         check_bits(bits, "--bits")
     budget = block_budget((vocab, dim), plan)
-    factors = groupreduce(weight.float(), table.smoothed(), budget, groups=options["groups"],
-                          weight_power=options["weight_power"], split=options["split"],
-                          rank_rule=options["rank_rule"], refine_steps=options["refine_steps"])
-    if factors.params() >= vocab * dim and bits is None:
-        return None
-    config = dict(bits=bits, group_size=options.get("quant_group") or None, frequencies=table.to_dict(), dtype=weight.dtype)
+    factors = groupreduce(weight.float(), table.smoothed(), budget, groups=options.groups,
+                          weight_power=options.weight_power, split=options.split,
+                          rank_rule=options.rank_rule, refine_steps=options.refine_steps)
+    if bits is None and stays_dense(factors.params(), vocab * dim):
+        return None  # k-bit factors are kept even at as many values: they take fewer bytes
+    config = dict(bits=bits, group_size=options.quant_group or None, frequencies=table.to_dict(), dtype=weight.dtype)
     if target.kind == "embedding":
         return BlockLowRankEmbedding.from_factors(factors, padding_idx=getattr(target.module, "padding_idx", None), **config)
     bias = getattr(target.module, "bias", None)

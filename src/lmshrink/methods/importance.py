@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lmshrink.bounds import Bounds
 from lmshrink.decompose.weighted import (
     activation_scaled_svd,
+    asvd_scales,
     elementwise_weighted_lowrank,
     fisher_output_weights,
     psd_sqrt,
@@ -23,15 +26,32 @@ from lmshrink.decompose.weighted import (
     safe_weights,
     two_sided_lowrank,
     weighted_error,
+    weighted_spectrum,
     whitened_svd,
 )
 from lmshrink.decompose.svd import truncated_svd
 from lmshrink.errors import InvalidArgument
-from lmshrink.methods import MethodOption, register_method
+from lmshrink.methods import MethodOptions, option, register_method
 
 
-WHITEN_DAMPING = MethodOption("whiten_damping", float, 0.0, "svdllm/fwhiten: add this fraction of the Gram's mean diagonal before factorizing",
-                              bounds=Bounds(0, 1000))
+@dataclass(frozen=True)
+class WhitenOptions(MethodOptions):
+    whiten_damping: float = option(0.0, "add this fraction of the Gram's mean diagonal before factorizing", bounds=Bounds(0, 1000))
+
+
+@dataclass(frozen=True)
+class TFWSVDOptions(MethodOptions):
+    tfwsvd_adam_steps: int = option(100, "at most this many Adam steps per matrix", bounds=Bounds(0, 100_000))
+    tfwsvd_sgd_steps: int = option(50, "at most this many SGD steps per matrix after Adam", bounds=Bounds(0, 100_000))
+    tfwsvd_lr: float = option(1e-3, "Adam learning rate", bounds=Bounds(0, 1, low_open=True))
+    tfwsvd_tolerance: float = option(1e-3, "stop a phase when the weighted error gains less than this (relative) in 10 steps",
+                                     bounds=Bounds(0, 1))
+
+
+@dataclass(frozen=True)
+class ASVDOptions(MethodOptions):
+    asvd_alpha: float = option(0.5, "exponent of the activation scale (0 = plain SVD)", bounds=Bounds(0, 2))
+
 
 def _stat(stats: dict, name: str, method: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     if name not in stats:
@@ -43,8 +63,42 @@ def _stat(stats: dict, name: str, method: str, shape: tuple[int, ...] | None = N
     return value
 
 
+# How each method scores truncation for the sensitivity allocation (lmshrink.budget): the spectrum it truncates.
+# Fisher-based ones are in loss units (a second-order estimate of the loss increase, comparable across matrices);
+# the others are relative to each matrix's total, the usual proxy.
+
+def fisher_spectrum(weight, stats, options):
+    """Fisher (fwsvd, tfwsvd): singular values of diag(mean row Fisher)^1/2 W, in loss units."""
+    rows = safe_weights(_stat(stats, "fisher", "fwsvd/tfwsvd").double().mean(1))  # sum_j I_ij d_ij^2 ~ mean_j I_ij ||d_i||^2
+    return 0.5 * weighted_spectrum(weight, rows) ** 2, True
+
+
+def fisher_whitened_spectrum(weight, stats, options: WhitenOptions):
+    """Fisher + input Gram (fwhiten): singular values of G^1/2 W A^1/2, in loss units."""
+    fisher, gram = _stat(stats, "fisher", "fwhiten"), _stat(stats, "input_gram", "fwhiten")
+    square_mean = _stat(stats, "input_sq_mean", "fwhiten")
+    count = float(gram.double().diagonal().sum() / square_mean.double().sum().clamp_min(1e-300))
+    root, _ = psd_sqrt(gram.double() / max(count, 1.0), options.whiten_damping)
+    rows = safe_weights(fisher_output_weights(fisher, square_mean))
+    return 0.5 * weighted_spectrum(weight, rows, root) ** 2, True
+
+
+def whitened_spectrum(weight, stats, options: WhitenOptions):
+    """Input Gram (svdllm): singular values of W C, C C^T = Gram, relative."""
+    root, _ = psd_sqrt(_stat(stats, "input_gram", "svdllm"), options.whiten_damping)
+    values = weighted_spectrum(weight, None, root) ** 2
+    return values / values.sum().clamp_min(1e-300), False
+
+
+def activation_spectrum(weight, stats, options: ASVDOptions):
+    """Input |x| means (asvd): singular values of W diag(s), relative."""
+    scales = asvd_scales(_stat(stats, "input_abs_mean", "asvd"), options.asvd_alpha)
+    values = weighted_spectrum(weight, None, torch.diag(scales)) ** 2
+    return values / values.sum().clamp_min(1e-300), False
+
+
 @register_method("fwsvd", summary="Fisher-weighted SVD (Hsu et al. 2022): rows weighted by summed Fisher information",
-                 needs=("fisher",))
+                 needs=("fisher",), error_spectrum=fisher_spectrum)
 def fwsvd(weight, rank, stats, options):
     fisher = _stat(stats, "fisher", "fwsvd", weight.shape).to(weight.device)
     return row_weighted_svd(weight, rank, fisher.double().sum(1))
@@ -54,20 +108,15 @@ def fwsvd(weight, rank, stats, options):
     "tfwsvd",
     summary="TFWSVD (Hua et al. 2022): element-wise Fisher-weighted low rank, FWSVD then Adam + SGD",
     needs=("fisher",),
-    options=(
-        MethodOption("tfwsvd_adam_steps", int, 100, "tfwsvd: at most this many Adam steps per matrix", bounds=Bounds(0, 100_000)),
-        MethodOption("tfwsvd_sgd_steps", int, 50, "tfwsvd: at most this many SGD steps per matrix after Adam", bounds=Bounds(0, 100_000)),
-        MethodOption("tfwsvd_lr", float, 1e-3, "tfwsvd: Adam learning rate", bounds=Bounds(0, 1, low_open=True)),
-        MethodOption("tfwsvd_tolerance", float, 1e-3, "tfwsvd: stop a phase when the weighted error gains less than this (relative) in 10 steps",
-                     bounds=Bounds(0, 1)),
-    ),
+    options=TFWSVDOptions,
+    error_spectrum=fisher_spectrum,
 )
-def tfwsvd(weight, rank, stats, options):
+def tfwsvd(weight, rank, stats, options: TFWSVDOptions):
     fisher = _stat(stats, "fisher", "tfwsvd", weight.shape).to(weight.device)
     start = row_weighted_svd(weight, rank, fisher.double().sum(1))
     left, right, _ = elementwise_weighted_lowrank(
-        weight, fisher, start, adam_steps=options["tfwsvd_adam_steps"], sgd_steps=options["tfwsvd_sgd_steps"],
-        adam_lr=options["tfwsvd_lr"], tolerance=options["tfwsvd_tolerance"], patience=10)
+        weight, fisher, start, adam_steps=options.tfwsvd_adam_steps, sgd_steps=options.tfwsvd_sgd_steps,
+        adam_lr=options.tfwsvd_lr, tolerance=options.tfwsvd_tolerance, patience=10)
     return left, right
 
 
@@ -75,39 +124,42 @@ def tfwsvd(weight, rank, stats, options):
     "asvd",
     summary="ASVD (Yuan et al. 2023): input columns scaled by mean |activation| ** alpha before SVD",
     needs=("input_abs_mean",),
-    options=(MethodOption("asvd_alpha", float, 0.5, "asvd: exponent of the activation scale (0 = plain SVD)", bounds=Bounds(0, 2)),),
+    options=ASVDOptions,
     target_kinds=("linear",),
+    error_spectrum=activation_spectrum,
 )
-def asvd(weight, rank, stats, options):
+def asvd(weight, rank, stats, options: ASVDOptions):
     scale = _stat(stats, "input_abs_mean", "asvd", (weight.shape[1],)).to(weight.device)
-    return activation_scaled_svd(weight, rank, scale, options["asvd_alpha"])
+    return activation_scaled_svd(weight, rank, scale, options.asvd_alpha)
 
 
 @register_method(
     "svdllm",
     summary="SVD-LLM truncation-aware whitening with the input Gram matrix (no LoRA); safe on singular Grams",
     needs=("input_gram",),
-    options=(WHITEN_DAMPING,),
+    options=WhitenOptions,
     target_kinds=("linear",),
+    error_spectrum=whitened_spectrum,
 )
-def svdllm(weight, rank, stats, options):
+def svdllm(weight, rank, stats, options: WhitenOptions):
     gram = _stat(stats, "input_gram", "svdllm", (weight.shape[1], weight.shape[1])).to(weight.device)
-    return whitened_svd(weight, rank, gram, options["whiten_damping"])
+    return whitened_svd(weight, rank, gram, options.whiten_damping)
 
 
 @register_method(
     "fwhiten",
     summary="Fisher-scaled rows x Gram-whitened columns: closed-form minimizer of the Kronecker second-order loss model",
     needs=("fisher", "input_gram", "input_sq_mean"),
-    options=(WHITEN_DAMPING,),
+    options=WhitenOptions,
     target_kinds=("linear",),
+    error_spectrum=fisher_whitened_spectrum,
 )
-def fwhiten(weight, rank, stats, options):
+def fwhiten(weight, rank, stats, options: WhitenOptions):
     fisher = _stat(stats, "fisher", "fwhiten", weight.shape).to(weight.device)
     gram = _stat(stats, "input_gram", "fwhiten", (weight.shape[1], weight.shape[1])).to(weight.device)
     square_mean = _stat(stats, "input_sq_mean", "fwhiten", (weight.shape[1],)).to(weight.device)
     rows = safe_weights(fisher_output_weights(fisher, square_mean))
-    root, _ = psd_sqrt(gram, options["whiten_damping"])
+    root, _ = psd_sqrt(gram, options.whiten_damping)
     return two_sided_lowrank(weight, rank, row_weights=rows, input_sqrt=root)
 
 

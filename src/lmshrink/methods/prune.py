@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lmshrink.decompose.prune import keep_ratio_for_lowrank, magnitude_prune
+from lmshrink.accounting import stays_dense
+from lmshrink.decompose.prune import keep_ratio_for_lowrank, kept_count, magnitude_prune
 from lmshrink.decompose.svd import check_rank
 from lmshrink.errors import InvalidArgument
 from lmshrink.methods import register_method
@@ -25,7 +26,7 @@ def prune(target, plan, stats, options):
 
     weight = target.weight().detach()
     keep = keep_ratio_for_plan(plan, tuple(weight.shape), target.name)
-    if keep >= 1.0:
+    if stays_dense(kept_count(weight.numel(), keep), weight.numel()):
         return None  # nothing to remove: the matrix stays dense
     pruned, mask = magnitude_prune(weight, keep)
     bias = getattr(target.module, "bias", None)

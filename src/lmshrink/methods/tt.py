@@ -11,7 +11,9 @@ tt-matrix (default: balanced; a V that factors badly is padded with zero rows to
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+from lmshrink.accounting import stays_dense
 from lmshrink.bounds import Bounds
 from lmshrink.decompose.tt import (
     balanced_factorization,
@@ -22,40 +24,44 @@ from lmshrink.decompose.tt import (
 )
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.tt import TTEmbedding, TTMatrixEmbedding
-from lmshrink.methods import MethodOption, register_method
+from lmshrink.methods import MethodOptions, option, register_method
 
-COMMON_OPTIONS = (
-    MethodOption("tt_max_rank", int, None, "tt/tt-matrix: maximum TT rank (overrides --rank)", bounds=Bounds(1, 65536)),
-    MethodOption("tt_tolerance", float, None, "tt/tt-matrix: relative error tolerance eps in (0,1), delta-truncation",
-                 bounds=Bounds(0, 1, low_open=True, high_open=True)),
-    MethodOption("tt_shape", str, "", "tt/tt-matrix: factors of the embedding dim d, e.g. 8x8x9 (default: balanced)"),
-    MethodOption("tt_order", int, 3, "tt/tt-matrix: number of factors when shapes are chosen automatically",
-                 bounds=Bounds(1, 16)),
-    MethodOption("tt_cache_dense", bool, False, "tt/tt-matrix: keep a dense rebuild for tied-head logits (faster, uses V x d memory)"),
-)
+@dataclass(frozen=True)
+class TTOptions(MethodOptions):
+    tt_max_rank: int | None = option(None, "maximum TT rank (overrides --rank)", bounds=Bounds(1, 65536))
+    tt_tolerance: float | None = option(None, "relative error tolerance eps in (0,1), delta-truncation",
+                                        bounds=Bounds(0, 1, low_open=True, high_open=True))
+    tt_shape: str = option("", "factors of the embedding dim d, e.g. 8x8x9 (default: balanced)")
+    tt_order: int = option(3, "number of factors when shapes are chosen automatically", bounds=Bounds(1, 16))
+    tt_cache_dense: bool = option(False, "keep a dense rebuild for tied-head logits (faster, uses V x d memory)")
+
+
+@dataclass(frozen=True)
+class TTMatrixOptions(TTOptions):
+    tt_vocab_shape: str = option("", "factors of the vocabulary size V (default: balanced, padded if V factors badly)")
 
 
 def _order(options) -> int:
-    order = options["tt_order"]
+    order = options.tt_order
     if isinstance(order, bool) or not isinstance(order, int) or order < 2:
         raise InvalidArgument("--tt-order", f"{order!r} is below 2", "an integer >= 2 (cores per train)")
     return order
 
 
 def _dim_shape(options, dim: int) -> tuple[int, ...]:
-    if options["tt_shape"]:
-        return parse_shape(options["tt_shape"], dim, "--tt-shape")
+    if options.tt_shape:
+        return parse_shape(options.tt_shape, dim, "--tt-shape")
     return balanced_factorization(dim, _order(options))
 
 
 def _truncation(plan, options) -> tuple[int | None, float | None]:
     """(max rank, tolerance) from the options, else from --rank / --energy."""
-    max_rank = options["tt_max_rank"]
+    max_rank = options.tt_max_rank
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
         raise InvalidArgument("--tt-max-rank", f"{max_rank!r} is not a positive integer", "an integer >= 1")
     if max_rank is None and plan.rank is not None:
         max_rank = plan.rank
-    tolerance = options["tt_tolerance"]
+    tolerance = options.tt_tolerance
     if tolerance is not None and not 0 < tolerance < 1:
         raise InvalidArgument("--tt-tolerance", f"{tolerance!r} is outside (0, 1)", "a relative error eps with 0 < eps < 1")
     if tolerance is None and plan.energy is not None and plan.energy < 1:
@@ -95,7 +101,7 @@ def cap_for_ratio(sizes: tuple[int, ...], copies: int, dense: int, ratio: float,
     "tt",
     kind="module",
     summary="TensorGPT: every embedding row as its own tensor train (batched TT-SVD)",
-    options=COMMON_OPTIONS,
+    options=TTOptions,
     target_kinds=("embedding",),
 )
 def tt(target, plan, stats, options):
@@ -107,26 +113,24 @@ def tt(target, plan, stats, options):
         cap = cap_for_ratio(shape, vocab, vocab * dim, plan.ratio, f"a per-token train of shape {'x'.join(map(str, shape))}")
         max_rank = cap if max_rank is None else min(max_rank, cap)
     trains = tt_svd_batched(weight, shape, max_rank=max_rank, tolerance=tolerance)
-    if trains.stored_parameter_count() >= vocab * dim:
+    if stays_dense(trains.stored_parameter_count(), vocab * dim):
         return None  # the padded trains would not be smaller than the table
-    return TTEmbedding.from_trains(trains, getattr(target.module, "padding_idx", None), options["tt_cache_dense"], dtype=weight.dtype)
+    return TTEmbedding.from_trains(trains, getattr(target.module, "padding_idx", None), options.tt_cache_dense, dtype=weight.dtype)
 
 
 @register_method(
     "tt-matrix",
     kind="module",
     summary="the whole embedding table as one TT-matrix (TT-SVD of the reshaped V x d table)",
-    options=COMMON_OPTIONS + (
-        MethodOption("tt_vocab_shape", str, "", "tt-matrix: factors of the vocabulary size V (default: balanced, padded if V factors badly)"),
-    ),
+    options=TTMatrixOptions,
     target_kinds=("embedding",),
 )
 def tt_matrix(target, plan, stats, options):
     weight = target.weight().detach()
     vocab, dim = weight.shape
     shape = _dim_shape(options, dim)
-    if options["tt_vocab_shape"]:
-        vocab_shape = parse_shape(options["tt_vocab_shape"], vocab, "--tt-vocab-shape")
+    if options.tt_vocab_shape:
+        vocab_shape = parse_shape(options.tt_vocab_shape, vocab, "--tt-vocab-shape")
         if len(vocab_shape) != len(shape):
             raise InvalidArgument("--tt-vocab-shape", f"has {len(vocab_shape)} factors but the d shape has {len(shape)}",
                                   "as many factors for V as for d")
@@ -143,7 +147,7 @@ def tt_matrix(target, plan, stats, options):
         table = table.new_zeros(padded_vocab, dim)
         table[:vocab] = weight
     cores = tt_matrix_svd(table, vocab_shape, shape, max_rank=max_rank, tolerance=tolerance)
-    if sum(core.numel() for core in cores) >= vocab * dim:
+    if stays_dense(sum(core.numel() for core in cores), vocab * dim):
         return None
     return TTMatrixEmbedding.from_cores(cores, vocab, getattr(target.module, "padding_idx", None),
-                                        options["tt_cache_dense"], dtype=weight.dtype)
+                                        options.tt_cache_dense, dtype=weight.dtype)

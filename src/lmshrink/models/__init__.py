@@ -2,131 +2,35 @@
 
 A *family* knows how to load a kind of model, list its compressible matrices, tokenize text for it,
 run it, and save/rebuild its base (config + tokenizer) next to lmshrink's weights. Families register
-in FAMILIES; the first whose ``detect`` accepts a path loads it.
+in MODEL_FAMILIES (lmshrink.models.family); the first whose ``detect`` accepts a path loads it.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lmshrink.errors import NotAModel
+from lmshrink.models.builtin import BUILTINS, fetch_builtin
+from lmshrink.models.family import MODEL_FAMILIES, LoadedModel, ModelFamily, register_family
 
-
-class ModelFamily:
-    """Interface of a model family; subclasses register themselves by ``name``."""
-
-    name: str = ""
-    causal: bool = True  # whether perplexity applies (encoders use fidelity instead)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.name:
-            FAMILIES[cls.name] = cls()
-
-    def detect(self, path: Path) -> bool:
-        return False
-
-    def load(self, path: Path) -> "LoadedModel":
-        raise NotImplementedError
-
-    def candidates(self, loaded: "LoadedModel") -> list:
-        """Every module a plan may target, as lmshrink.plan.Target."""
-        raise NotImplementedError
-
-    def encode(self, loaded: "LoadedModel", text: str) -> list[int]:
-        raise NotImplementedError
-
-    def leading_token(self, loaded: "LoadedModel") -> int | None:
-        """The token every sequence starts with in training (a BOS the tokenizer prepends by default), or None."""
-        return None
-
-    def logits(self, loaded: "LoadedModel", ids: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) token ids -> (batch, seq, vocab) next-token logits (causal families)."""
-        raise NotImplementedError
-
-    def embed(self, loaded: "LoadedModel", ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) ids -> (batch, dim) pooled embeddings (encoder families)."""
-        raise NotImplementedError
-
-    def untie_head(self, loaded: "LoadedModel") -> None:
-        """Mark the model's config as having an output layer with its own weight (see Plan.untie_head)."""
-        raise NotImplementedError(f"model family {self.name!r} cannot untie its output layer")
-
-    def save_base(self, loaded: "LoadedModel", directory: Path) -> dict[str, Any]:
-        """Write config and tokenizer; return JSON-safe facts that ``build_empty`` needs."""
-        raise NotImplementedError
-
-    def build_empty(self, directory: Path, base: dict[str, Any], stored: dict | None = None) -> "LoadedModel":
-        """The dense base model on the meta device (nothing allocated), with its tokenizer.
-
-        ``base`` comes from an untrusted manifest: validate it. ``stored`` (name -> lmshrink.safefiles.StoredTensor of
-        the weights file) bounds counts that would only cost time (layers). The loader swaps in the factorized
-        layers, checks every shape against the stored tensors, and only then calls ``materialize``.
-        """
-        raise NotImplementedError
-
-    def materialize(self, loaded: "LoadedModel") -> None:
-        """Allocate a checked meta skeleton on the CPU. Stored tensors are filled afterwards; a family whose models
-        compute buffers at construction (not stored) recomputes them here."""
-        loaded.model.to_empty(device="cpu")
-
-
-FAMILIES: dict[str, ModelFamily] = {}
-
-
-@dataclass
-class LoadedModel:
-    """A model with what lmshrink needs around it: its family, tokenizer and where it came from."""
-
-    model: nn.Module
-    family: ModelFamily
-    tokenizer: Any = None
-    source: str = "<in-memory>"
-    manifest: dict | None = None  # set when loaded from an lmshrink directory
-    compression: list[dict] = field(default_factory=list)  # per-module report of the last compress()
-
-    @property
-    def causal(self) -> bool:
-        return self.family.causal
-
-    def encode(self, text: str) -> list[int]:
-        return self.family.encode(self, text)
-
-    @property
-    def leading_token(self) -> int | None:
-        return self.family.leading_token(self)
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.family.logits(self, ids)
-
-    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self, ids, mask)
-
-    def candidates(self) -> list:
-        return self.family.candidates(self)
+# A dict-like view of the registry for callers that index it (``FAMILIES["hf"]``, ``FAMILIES.get(name)``).
+FAMILIES = MODEL_FAMILIES.mapping()
 
 
 def _import_families() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    """Every family registered (lmshrink.io calls this before reading a manifest's family)."""
+    MODEL_FAMILIES.discover()
 
 
 def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = None) -> LoadedModel:
     """Load a built-in name, a saved lmshrink directory, a Hugging Face directory, a .gguf file, or wrap a module."""
-    _import_families()
     if isinstance(spec, LoadedModel):
         return spec
     if isinstance(spec, nn.Module):
-        return FAMILIES["hf"].wrap(spec, tokenizer)
-    from lmshrink.models.builtin import BUILTINS, fetch_builtin
-
+        return MODEL_FAMILIES.get("hf").wrap(spec, tokenizer)
     text = str(spec)
     if text in BUILTINS:
         path = fetch_builtin(text)
@@ -134,15 +38,15 @@ def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = No
         loaded.source = text
         return loaded
     path = Path(text).expanduser()
-    from lmshrink.io import load, looks_like_lmshrink
-
-    if path.is_dir() and looks_like_lmshrink(path):
-        return load(path)  # a damaged lmshrink directory is refused there, never loaded as a dense model
     if not path.exists():
         raise NotAModel(f"MODEL: {text!r} is neither a path nor a built-in name; built-ins: {', '.join(BUILTINS)}; "
                         "or give a Hugging Face directory, a .gguf file or a saved lmshrink directory")
-    for family in FAMILIES.values():
+    # A saved lmshrink directory is asked first: a damaged one is refused there, never loaded as a dense model.
+    for family in sorted(MODEL_FAMILIES.values(), key=lambda f: not f.detect_first):
         if family.detect(path):
             return family.load(path)
     raise NotAModel(f"MODEL: {text!r} is not a model: expected a Hugging Face directory (config.json + weights), "
                     "a .gguf file, or a saved lmshrink directory (lmshrink.json)")
+
+
+__all__ = ["FAMILIES", "MODEL_FAMILIES", "LoadedModel", "ModelFamily", "load_model", "register_family"]

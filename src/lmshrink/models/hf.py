@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmshrink.errors import CorruptFile, NotAModel, OutOfMemory
-from lmshrink.models import LoadedModel, ModelFamily
+from lmshrink.models.family import LoadedModel, ModelFamily, register_family
 from lmshrink.plan import Target
 from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finite, check_regular, dtype_name, one_line,
                                 read_json_object, resolve_inside, safetensors_header, same_dtype_kind)
@@ -69,7 +69,7 @@ def checked_config(folder: Path) -> dict:
     names an architecture transformers does not have built in."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from lmshrink.hf_compat import unwrap_base_config
+    from lmshrink.hf_config import unwrap_base_config
 
     raw = read_json_object(resolve_inside(folder, "config.json", "config", LINKS_OUT), "config")
     config = unwrap_base_config(raw, folder / "config.json")
@@ -101,7 +101,7 @@ def _bound_counts(config: Any, tensors: int, path: Path) -> None:
 
 
 def _config_from_dict(config: dict, folder: Path):
-    from lmshrink.hf_compat import base_config_from_dict
+    from lmshrink.hf_config import base_config_from_dict
 
     try:
         return base_config_from_dict(config, repr(str(folder / "config.json")))
@@ -350,7 +350,7 @@ class _HuggingFace(ModelFamily):
             part.tie_word_embeddings = False
 
     def save_base(self, loaded: LoadedModel, directory: Path) -> dict[str, Any]:
-        from lmshrink.hf_compat import write_config
+        from lmshrink.hf_config import write_config
 
         # lmshrink's own model_type with the base config inside: plain transformers refuses the directory instead of
         # loading the factors' base architecture with random dense weights.
@@ -419,6 +419,4 @@ def _is_causal_config(config) -> bool:
     return bool(getattr(config, "is_decoder", False))
 
 
-from lmshrink.models import FAMILIES  # noqa: E402  (filled by the subclass definitions above)
-
-HF_CAUSAL, HF_ENCODER = FAMILIES["hf"], FAMILIES["hf-encoder"]
+HF_CAUSAL, HF_ENCODER = register_family(HuggingFaceCausal()), register_family(HuggingFaceEncoder())
