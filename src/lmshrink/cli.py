@@ -91,6 +91,10 @@ class _Group(click.Group):
             if getattr(error, "agreed", False):
                 _quiet_unless_rank0()  # every process of the run knows this error; rank 0 reports it
             rank = _launched_rank()
+            if rank is not None:  # reported: torchrun stopping this process now (SIGTERM) needs no second message
+                import signal
+
+                signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(_OneLineError.exit_code))
             raise _OneLineError(str(error) if not rank else f"rank {rank}: {error}") from error
         except _SHOWS_HELP:  # `lmshrink` alone prints the help, as click does
             raise

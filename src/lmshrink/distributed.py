@@ -147,7 +147,8 @@ def _check_gpus(world: World, device_type: str) -> None:
     if count < world.local_size:
         raise InvalidArgument("--device", f"cuda with {world.local_size} processes on this node but {count} CUDA device"
                               f"{'s' if count != 1 else ''} (one GPU per process)",
-                              f"at most {count} processes per node (--nproc_per_node {max(count, 1)}), or --device cpu")
+                              f"at most {count} processes per node (--nproc_per_node {count}), or --device cpu" if count else
+                              "--device cpu (this node has no CUDA device)")
 
 
 def finish(world: World) -> None:
@@ -161,7 +162,7 @@ def finish(world: World) -> None:
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {text[0].split('. ')[0][:300]}" if text else type(error).__name__  # gloo adds advice
 
 
 @contextlib.contextmanager
