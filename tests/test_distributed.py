@@ -203,10 +203,29 @@ def test_python_api_in_a_process_group_refuses_mismatched_versions_and_options(c
 def test_cuda_with_fewer_gpus_than_processes_is_refused_on_rank_0(checkpoint, tmp_path):
     if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has 2 GPUs: 2 processes fit")
-    done = _torchrun(["compress", checkpoint, "--method", "svd", *COMMON[:2], "--device", "cuda", "--tokens", "48",
+    done = _torchrun(["compress", checkpoint, "--method", "svd", "--sequential", "--device", "cuda", "--tokens", "48", "--window", "48",
                       "--out", tmp_path / "out"], tmp_path)
     assert done.returncode != 0 and "rank      : 0 (local_rank: 0)\n  exitcode  : 2 " in done.stderr, done.stderr[-3000:]
     errors = _error_lines(done.stderr)
     assert len(errors) == 1, done.stderr[-3000:]  # rank 0 only (torchrun's own report follows)
     assert errors[0].startswith("error: --device: cuda with 2 processes on this node but") and "--device cpu" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rendezvous_that_times_out_is_one_clear_error(checkpoint, tmp_path):
+    """Rank 0 of 2 started alone (as when a node never comes up): the rendezvous gives up after LMSHRINK_DIST_TIMEOUT."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "RANK": "0", "WORLD_SIZE": "2",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "LMSHRINK_DIST_TIMEOUT": "2"}
+    done = subprocess.run([sys.executable, "-m", "lmshrink", "compress", checkpoint, "--method", "svd", *COMMON, "--tokens", "48",
+                           "--out", tmp_path / "out"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 2
+    assert _error_lines(done.stderr) == [done.stderr.strip().splitlines()[-1]]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: rendezvous: the 2 processes of the run did not all join at 127.0.0.1:{port} within 2 s (this is rank 0)")
     assert not (tmp_path / "out").exists()

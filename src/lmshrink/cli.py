@@ -13,7 +13,7 @@ import click
 import torch
 
 from lmshrink.bounds import Bounds
-from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
+from lmshrink.errors import DataError, DistributedError, InvalidArgument, LmshrinkError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHOD = "fwhiten"  # best measured at --ratio 0.8 on SmolLM2 (benchmarks/results/importance.md)
@@ -88,8 +88,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LmshrinkError as error:
-            if getattr(error, "agreed", False):
-                _quiet_unless_rank0()  # every process of the run knows this error; rank 0 reports it
+            if getattr(error, "agreed", False) or not (isinstance(error, DistributedError) or _joined()):
+                # Every process of the run knows this error (agreed, or found from the command line that torchrun
+                # gave all of them before they met): rank 0 reports it.
+                _quiet_unless_rank0()
             rank = _launched_rank()
             if rank is not None:  # reported: torchrun stopping this process now (SIGTERM) needs no second message
                 import signal
@@ -107,6 +109,12 @@ def _launched_rank() -> int | None:
     from lmshrink.distributed import launched_rank
 
     return launched_rank()
+
+
+def _joined() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _quiet_unless_rank0() -> None:

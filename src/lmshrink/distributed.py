@@ -133,11 +133,13 @@ def init_world(device_type: str = "cpu") -> World:
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, ValueError, OSError) as error:  # DistStoreError (a RuntimeError): the rendezvous timed out
-        raise DistributedError(f"rendezvous: rank {rank} of {size} could not join the run at "
+        raise DistributedError(f"rendezvous: the {size} processes of the run did not all join at "
                                f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} within {timeout:g} s "
+                               f"(this is rank {rank}) "
                                f"({_first_line(error)}); check that every node started and can reach it, or raise "
                                f"{TIMEOUT_ENV}") from error
-    return World(rank, size, local_rank, local_size, timeout, "cpu", owns_group=True)
+    # With GPUs, collectives go through nccl on this process's GPU (the statistics and factors are there already).
+    return World(rank, size, local_rank, local_size, timeout, f"cuda:{local_rank}" if device_type == "cuda" else "cpu", owns_group=True)
 
 
 def _check_gpus(world: World, device_type: str) -> None:
