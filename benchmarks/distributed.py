@@ -193,9 +193,11 @@ def main() -> None:
              "reading blocks and writing shards); fisher is the exact-Fisher pass alone; factorize includes sharing the factors.",
              "per-matrix factorization (1 process, 2 threads), median seconds by shape: "
              + "; ".join(f"{s[0]}x{s[1]}: {sorted(v)[len(v) // 2]:.3f}" for s, v in sorted(by_shape.items())),
-             f"achieved CPU factorization rate (9 n^3 + 10 m n min(m, n) FLOPs per matrix): {cpu_factor_rate / 1e9:.1f} GFLOP/s",
+             f"achieved CPU factorization rate (9 n^3 + 10 m n min(m, n) FLOPs per matrix): {cpu_factor_rate / 1e9:.3g} GFLOP/s",
              f"achieved CPU calibration rate ({CALIBRATION_PASSES} FLOPs per targeted parameter per token): "
-             f"{cpu_calibration_rate / 1e9:.1f} GFLOP/s (1 x 2 threads)"]
+             f"{cpu_calibration_rate / 1e9:.3g} GFLOP/s (1 x 2 threads); per calibration window (all blocks, 1 x 2 threads): "
+             f"{single['phases']['calibration_s'] / args.windows:.2f} s, of which the exact-Fisher pass "
+             f"{single['phases']['fisher_s'] / args.windows:.2f} s"]
     model_table = ["", "## Scaling model (not measured: assumptions below)", "",
                    "| model | GPUs | calibration s/block | factorize s/block | communication s/block | total min | communication share |",
                    "|---|---|---|---|---|---|---|"]

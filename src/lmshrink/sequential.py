@@ -384,7 +384,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
         engine = open_engine(source, plan, dtype, device, progress, world)
     except LmshrinkError as error:
         failure = error
-    agree(world, _fingerprint(source, plan, out, dtype, device, calibrate_on, overwrite, offload_bytes), failure)
+    agree(world, _fingerprint(source, plan, dtype, device, calibrate_on, offload_bytes), failure)
     loaded, model, dtype, device = engine.loaded, engine.loaded.model, engine.dtype, engine.device
     plan = plan.for_targets(engine.targets)
     params_before, bytes_before = count_params(model), count_bytes(model)
@@ -442,12 +442,13 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
     return report
 
 
-def _fingerprint(source, plan: Plan, out, dtype, device, calibrate_on, overwrite, offload_bytes) -> dict:
-    """What every process of a run must agree on: lmshrink's version and every argument."""
+def _fingerprint(source, plan: Plan, dtype, device, calibrate_on, offload_bytes) -> dict:
+    """What every process of a run must agree on: lmshrink's version and every argument that shapes the result
+    (not ``out`` and ``overwrite``: only rank 0 writes)."""
     from lmshrink import __version__
 
-    return {"lmshrink": __version__, "source": str(source), "plan": plan.to_dict(), "out": str(out), "dtype": str(dtype),
-            "device": str(device), "calibrate_on": calibrate_on, "overwrite": bool(overwrite), "offload_bytes": offload_bytes}
+    return {"lmshrink": __version__, "source": str(source), "plan": plan.to_dict(), "dtype": str(dtype), "device": str(device),
+            "calibrate_on": calibrate_on, "offload_bytes": offload_bytes}
 
 
 def _factorize_block(loaded, world: World, targets, ranks, method, stats, options) -> list[dict]:
