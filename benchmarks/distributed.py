@@ -65,7 +65,8 @@ def child(spec: dict) -> None:
 
     seq.exact_fisher, seq._factorize_block = timed_fisher, timed_block
     corpus = lmshrink.load_corpus(spec["data"])
-    plan = lmshrink.Plan(method="fwhiten", ratio=spec["ratio"], calibration_windows=spec["windows"], window=spec["window"])
+    plan = lmshrink.Plan(method="fwhiten", ratio=spec["ratio"], calibration_windows=spec["windows"], window=spec["window"],
+                         targets=tuple(spec["targets"]))
     start = time.perf_counter()
     report = seq.compress_sequential(spec["model"], plan, corpus, spec["out"], dtype="float32", device="cpu", progress=False,
                                      world=world)
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--data", default="wikitext-2")
+    parser.add_argument("--targets", action="append", default=None, help="as compress --targets (default: linears)")
     parser.add_argument("--model-windows", type=int, default=32, help="calibration windows assumed by the scaling model")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,7 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lmshrink-dist-bench-") as scratch:
         for processes, threads in ((1, 2), (2, 1)):
             spec = {"model": args.model, "ratio": args.ratio, "windows": args.windows, "window": args.window, "tokens": args.tokens,
-                    "data": args.data, "threads": threads, "out": str(Path(scratch) / f"out-{processes}")}
+                    "data": args.data, "threads": threads, "targets": args.targets or ["linears"], "out": str(Path(scratch) / f"out-{processes}")}
             runs.append(run(spec, processes))
             print(f"{processes} x {threads}: {json.dumps(runs[-1]['phases'])}", file=sys.stderr, flush=True)
     single = runs[0]
@@ -186,7 +188,8 @@ def main() -> None:
     by_shape = {}
     for f in fits:
         by_shape.setdefault(tuple(f["shape"]), []).append(f["seconds"])
-    notes = [f"{args.model}, fwhiten --ratio {args.ratio}, block by block (closed loop, float32, CPU), {args.windows} calibration windows of "
+    notes = [f"targets: {', '.join(args.targets or ['linears'])}",
+             f"{args.model}, fwhiten --ratio {args.ratio}, block by block (closed loop, float32, CPU), {args.windows} calibration windows of "
              f"{args.window} tokens from {args.data}, perplexity on {args.tokens} tokens; statistics cache off. Reduced settings: "
              "the default job calibrates on 32 windows and evaluates 8192 tokens.",
              "calibration = compression time minus factorization (exact-Fisher pass, input statistics, closed-loop forward, "
