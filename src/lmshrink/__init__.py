@@ -8,7 +8,7 @@
     again = lmshrink.load("smollm2-fw")
 """
 
-__version__ = "0.1.0"
+from lmshrink.version import __version__
 
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import LmshrinkError

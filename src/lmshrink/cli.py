@@ -13,7 +13,7 @@ import click
 import torch
 
 from lmshrink.bounds import Bounds
-from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
+from lmshrink.errors import DataError, DistributedError, InvalidArgument, LmshrinkError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHOD = "fwhiten"  # best measured at --ratio 0.8 on SmolLM2 (benchmarks/results/importance.md)
@@ -81,17 +81,47 @@ class _Group(click.Group):
         except _SHOWS_HELP:  # `lmshrink` alone prints the help, as click does
             raise
         except click.UsageError as error:
+            _quiet_unless_rank0()  # torchrun gave every process the same command line: rank 0 says what is wrong
             raise _OneLineError(_usage_line(error)) from error
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LmshrinkError as error:
-            raise _OneLineError(str(error)) from error
+            if getattr(error, "agreed", False) or not (isinstance(error, DistributedError) or _joined()):
+                # Every process of the run knows this error (agreed, or found from the command line that torchrun
+                # gave all of them before they met): rank 0 reports it.
+                _quiet_unless_rank0()
+            rank = _launched_rank()
+            if rank is not None:  # reported: torchrun stopping this process now (SIGTERM) needs no second message
+                import signal
+
+                signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(_OneLineError.exit_code))
+            raise _OneLineError(str(error) if not rank else f"rank {rank}: {error}") from error
         except _SHOWS_HELP:  # `lmshrink` alone prints the help, as click does
             raise
         except click.UsageError as error:
+            _quiet_unless_rank0()
             raise _OneLineError(_usage_line(error)) from error
+
+
+def _launched_rank() -> int | None:
+    from lmshrink.distributed import launched_rank
+
+    return launched_rank()
+
+
+def _joined() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _quiet_unless_rank0() -> None:
+    """A process other than rank 0 of a distributed run ends silently with status 0 on an error rank 0 reports too:
+    rank 0's status is the run's (a worker failing first would make torchrun stop rank 0 before it says why)."""
+    if _launched_rank():
+        sys.exit(0)
 
 
 class _Number(click.ParamType):
@@ -434,18 +464,28 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                          window=window, untie_head=untie_head)
     _check_window_and_data(tokens, window, data)
     _check_sequential_flags(sequential, device, dtype, calibrate_on, no_save, finetune_steps, untie_head)
-    output = None
-    if not no_save:  # checked and locked before any work; held until the command ends
-        from lmshrink.outputs import reserve
+    world = _join_run(ctx, sequential, device)  # lmshrink.distributed.SINGLE unless torchrun started several processes
+    output, failure = None, None
+    out = Path("compressed") / f"{Path(str(model)).stem}-{method}" if out is None else out
+    try:
+        if not no_save and world.main:  # checked and locked before any work; held until the command ends
+            from lmshrink.outputs import reserve
 
-        output = ctx.with_resource(reserve(Path("compressed") / f"{Path(str(model)).stem}-{method}" if out is None else out,
-                                           overwrite=overwrite, inputs=[model]))
-    corpus = lmshrink.load_corpus(data)
-    stages = Stages(enabled=not as_json)
+            output = ctx.with_resource(reserve(out, overwrite=overwrite, inputs=[model]))
+        corpus = lmshrink.load_corpus(data)
+    except LmshrinkError as error:
+        failure = error
+    from lmshrink.distributed import agree
+
+    agree(world, _run_fingerprint(ctx), failure)  # one process: raises ``failure``; several: the same options everywhere
+    stages = Stages(enabled=not as_json and world.main)
     progress = stages.bars
-    stages.note(f"text: {corpus.source}")
+    stages.note(f"text: {corpus.source}" + (f" ({world.size} processes)" if world.distributed else ""))
     if sequential:
-        result = _compress_block_by_block(model, plan, corpus, output, overwrite, device, dtype, calibrate_on, tokens, window, stages)
+        result = _compress_block_by_block(model, plan, corpus, output, out, overwrite, device, dtype, calibrate_on, tokens, window, stages,
+                                          world)
+        if not world.main:
+            return  # rank 0 prints and has written the output
         if as_json:
             click.echo(_json_line(result), file=json_out)
         else:
@@ -580,19 +620,73 @@ def _check_sequential_flags(sequential, device, dtype, calibrate_on, no_save, fi
             raise InvalidArgument(flag, "is not available with --sequential", "the whole-model path (no --sequential) for it")
 
 
-def _compress_block_by_block(model, plan, corpus, output, overwrite, device, dtype, calibrate_on, tokens, window, stages) -> dict:
-    """compress --sequential: the model is never whole in memory; the compressed result is evaluated from its output.
-    The original is not evaluated (that would load it whole): `lmshrink eval MODEL` measures it."""
+def _join_run(ctx, sequential: bool, device):
+    """This process's lmshrink.distributed.World: SINGLE, or its place among the processes torchrun started."""
+    from lmshrink import distributed
+
+    if not (distributed.launched() or distributed.current_world().distributed):
+        return distributed.SINGLE
+    size = os.environ.get("WORLD_SIZE", "?")
+    if not sequential:
+        error = InvalidArgument("torchrun", f"{size} processes were started, but only block-by-block compression runs "
+                                "distributed in this version", "--sequential, or one process")
+        error.agreed = True
+        raise error
+    device_type = "cuda" if device == "cuda" or (device in (None, "auto") and torch.cuda.is_available()) else "cpu"
+    try:
+        world = distributed.init_world(device_type)
+    except InvalidArgument as error:
+        error.agreed = True  # every process of a node checks the same GPUs
+        raise
+    ctx.call_on_close(lambda: distributed.finish(world))
+    if world.main:
+        import signal
+
+        def stopped(signum, frame):
+            # torchrun stops every process (SIGTERM) as soon as one fails; the staged output is already removed
+            # when this runs (lmshrink.outputs turns the signal into an interrupt first and re-raises it after).
+            sys.stderr.write(f"error: torchrun: the run was stopped ({signal.Signals(signum).name}): another of its {world.size} "
+                             "processes failed or the run was interrupted (torchrun's report names the rank); nothing was written\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stopped)
+    return world
+
+
+def _run_fingerprint(ctx) -> dict:
+    """What every process of a distributed run must share: lmshrink's version and every option of the command."""
     import lmshrink
+
+    return {"lmshrink": lmshrink.__version__, "command": ctx.info_name,
+            "options": json.loads(json.dumps(ctx.params, sort_keys=True, default=str))}
+
+
+def _compress_block_by_block(model, plan, corpus, output, out, overwrite, device, dtype, calibrate_on, tokens, window, stages,
+                             world) -> dict:
+    """compress --sequential: the model is never whole in memory; the compressed result is evaluated from its output.
+    The original is not evaluated (that would load it whole): `lmshrink eval MODEL` measures it. Several processes
+    (``world``) split calibration, factorization and evaluation; rank 0 writes, samples and returns the summary."""
+    import lmshrink
+    from lmshrink.distributed import SINGLE, all_gather_json
     from lmshrink.evaluate import corpus_perplexity, greedy_sample
     from lmshrink.sequential import compress_sequential
 
+    target = output.target if output is not None else Path(out).expanduser().absolute()
     with stages.stage(f"compressing block by block ({calibrate_on or 'compressed'} activations)", has_bar=True):
-        report = compress_sequential(model, plan, corpus, output.target, dtype=dtype or "auto", device=device or "auto",
-                                     calibrate_on=calibrate_on or "compressed", progress=stages.bars, overwrite=overwrite)
+        report = compress_sequential(model, plan, corpus, target, dtype=dtype or "auto", device=device or "auto",
+                                     calibrate_on=calibrate_on or "compressed", progress=stages.bars, overwrite=overwrite, world=world)
     with stages.stage(f"evaluating the compressed model (perplexity on {tokens:,} tokens, windows of {window})", has_bar=True):
-        loaded = lmshrink.load(output.target)
-        after = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=stages.bars)
+        # Every process scores its share of the windows when all of them see the output (one node, a shared
+        # file system); otherwise rank 0 scores them all.
+        everywhere = all(all_gather_json(world, Path(target).is_dir()))
+        if not everywhere and not world.main:
+            return {}
+        loaded = lmshrink.load(target)
+        after = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=stages.bars,
+                                  world=world if everywhere else SINGLE)
+        if not world.main:
+            return {}
         sample = greedy_sample(loaded, SAMPLE_PROMPT, SAMPLE_TOKENS)
     stages.note("done")
     source = _builtin_or_path(model)
@@ -602,7 +696,7 @@ def _compress_block_by_block(model, plan, corpus, output, overwrite, device, dty
             "perplexity": {"before": None, "after": after["perplexity"]}, "perplexity_protocol": after["protocol"],
             "eval_tokens": after["tokens"], "window": window, "samples": {"prompt": SAMPLE_PROMPT, "after": sample},
             "compression_seconds": report.seconds, "calibration_seconds": report.stats_seconds, "notes": report.notes,
-            "saved_to": str(output.target), "modules": report.modules}
+            "saved_to": str(output.target), "modules": report.modules, "processes": world.size}
 
 
 def _builtin_or_path(model) -> Path | None:

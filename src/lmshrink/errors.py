@@ -27,3 +27,7 @@ class CorruptFile(LmshrinkError):
 
 class OutOfMemory(LmshrinkError, MemoryError):
     """A model or step that does not fit in the memory this process may use."""
+
+
+class DistributedError(LmshrinkError):
+    """A distributed run (torchrun) that cannot go on: a process died or timed out, or the processes disagree."""

@@ -11,33 +11,40 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmshrink.data import Corpus, encode_prefix, model_windows
+from lmshrink.distributed import SINGLE, World, all_reduce_sum
 
 
 @torch.no_grad()
-def perplexity(loaded, ids, window: int = 512, progress: bool = True) -> dict:
+def perplexity(loaded, ids, window: int = 512, progress: bool = True, world: World = SINGLE) -> dict:
     """Perplexity over non-overlapping windows of ``window`` tokens (each window's first token is context only: the
     model's BOS where it starts sequences with one, else the window's first text token).
 
-    Returns {"perplexity", "nll", "tokens" (scored), "windows", "window"}.
+    ``world`` (lmshrink.distributed): several processes each score their share of the windows and the sums are
+    added; every process gets the same result. Returns {"perplexity", "nll", "tokens" (scored), "windows", "window"}.
     """
     windows = model_windows(loaded, ids, window, what="evaluation text")
     total, scored = 0.0, 0
-    for row in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+    for row in tqdm(windows[world.shard(len(windows))], desc="perplexity", unit="window", disable=not progress):
         logits = loaded.logits(row[None])[0, :-1].float()
         total += F.cross_entropy(logits, row[1:], reduction="sum").item()
         scored += row.numel() - 1
+    if world.distributed:
+        sums = torch.tensor([total, float(scored)], dtype=torch.float64)
+        all_reduce_sum(world, [sums], "adding perplexity sums")
+        total, scored = float(sums[0]), int(sums[1])
     nll = total / scored
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": scored, "windows": len(windows), "window": window}
 
 
-def corpus_perplexity(loaded, corpus: Corpus, tokens: int = 8192, window: int = 512, progress: bool = True) -> dict:
+def corpus_perplexity(loaded, corpus: Corpus, tokens: int = 8192, window: int = 512, progress: bool = True,
+                      world: World = SINGLE) -> dict:
     """Perplexity on the first ``tokens`` tokens of the corpus's evaluation text.
 
     The result's ``protocol`` says how it was measured, in a short line (the same model gives other figures
     under other protocols, e.g. an LSTM with its hidden state carried across windows).
     """
     ids = encode_prefix(loaded, corpus.test, tokens)
-    result = perplexity(loaded, ids, window, progress)
+    result = perplexity(loaded, ids, window, progress, world)
     result["corpus"] = corpus.name
     # The word-level LSTM's vocabulary ends every line with <eos>; subword tokenizers see the text as it is.
     eos = "<eos> ends each line" if loaded.family.name == "word-lstm" else "text as-is"

@@ -12,6 +12,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
 from lmshrink.errors import CorruptFile, InvalidArgument, NotAModel
+from lmshrink.version import __version__
 from lmshrink.layers import layer_type
 from lmshrink.layers.base import FactorizedModule
 from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finite, dtype_name, file_digest, one_line,
@@ -24,8 +25,6 @@ INDEX = "model.safetensors.index.json"  # sharded weights (the block-by-block en
 
 
 def _version() -> str:
-    from lmshrink import __version__
-
     return __version__
 
 

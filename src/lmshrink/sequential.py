@@ -20,6 +20,7 @@ the one global budget (lmshrink.budget) and factorizes in the main pass.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import tempfile
 import time
@@ -34,13 +35,16 @@ from lmshrink.accounting import count_bytes, count_params
 from lmshrink.allocation import allocate
 from lmshrink.calibration import INPUT_STATS, input_hook
 from lmshrink.data import Corpus, calibration_windows, load_corpus
-from lmshrink.errors import DataError, InvalidArgument
+from lmshrink.distributed import (SINGLE, World, agree, all_reduce_sum, barrier, current_world, matrix_cost, pack_by_cost,
+                                  share_tensor)
+from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 from lmshrink.methods import get_method
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.plan import Plan, select_targets
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
 from lmshrink.sharded_io import DTYPES, check_out, dtype_name, staging_directory, write_manifest
 from lmshrink.surgery import CompressionReport, check_plan, factorize_target
+from lmshrink.version import __version__
 
 CALIBRATE_ON = ("compressed", "original")
 
@@ -129,8 +133,9 @@ class Boundary:
                 item[0].unlink(missing_ok=True)
 
 
-def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary | None):
-    """Run ``inputs`` through ``block``: input statistics of ``targets`` (``needs``); outputs appended to ``outputs``."""
+def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary | None, world: World = SINGLE):
+    """Run ``inputs`` through ``block``: input statistics of ``targets`` (``needs``); outputs appended to ``outputs``.
+    Several processes: each runs its own windows and the sums are added across them before the means are taken."""
     stats = {t.name: {} for t in targets}
     hooks = [t.module.register_forward_hook(input_hook(stats[t.name], needs)) for t in targets] if needs else []
     try:
@@ -142,12 +147,52 @@ def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary |
     finally:
         for hook in hooks:
             hook.remove()
+    if world.distributed and needs and targets:
+        _add_across_processes(world, stats, targets, needs, block)
     for entry in stats.values():
         count = entry.pop("_tokens", None)
         for key in ("input_abs_mean", "input_sq_mean"):
             if key in entry:
                 entry[key] = (entry[key] / count).float()
     return stats, outputs
+
+
+def _add_across_processes(world: World, stats, targets, needs, block) -> None:
+    # Every process must reduce the same tensors, also one whose share of windows is empty: missing sums are zeros.
+    device = next(block.parameters()).device
+    tensors = []
+    for target in targets:
+        entry, n = stats[target.name], target.shape[1]
+        entry["_tokens"] = torch.as_tensor(entry.get("_tokens", 0), dtype=torch.float64, device=device)
+        for key in sorted(needs):
+            if key not in entry:
+                entry[key] = torch.zeros((n, n) if key == "input_gram" else (n,), dtype=torch.float64, device=device)
+        tensors += [entry["_tokens"], *(entry[key] for key in sorted(needs))]
+    all_reduce_sum(world, tensors, "adding input statistics")
+
+
+class _Replay:
+    """A method that hands back factors computed elsewhere (by the process owning the matrix), so that the surgery
+    builds, swaps and reports the layer exactly as if it had factorized it here."""
+
+    def __init__(self, method, factors):
+        self.name, self.needs, self.kind, self.factors = method.name, method.needs, method.kind, factors
+
+    def function(self, weight, rank, stats, options):
+        return self.factors
+
+
+class _NoWriter:
+    """What a process other than rank 0 writes: nothing (rank 0 writes every shard)."""
+
+    def add(self, tensors) -> None:
+        pass
+
+    def end_shard(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Engine:
@@ -157,9 +202,10 @@ class Engine:
     calibration windows and captures each block's call arguments; ``load_block`` reads one block.
     """
 
-    def __init__(self, source, loaded, stack: DecoderStack, targets, device, dtype, progress):
+    def __init__(self, source, loaded, stack: DecoderStack, targets, device, dtype, progress, world: World = SINGLE):
         self.source, self.loaded, self.stack, self.targets = source, loaded, stack, targets
-        self.device, self.dtype, self.progress = device, dtype, progress
+        self.device, self.dtype, self.progress, self.world = device, dtype, progress and world.main, world
+        self.total_windows = 0  # calibration windows over all processes (this one holds its share)
         self.scratch: Path | None = None  # where activations beyond ``offload_bytes`` go
         self.offload_bytes: int | None = None
         self.by_block = [[t for t in targets if t.name.startswith(stack.prefix(i))] for i in range(len(stack))]
@@ -174,8 +220,11 @@ class Engine:
         return {k: v for k, v in self.loaded.model.state_dict().items() if not k.startswith(outer)}
 
     def calibrate(self, corpus: Corpus | str | None, windows: int, window: int):
-        """(token windows, first block's input per window, each block's (args, kwargs) per window)."""
+        """(token windows, first block's input per window, each block's (args, kwargs) per window): this process's
+        share of the windows when several run (``total_windows`` counts them all)."""
         ids = calibration_windows(self.loaded, corpus if isinstance(corpus, Corpus) else load_corpus(corpus), windows, window)
+        self.total_windows = len(ids)
+        ids = ids[self.world.shard(len(ids))]
         first_inputs, calls = self.boundary(), []
         for row in ids:
             hidden, call = self.stack.capture(row[None].to(self.device))
@@ -196,14 +245,15 @@ class Engine:
         return tqdm(range(len(self.stack)), desc=desc, unit="block", disable=not self.progress)
 
 
-def open_engine(source, plan: Plan, dtype="auto", device="auto", progress: bool = True) -> Engine:
-    """The skeleton of ``source`` on the meta device, its targets under ``plan`` checked, nothing read yet."""
+def open_engine(source, plan: Plan, dtype="auto", device="auto", progress: bool = True, world: World = SINGLE) -> Engine:
+    """The skeleton of ``source`` on the meta device, its targets under ``plan`` checked, nothing read yet.
+    ``world``: several processes each use their own device (cuda:LOCAL_RANK for "cuda")."""
     from transformers import AutoConfig, AutoTokenizer
 
     from lmshrink.models import LoadedModel
     from lmshrink.models.hf import HF_CAUSAL
 
-    device = resolve_device(device)
+    device = world.place(resolve_device(device))
     checkpoint = open_source(_source_path(source))
     dtype = resolve_dtype(dtype, checkpoint, device)
     config = getattr(checkpoint, "config", None) or AutoConfig.from_pretrained(checkpoint.folder)
@@ -218,14 +268,15 @@ def open_engine(source, plan: Plan, dtype="auto", device="auto", progress: bool 
                               "does not compress yet", "linears, attention, mlp, or globs inside the blocks")
     # An energy plan's ranks need the weights (allocated per block, later); check everything else with a stand-in ratio.
     check_plan(loaded, replace(plan, energy=None, ratio=0.5) if plan.energy is not None else plan)
-    return Engine(checkpoint, loaded, stack, targets, device, dtype, progress)
+    return Engine(checkpoint, loaded, stack, targets, device, dtype, progress, world)
 
 
 def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scratch: Path) -> Path:
     """Per target, the mean over windows of the squared gradient of the next-token loss (what collect_stats measures),
     by a forward pass storing every block's inputs on disk and a backward pass block by block.
 
-    Returns the folder holding ``fisher-{block}.safetensors``, one float32 (out, in) tensor per target.
+    Returns the folder holding ``fisher-{block}.safetensors``, one float32 (out, in) tensor per target. Several
+    processes: each runs its share of the windows and the sums are added across them (every process gets the total).
     """
     from safetensors.torch import load_file, save_file
 
@@ -236,6 +287,7 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
         block = engine.load_block(index)
         _, hidden = _block_pass(block, hidden, calls, index, [], set(), engine.boundary())
         release(block)
+    total_windows = engine.total_windows or len(hidden)
     grads = engine.boundary()
     for w, h in enumerate(hidden):
         h = h.detach().requires_grad_(True)
@@ -263,7 +315,8 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
                     raise DataError(f"{target.name}: NaN or inf gradient in calibration window {w} of {len(grads)}; "
                                     "the model overflows on this text, check its dtype or the data")
                 total.add_(grad.float().square())
-        save_file({t.name: (total / len(grads)).cpu() for t, total in zip(targets, sums)}, str(scratch / f"fisher-{index}.safetensors"))
+        all_reduce_sum(engine.world, sums, "adding Fisher sums")
+        save_file({t.name: (total / total_windows).cpu() for t, total in zip(targets, sums)}, str(scratch / f"fisher-{index}.safetensors"))
         (scratch / f"inputs-{index}.safetensors").unlink()
         grads = previous
         release(block)
@@ -277,23 +330,29 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
     from lmshrink.budget import ranks_from_spectra
 
     spectra, units = {}, set()
-    hidden = first_inputs
+    hidden, world = first_inputs, engine.world
     for index in engine.blocks("spectra"):
         block = engine.load_block(index)
-        stats, hidden = _block_pass(block, hidden, calls, index, engine.by_block[index], method.needs & INPUT_STATS, engine.boundary())
+        stats, hidden = _block_pass(block, hidden, calls, index, engine.by_block[index], method.needs & INPUT_STATS, engine.boundary(),
+                                    world)
         fisher = load_file(str(fisher_dir / f"fisher-{index}.safetensors")) if fisher_dir else {}
-        for target in engine.by_block[index]:
-            entry = {**stats[target.name], **({"fisher": fisher[target.name].to(engine.device)} if fisher else {})}
-            values, in_loss = method.error_spectrum(target.weight().float(), entry, options)
-            spectra[target.name] = values.cpu()
-            units.add(in_loss)
+        targets = engine.by_block[index]
+        owners = pack_by_cost([matrix_cost(t.shape) for t in targets], world.size)  # each spectrum is an SVD: split them
+        for target, owner in zip(targets, owners):
+            values = in_loss = None
+            if owner == world.rank:
+                entry = {**stats[target.name], **({"fisher": fisher[target.name].to(engine.device)} if fisher else {})}
+                values, in_loss = method.error_spectrum(target.weight().float(), entry, options)
+                values, in_loss = values.cpu(), torch.tensor([bool(in_loss)])
+            spectra[target.name] = share_tensor(world, values, owner, torch.device("cpu"), "sharing spectra")
+            units.add(bool(share_tensor(world, in_loss, owner, torch.device("cpu"), "sharing spectra")))
         release(block)
     return ranks_from_spectra(engine.targets, plan, {}, spectra, units)
 
 
 def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str | Path, dtype: str = "auto",
                         device: str = "auto", calibrate_on: str = "compressed", progress: bool = True,
-                        overwrite: bool = False, offload_bytes: int | None = None) -> CompressionReport:
+                        overwrite: bool = False, offload_bytes: int | None = None, world: World | None = None) -> CompressionReport:
     """Compress a Hugging Face causal decoder (a safetensors directory, one or many shards; a .gguf file; a built-in
     name) block by block into ``out`` (sharded safetensors + index + lmshrink.json). See the module docstring.
 
@@ -301,28 +360,41 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
     weights are held and saved in it, each factorization runs in float32 (float64 where the method does).
     ``device``: "auto" (CUDA when present), "cpu" or "cuda". ``offload_bytes``: the activations at a block
     boundary beyond this many bytes go to a scratch folder beside ``out`` (default: all kept in memory).
+
+    ``world`` (default: the initialized torch.distributed process group, if any; lmshrink.distributed): several
+    processes split the calibration windows and each block's matrices; only rank 0 writes ``out``. Every process
+    must call this with the same arguments (checked: a mismatch is refused on every process before any work).
     """
     from safetensors.torch import load_file
 
     start = time.perf_counter()
-    method = get_method(plan.method)
-    options = method.resolve_options(plan.options)
-    if method.kind != "lowrank":
-        raise InvalidArgument("--method", f"{plan.method!r} builds its own modules; the block-by-block engine runs low-rank methods",
-                              "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten), or the whole-model path")
-    if calibrate_on not in CALIBRATE_ON:
-        raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
-    if plan.allocation == "sensitivity" and plan.energy is not None:
-        raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
-    check_out(out, overwrite)  # before minutes of work
-    engine = open_engine(source, plan, dtype, device, progress)
+    world = current_world() if world is None else world
+    failure = None
+    try:  # checks that may fail on one process only (the output, the device) end the run on every process
+        method = get_method(plan.method)
+        options = method.resolve_options(plan.options)
+        if method.kind != "lowrank":
+            raise InvalidArgument("--method", f"{plan.method!r} builds its own modules; the block-by-block engine runs low-rank methods",
+                                  "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten), or the whole-model path")
+        if calibrate_on not in CALIBRATE_ON:
+            raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
+        if plan.allocation == "sensitivity" and plan.energy is not None:
+            raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
+        if world.main:
+            check_out(out, overwrite)  # before minutes of work
+        engine = open_engine(source, plan, dtype, device, progress, world)
+    except LmshrinkError as error:
+        failure = error
+    agree(world, _fingerprint(source, plan, dtype, device, calibrate_on, offload_bytes), failure)
     loaded, model, dtype, device = engine.loaded, engine.loaded.model, engine.dtype, engine.device
     plan = plan.for_targets(engine.targets)
     params_before, bytes_before = count_params(model), count_bytes(model)
     rows = []
-    with staging_directory(out, overwrite) as staging, tempfile.TemporaryDirectory(dir=staging, prefix=".scratch-") as scratch:
+    # Rank 0 writes the output (staged beside it, swapped in at the end); the others only need scratch space.
+    staged = staging_directory(out, overwrite) if world.main else contextlib.nullcontext(None)
+    with staged as staging, tempfile.TemporaryDirectory(dir=staging, prefix=".scratch-" if world.main else "lmshrink-scratch-") as scratch:
         engine.scratch, engine.offload_bytes = Path(scratch), offload_bytes
-        writer = ShardWriter(staging, dtype)
+        writer = ShardWriter(staging, dtype) if world.main else _NoWriter()
         writer.add(engine.load_outer())
         writer.end_shard()
         windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs else (None, engine.boundary(), [])
@@ -340,13 +412,12 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             stats, original_outputs = {t.name: {} for t in block_targets}, None
             if needs or calibrate_on == "original":
                 stats, original_outputs = _block_pass(block, hidden, calls, index, block_targets, needs,
-                                                      engine.boundary() if calibrate_on == "original" else None)
+                                                      engine.boundary() if calibrate_on == "original" else None, world)
             if fisher_dir is not None:
                 for name, tensor in load_file(str(fisher_dir / f"fisher-{index}.safetensors")).items():
                     stats[name]["fisher"] = tensor.to(device)
             block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
-            for target in block_targets:
-                rows.append(factorize_target(loaded, target, block_ranks[target.name], method, stats[target.name], options, False))
+            rows += _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:
@@ -361,10 +432,40 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
         writer.close()
         loaded.compression = rows
         plan_dict = {**plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "dtype": dtype_name(dtype),
-                     "device": str(device)}
-        write_manifest(loaded, staging, dtype)
+                     "device": str(device), "processes": world.size}
+        if world.main:
+            write_manifest(loaded, staging, dtype, run={"processes": world.size, "executor": "sequential"})
+    barrier(world, "finishing (rank 0 writes the output)")  # the others return once the output is in place
     report = CompressionReport(plan_dict, rows, params_before, count_params(model), bytes_before, count_bytes(model),
                                time.perf_counter() - start, stats_seconds)
     if not report.compressed:
         report.notes.append("no target became smaller: every matrix stays dense at this amount")
     return report
+
+
+def _fingerprint(source, plan: Plan, dtype, device, calibrate_on, offload_bytes) -> dict:
+    """What every process of a run must agree on: lmshrink's version and every argument that shapes the result
+    (not ``out`` and ``overwrite``: only rank 0 writes)."""
+    return {"lmshrink": __version__, "source": str(source), "plan": plan.to_dict(), "dtype": str(dtype), "device": str(device),
+            "calibrate_on": calibrate_on, "offload_bytes": offload_bytes}
+
+
+def _factorize_block(loaded, world: World, targets, ranks, method, stats, options) -> list[dict]:
+    """Factorize one block's targets: each process the ones packed to it by cost, then every process receives every
+    factor from its owner (all of them run the compressed block; rank 0 writes it) and swaps the layers in."""
+    if not world.distributed:
+        return [factorize_target(loaded, t, ranks[t.name], method, stats[t.name], options, False) for t in targets]
+    owners = pack_by_cost([matrix_cost(t.shape) for t in targets], world.size)
+    mine = {t.name: method.function(t.weight().detach().float(), ranks[t.name], stats[t.name], options)
+            for t, owner in zip(targets, owners) if owner == world.rank and ranks[t.name] is not None}  # all at once, then share
+    rows = []
+    for target, owner in zip(targets, owners):
+        rank = ranks[target.name]
+        if rank is None:
+            rows.append(factorize_target(loaded, target, rank, method, {}, options, False))
+            continue
+        left, right = mine.get(target.name, (None, None))
+        device = target.module.weight.device
+        factors = (share_tensor(world, left, owner, device), share_tensor(world, right, owner, device))
+        rows.append(factorize_target(loaded, target, rank, _Replay(method, factors), {}, options, False))
+    return rows

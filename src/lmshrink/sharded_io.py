@@ -38,10 +38,13 @@ def staging_directory(directory: str | Path, overwrite: bool = False):
         yield staging
 
 
-def write_manifest(loaded, directory: Path, dtype: torch.dtype) -> dict:
-    """Config, tokenizer and lmshrink.json of ``loaded`` (its weights are written separately, as shards)."""
+def write_manifest(loaded, directory: Path, dtype: torch.dtype, run: dict | None = None) -> dict:
+    """Config, tokenizer and lmshrink.json of ``loaded`` (its weights are written separately, as shards); ``run``: how
+    the run was executed (e.g. {"processes": N}), recorded as the manifest's "run"."""
     loaded.model.config.dtype = dtype_name(dtype)
     manifest = manifest_of(loaded)
+    if run is not None:
+        manifest["run"] = run
     manifest["base"] = loaded.family.save_base(loaded, directory)
     manifest["weights"] = {"layout": "sharded-safetensors", "dtype": dtype_name(dtype)}
     # Digests of every weights file, verified by lmshrink.load (the shards and their index are written by now).
