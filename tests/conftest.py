@@ -6,6 +6,7 @@ LMSHRINK_DATA), and they skip, saying why, where it is absent (CI has it)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,10 +86,8 @@ def tiny_llama(seed: int = 0, tie: bool = False):
     return lmshrink.load_model(LlamaForCausalLM(config).eval(), tokenizer=byte_tokenizer())
 
 
-def saved_weights(folder) -> "Path":
+def saved_weights(folder) -> Path:
     """The one weights shard of a small model saved by lmshrink (model-00001-of-00001.safetensors)."""
-    from pathlib import Path
-
     shards = sorted(Path(folder).glob("model-*-of-*.safetensors"))
     assert len(shards) == 1, shards
     return shards[0]

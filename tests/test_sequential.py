@@ -361,7 +361,7 @@ def test_cli_sequential_writes_a_model_that_loads_and_reports_it(checkpoint, cor
     assert result["on_disk"]["saved"] < result["on_disk"]["source"]  # bf16 factors vs float32 dense shards
 
 
-@pytest.mark.parametrize("args,flag", [(["--dtype", "bfloat16"], "--dtype"), (["--device", "cpu"], "--device"),
+@pytest.mark.parametrize("args,flag", [(["--calibrate-on", "original"], "--calibrate-on"),
                                        (["--sequential", "--no-save"], "--no-save"),
                                        (["--sequential", "--finetune-steps", "2"], "--finetune-steps")])
 def test_cli_flags_of_the_block_by_block_path_are_refused_elsewhere(checkpoint, tmp_path, args, flag):

@@ -69,8 +69,8 @@ def check_runs(dtype: torch.dtype, device: torch.device) -> None:
 
 
 class DeclaredDtype:
-    """What a model already in memory declares: its config's dtype (a GGUF's ``declared``: bfloat16), else its
-    parameters' dtype. The ``source`` side of ``resolve_dtype`` for the whole-model path."""
+    """What a loaded model's checkpoint declares (the ``source`` side of ``resolve_dtype`` for the whole-model path):
+    a GGUF: bfloat16; a Hugging Face directory: its config.json's dtype; else the model's config, else its parameters."""
 
     def __init__(self, model: nn.Module, path=None):
         self.model, self.path = model, path
@@ -78,15 +78,21 @@ class DeclaredDtype:
     def declared_dtype(self) -> torch.dtype:
         from pathlib import Path
 
-        if self.path is not None and Path(str(self.path)).suffix == ".gguf":
+        path = Path(str(self.path)) if self.path is not None else None
+        if path is not None and path.suffix == ".gguf":
             return torch.bfloat16  # quantized weights have no float dtype of their own; bf16 holds them with float32's range
-        config = getattr(self.model, "config", None)
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        declared = None
+        if path is not None and (path / "config.json").is_file():
+            from lmshrink.models.hf import checked_config  # the one config reader (capped, auto_map refused)
+
+            config = checked_config(path)
+            declared = config.get("dtype") or config.get("torch_dtype")
+        if declared is None:  # a model given in memory: its config (transformers records the dtype it was built in)
+            config = getattr(self.model, "config", None)
+            declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if isinstance(declared, str):
             declared = getattr(torch, declared, None)
-        if isinstance(declared, torch.dtype):
-            return declared
-        return model_dtype(self.model)
+        return declared if isinstance(declared, torch.dtype) else model_dtype(self.model)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -24,7 +24,7 @@ def perplexity(loaded, ids, window: int = 512, progress: bool = True) -> dict:
     total, scored = 0.0, 0
     for row in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         logits = loaded.logits(row[None])[0, :-1].float()
-        total += F.cross_entropy(logits, row[1:], reduction="sum").item()
+        total += F.cross_entropy(logits, row[1:].to(logits.device), reduction="sum").item()
         scored += row.numel() - 1
     nll = total / scored
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": scored, "windows": len(windows), "window": window}
@@ -99,10 +99,15 @@ def _forward(loaded, tokens: int, batch_size: int):
     ids = torch.randint(0, _vocab_size(loaded), (batch_size, tokens), generator=generator)
     mask = torch.ones_like(ids)
 
+    device = loaded.device
+    ids, mask = ids.to(device), mask.to(device)
+
     def run() -> float:
         start = time.perf_counter()
         with torch.no_grad():
             loaded.logits(ids) if loaded.causal else loaded.embed(ids, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: time them to the end
         return time.perf_counter() - start
 
     return run

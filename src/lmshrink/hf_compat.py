@@ -26,7 +26,7 @@ from lmshrink.errors import CorruptFile, InvalidArgument, NotAModel
 
 MODEL_TYPE = "lmshrink"
 CONFIG = "config.json"
-HOW_TO_LOAD = ("a model compressed by lmshrink: model.safetensors holds factorized layers, not the base model's dense weights. "
+HOW_TO_LOAD = ("a model compressed by lmshrink: its safetensors shards hold factorized layers, not the base model's dense weights. "
                "Load it with `import lmshrink` and then AutoModelForCausalLM.from_pretrained(DIR) (AutoModel for encoders), "
                "or lmshrink.load(DIR); `lmshrink export DIR --dense --out OUT` writes a plain Hugging Face checkpoint")
 

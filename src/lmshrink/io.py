@@ -52,11 +52,11 @@ def manifest_of(loaded) -> dict:
             "compression": loaded.compression}
 
 
-def check_out(directory: str | Path, overwrite: bool = False) -> Path:
+def check_out(directory: str | Path, overwrite: bool = False, inputs=()) -> Path:
     """``directory`` checked as an output before any work (lmshrink.outputs.check_output)."""
     from lmshrink.outputs import check_output
 
-    return check_output(directory, overwrite=overwrite)
+    return check_output(directory, overwrite=overwrite, inputs=inputs)
 
 
 @contextlib.contextmanager

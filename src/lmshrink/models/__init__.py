@@ -103,11 +103,17 @@ class LoadedModel:
     def leading_token(self) -> int | None:
         return self.family.leading_token(self)
 
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.family.logits(self, ids)
+        """Next-token logits on the model's device (``ids`` are moved there)."""
+        return self.family.logits(self, ids.to(self.device))
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self, ids, mask)
+        device = self.device
+        return self.family.embed(self, ids.to(device), mask.to(device))
 
     def candidates(self) -> list:
         return self.family.candidates(self)
@@ -118,31 +124,80 @@ def _import_families() -> None:
         importlib.import_module(f"{__name__}.{info.name}")
 
 
-def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = None) -> LoadedModel:
-    """Load a built-in name, a saved lmshrink directory, a Hugging Face directory, a .gguf file, or wrap a module."""
+def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = None, *, device=None, dtype=None) -> LoadedModel:
+    """Load a built-in name, a saved lmshrink directory, a Hugging Face directory, a .gguf file, or wrap a module.
+
+    ``device``: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; None leaves it where it loads (the CPU).
+    ``dtype``: "auto" (what the checkpoint declares: its config's dtype; a GGUF: bfloat16; a saved lmshrink directory:
+    the dtype it was saved in), "float32", "bfloat16", "float16" or a torch dtype; None keeps the dtype it loads in
+    (float32 for Hugging Face directories and GGUF files; a saved directory's own). Floating parameters are cast;
+    computed buffers (rotary frequencies) stay float32 (lmshrink.devices.place).
+    """
+    from lmshrink.devices import place
+
     _import_families()
     if isinstance(spec, LoadedModel):
-        return spec
+        return place(spec, device, dtype)
     if isinstance(spec, nn.Module):
-        return FAMILIES["hf"].wrap(spec, tokenizer)
+        return place(FAMILIES["hf"].wrap(spec, tokenizer), device, dtype)
     from lmshrink.models.builtin import BUILTINS, fetch_builtin
 
     text = str(spec)
     if text in BUILTINS:
         path = fetch_builtin(text)
-        loaded = load_model(path)
+        loaded = load_model(path, device=device, dtype=dtype)
         loaded.source = text
         return loaded
     path = Path(text).expanduser()
     from lmshrink.io import load, looks_like_lmshrink
 
     if path.is_dir() and looks_like_lmshrink(path):
-        return load(path)  # a damaged lmshrink directory is refused there, never loaded as a dense model
+        return load(path, device=device, dtype=dtype)  # a damaged lmshrink directory is refused there, never loaded as a dense model
     if not path.exists():
         raise NotAModel(f"MODEL: {text!r} is neither a path nor a built-in name; built-ins: {', '.join(BUILTINS)}; "
                         "or give a Hugging Face directory, a .gguf file or a saved lmshrink directory")
     for family in FAMILIES.values():
         if family.detect(path):
-            return family.load(path)
+            return place(family.load(path), device, dtype, source_path=path)
     raise NotAModel(f"MODEL: {text!r} is not a model: expected a Hugging Face directory (config.json + weights), "
                     "a .gguf file, or a saved lmshrink directory (lmshrink.json)")
+
+
+def declares_causal(spec) -> bool | None:
+    """Whether ``spec`` is a causal LM, from its config or manifest alone (no weights read): True, False, or None when
+    that cannot be told without loading it (a module, a path of no known kind). Lets a command refuse what needs
+    next-token logits (eval --tasks) before loading and measuring anything."""
+    if isinstance(spec, LoadedModel):
+        return spec.causal
+    if isinstance(spec, nn.Module):
+        return None
+    from lmshrink.models.builtin import BUILTINS, fetch_builtin, is_cached
+
+    text = str(spec)
+    if text in BUILTINS:
+        if not is_cached(text):
+            return None  # told once fetched and loaded
+        path = fetch_builtin(text)
+    else:
+        path = Path(text).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return True  # GGUF files hold causal LMs (lmshrink loads them with AutoModelForCausalLM)
+    if not path.is_dir():
+        return None
+    from lmshrink.errors import LmshrinkError
+    from lmshrink.io import MANIFEST, read_manifest
+
+    try:
+        if (path / MANIFEST).is_file():
+            causal = read_manifest(path)["base"].get("causal")
+            return causal if isinstance(causal, bool) else None
+        if (path / "config.json").is_file():
+            from lmshrink.models.hf import checked_config
+
+            architectures = checked_config(path).get("architectures") or []
+            if not isinstance(architectures, list) or not architectures:
+                return None
+            return any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    except LmshrinkError:
+        return None  # a damaged directory: loading it says what is wrong
+    return None
