@@ -380,7 +380,7 @@ def _print_whole_model(result, targets, allocation) -> None:
     from lmshrink.pipeline import SAMPLE_PROMPT, SAMPLE_TOKENS
 
     before, after, speed, on_disk, samples = result.before, result.after, result.speed, result.on_disk, result.samples
-    causal = after.get("perplexity") is not None or "fidelity" not in after
+    causal = result.loaded.causal
     factorized = sum(1 for m in result.modules if m["status"] == "factorized")
     amounts = ", ".join(plan.amount() for plan in result.plans)
     click.echo(f"model: {result.model}   method: {result.method} ({amounts}, targets {', '.join(targets)}, allocation {allocation})")
