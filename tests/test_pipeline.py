@@ -245,3 +245,15 @@ def test_compress_and_eval_on_cuda(llama_dir, text, tmp_path):
     assert json.loads(evaluated.stdout)["perplexity"] == pytest.approx(report["perplexity"]["after"], rel=1e-3)
     loaded = lmshrink.load(out, device="cuda")
     assert loaded.device.type == "cuda" and loaded.model.model.layers[0].mlp.up_proj.left.dtype == torch.bfloat16
+
+
+def test_an_encoder_is_measured_by_fidelity_and_never_sampled(text):
+    from tests.test_hf_compat import tiny_bert
+
+    seen = []
+    result = lmshrink.run_compress(tiny_bert(), lmshrink.Plan(method="svd", ratio=0.5), str(text), dtype="bfloat16",
+                                   evaluate=EvalOptions(tokens=64, window=32, samples=True, speed=False), on_stage=seen.append)
+    assert result.samples is None and not any(s.startswith("sampling") for s in seen)
+    assert result.before["fidelity"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)  # the original against itself
+    assert 0.2 < result.after["fidelity"]["cosine_mean"] < 1.0 and result.after["perplexity"] is None
+    assert {p.dtype for p in result.loaded.model.parameters()} == {torch.bfloat16}

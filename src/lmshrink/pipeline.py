@@ -180,7 +180,7 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
     if finetune and finetune.steps and not loaded.causal:
         raise InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model", "0 for encoders (refinement training uses next-token loss)")
     check_plan(loaded, plans[0])  # bad targets or ranks fail now, not after minutes of evaluation (later stages: when applied)
-    samples = _sample(loaded, stages, f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)", None) if evaluate and evaluate.samples else None
+    samples = _sample(loaded, stages, f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)", None) if evaluate and evaluate.samples and loaded.causal else None
     texts = fidelity_sentences(corpus) if evaluate and not loaded.causal else None
     before = _measure(loaded, corpus, evaluate, stages, "evaluating the original", texts)
     teacher = _copy(loaded) if finetune and finetune.steps and finetune.distill else None
