@@ -247,11 +247,15 @@ def test_compress_and_eval_on_cuda(llama_dir, text, tmp_path):
     assert loaded.device.type == "cuda" and loaded.model.model.layers[0].mlp.up_proj.left.dtype == torch.bfloat16
 
 
-def test_an_encoder_is_measured_by_fidelity_and_never_sampled(text):
+def test_an_encoder_is_measured_by_fidelity_and_never_sampled(tmp_path):
     from tests.test_hf_compat import tiny_bert
 
-    seen = []
-    result = lmshrink.run_compress(tiny_bert(), lmshrink.Plan(method="svd", ratio=0.5), str(text), dtype="bfloat16",
+    text = tmp_path / "short.txt"  # sentences of 8+ words that fit the tiny encoder's 64 positions
+    text.write_text("".join(f"the cat sat on mat {i} by the old door.\n" for i in range(400)))
+
+    seen, bert = [], tiny_bert()
+    bert.tokenizer.pad_token = bert.tokenizer.convert_ids_to_tokens(0)  # sentences of several lengths are padded
+    result = lmshrink.run_compress(bert, lmshrink.Plan(method="svd", ratio=0.5), str(text), dtype="bfloat16",
                                    evaluate=EvalOptions(tokens=64, window=32, samples=True, speed=False), on_stage=seen.append)
     assert result.samples is None and not any(s.startswith("sampling") for s in seen)
     assert result.before["fidelity"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)  # the original against itself
