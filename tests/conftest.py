@@ -6,6 +6,7 @@ LMSHRINK_DATA), and they skip, saying why, where it is absent (CI has it)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,10 @@ def tiny_llama(seed: int = 0, tie: bool = False):
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=tie)
     return lmshrink.load_model(LlamaForCausalLM(config).eval(), tokenizer=byte_tokenizer())
+
+
+def saved_weights(folder) -> Path:
+    """The one weights shard of a small model saved by lmshrink (model-00001-of-00001.safetensors)."""
+    shards = sorted(Path(folder).glob("model-*-of-*.safetensors"))
+    assert len(shards) == 1, shards
+    return shards[0]

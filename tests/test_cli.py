@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
+from tests.conftest import saved_weights, tiny_llama
 
 
 def run(*args, cwd=None):
@@ -90,7 +90,7 @@ def test_groupreduce_with_quantized_factors_from_the_command_line(tiny_dir, tmp_
     assert report["bytes"]["after"] < report["bytes"]["before"]
     from safetensors import safe_open
 
-    with safe_open(str(out / "model.safetensors"), "pt") as weights:  # the factors really are stored as 8-bit integers
+    with safe_open(str(saved_weights(out)), "pt") as weights:  # the factors really are stored as 8-bit integers
         dtypes = {weights.get_tensor(k).dtype for k in weights.keys() if k.startswith("model.embed_tokens.")}
     assert torch.uint8 in dtypes and torch.float32 not in dtypes
     manifest = json.loads((out / "lmshrink.json").read_text())

@@ -166,6 +166,7 @@ API = """
     import json, sys
     import torch.distributed as dist
     import lmshrink
+    import lmshrink.sequential
     from lmshrink.errors import DistributedError
     from lmshrink.sequential import compress_sequential
 
@@ -175,7 +176,7 @@ API = """
     seen = {}
     for case in ("version", "options", "ok"):
         plan = lmshrink.Plan(method="svd", ratio=0.6 if case == "options" and rank == 1 else 0.5)
-        lmshrink.__version__ = "0.0.0-other" if case == "version" and rank == 1 else "0.1.0"
+        lmshrink.sequential.__version__ = "0.0.0-other" if case == "version" and rank == 1 else "0.1.0"  # what the fingerprint reads
         try:
             report = compress_sequential(checkpoint, plan, None, out, dtype="float32", device="cpu", progress=False)
             seen[case] = {"processes": report.plan["processes"], "factorized": len(report.compressed)}

@@ -191,7 +191,8 @@ def run_cases(pristine: Path, seed: int, manifest_cases: int, header_cases: int,
     with torch.no_grad():
         expected = lmshrink.load(pristine).logits(ids)
     manifest_text = (pristine / "lmshrink.json").read_text()
-    weights = (pristine / "model.safetensors").read_bytes()
+    weights_path = next(pristine.glob("model-*-of-*.safetensors")).name  # the one shard of a small model
+    weights = (pristine / weights_path).read_bytes()
     results = []
     signal.signal(signal.SIGALRM, _alarm)
     for index in range(manifest_cases + header_cases):
@@ -206,7 +207,7 @@ def run_cases(pristine: Path, seed: int, manifest_cases: int, header_cases: int,
         else:
             what = "header"
             data, change = mutate_header(weights, rng)
-            (folder / "model.safetensors").write_bytes(data)
+            (folder / weights_path).write_bytes(data)
             verify = False  # the digest would refuse any changed byte: test the structural checks themselves
         start = time.perf_counter()
         outcome, detail = None, ""

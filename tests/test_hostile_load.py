@@ -28,9 +28,10 @@ from lmshrink.errors import CorruptFile, LmshrinkError, NotAModel
 from lmshrink.models import FAMILIES, LoadedModel
 from lmshrink.models.lstm import RNNModel, Vocabulary
 from lmshrink.safefiles import file_digest
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import saved_weights, tiny_gpt2, tiny_llama
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+SHARD, INDEX = "model-00001-of-00001.safetensors", "model.safetensors.index.json"  # a small model's saved weights
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
 
 
@@ -57,12 +58,15 @@ def write_manifest(folder: Path, content) -> None:
 
 
 def rewrite_weights(folder: Path, tensors: dict, record_digest: bool = True) -> None:
-    """Replace model.safetensors and record its digest, as a consistent but wrong save would: what the load's own
-    checks (not the digest) must catch."""
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    """Replace the weights (the one shard and its index) and record their digests, as a consistent but wrong save
+    would: what the load's own checks (not the digest) must catch."""
+    shard = saved_weights(folder)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(tensors, shard.name)}))
     if record_digest:
         content = manifest(folder)
-        content["files"] = {"model.safetensors": file_digest(folder / "model.safetensors")}
+        content["files"] = {shard.name: file_digest(shard), index.name: file_digest(index)}
         write_manifest(folder, content)
 
 
@@ -474,11 +478,11 @@ MANIFEST_CASES = {
     "config-wrapper-without-base": (lambda f: (f / "config.json").write_text(json.dumps({"model_type": "lmshrink"})), "no base model config"),
     "tokenizer-garbage": (_write("tokenizer.json", b"{garbage"), "tokenizer"),
     "tokenizer-missing": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "tokenizer"),
-    "weights-truncated": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000]), "truncated or corrupted"),
-    "weights-empty": (_write("model.safetensors", b""), "truncated or corrupted"),
-    "weights-missing": (lambda f: (f / "model.safetensors").unlink(), "model.safetensors"),
-    "weights-header-garbage": (lambda f: (f / "model.safetensors").write_bytes(struct.pack("<Q", 12) + b"{not json!!}"), "truncated or corrupted"),
-    "weights-header-huge": (lambda f: (f / "model.safetensors").write_bytes(struct.pack("<Q", 2 ** 60) + b"{}"), "truncated or corrupted"),
+    "weights-truncated": (lambda f: (f / SHARD).write_bytes((f / SHARD).read_bytes()[:5000]), "truncated or corrupted"),
+    "weights-empty": (_write(SHARD, b""), "truncated or corrupted"),
+    "weights-missing": (lambda f: (f / SHARD).unlink(), SHARD),
+    "weights-header-garbage": (lambda f: (f / SHARD).write_bytes(struct.pack("<Q", 12) + b"{not json!!}"), "truncated or corrupted"),
+    "weights-header-huge": (lambda f: (f / SHARD).write_bytes(struct.pack("<Q", 2 ** 60) + b"{}"), "truncated or corrupted"),
 }
 
 
@@ -604,7 +608,7 @@ def test_plain_hugging_face_directory_loads_with_tied_head_and_computed_buffers(
 @pytest.mark.parametrize("case", ["missing", "extra", "renamed", "shape", "int32", "stored-twice"])
 def test_weights_not_matching_the_manifest_are_refused_naming_the_module(pristine, tmp_path, work, case):
     folder = copy_dir(pristine["llama"][0], tmp_path / "model")
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = load_file(str(saved_weights(folder)))
     name = "model.layers.0.self_attn.v_proj.left"
     if case == "missing":
         del tensors[name]
@@ -631,7 +635,7 @@ def test_weights_not_matching_the_manifest_are_refused_naming_the_module(pristin
 
 def test_float64_weights_are_cast_not_refused(pristine, tmp_path):
     folder = copy_dir(pristine["llama"][0], tmp_path / "model")
-    rewrite_weights(folder, {k: v.double() if v.is_floating_point() else v for k, v in load_file(str(folder / "model.safetensors")).items()})
+    rewrite_weights(folder, {k: v.double() if v.is_floating_point() else v for k, v in load_file(str(saved_weights(folder))).items()})
     assert torch.allclose(logits(lmshrink.load(folder)), pristine["llama"][1], atol=1e-5)
 
 
@@ -640,7 +644,7 @@ def test_float64_weights_are_cast_not_refused(pristine, tmp_path):
 
 def test_flipped_exponent_bits_are_caught_by_the_digest(pristine, tmp_path, work):
     folder = copy_dir(pristine["llama"][0], tmp_path / "model")
-    weights = folder / "model.safetensors"
+    weights = folder / SHARD
     data = bytearray(weights.read_bytes())
     start = 8 + struct.unpack("<Q", data[:8])[0]
     for k in range(64):  # the high byte of 64 float32 values: exponent bits, size unchanged
@@ -656,7 +660,7 @@ def test_flipped_exponent_bits_are_caught_by_the_digest(pristine, tmp_path, work
 def test_manifest_without_digests_still_loads(pristine, tmp_path):
     folder = copy_dir(pristine["llama"][0], tmp_path / "model")
     content = manifest(folder)
-    assert set(content["files"]) == {"model.safetensors"} and len(content["files"]["model.safetensors"]["sha256"]) == 64
+    assert set(content["files"]) == {SHARD, INDEX} and len(content["files"][SHARD]["sha256"]) == 64
     del content["files"]  # as lmshrink wrote it before digests
     write_manifest(folder, content)
     assert torch.allclose(logits(lmshrink.load(folder)), pristine["llama"][1], atol=1e-6)
@@ -678,7 +682,7 @@ def test_saved_directories_round_trip(pristine, kind):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_weights_are_refused_naming_the_tensor(pristine, tmp_path, work, value):
     folder = copy_dir(pristine["llama"][0], tmp_path / "model")
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = load_file(str(saved_weights(folder)))
     tensors["model.layers.1.self_attn.o_proj.right"][0, 3] = value
     rewrite_weights(folder, tensors)
     refused_everywhere(folder, work, pristine["text"], "model.layers.1.self_attn.o_proj.right", "non-finite", error=CorruptFile)

@@ -16,7 +16,7 @@ import pytest
 import lmshrink
 from lmshrink import outputs
 from lmshrink.errors import InvalidArgument
-from tests.conftest import tiny_llama
+from tests.conftest import saved_weights, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +30,14 @@ def models():
 @pytest.fixture(scope="module")
 def weight_bytes(models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
-    return tuple((lmshrink.save(model, folder / name) / "model.safetensors").read_bytes()
+    return tuple(saved_weights(lmshrink.save(model, folder / name)).read_bytes()
                  for model, name in zip(models, ("old", "new")))
 
 
 def content(out: Path, weight_bytes) -> str:
     """'old' or 'new' if ``out`` holds that complete model (it loads, its weights are those); fails otherwise."""
     assert out.is_dir(), f"{out} is missing"
-    data = (out / "model.safetensors").read_bytes()
+    data = saved_weights(out).read_bytes()
     assert data in weight_bytes, "the weights are neither the old nor the new model's"
     lmshrink.load(out)
     return "old" if data == weight_bytes[0] else "new"
@@ -239,7 +239,7 @@ def test_saved_files_follow_the_umask(tmp_path, models, mask):
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     files = list(out.iterdir())
-    assert {"model.safetensors", "lmshrink.json", "config.json"} <= {f.name for f in files}
+    assert {"model-00001-of-00001.safetensors", "model.safetensors.index.json", "lmshrink.json", "config.json"} <= {f.name for f in files}
     for file in files:
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
 

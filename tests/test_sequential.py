@@ -17,7 +17,6 @@ from conftest import tiny_gpt2, tiny_llama
 from lmshrink.errors import CorruptFile, InvalidArgument
 from lmshrink.evaluate import perplexity
 from lmshrink.sequential import compress_sequential, exact_fisher, open_engine
-from lmshrink.sharded_io import save_sharded
 
 WINDOWS, WINDOW = 6, 48
 
@@ -197,7 +196,7 @@ def test_bf16_round_trip_and_half_the_bytes(checkpoint, corpus, tmp_path):
     lmshrink.compress(whole, _plan("svd"), progress=False)
     for param in whole.model.parameters():  # parameters only: rotary frequencies stay float32, as in a bf16-built model
         param.data = param.data.bfloat16()
-    save_sharded(whole, tmp_path / "bf16")
+    lmshrink.save(whole, tmp_path / "bf16")
     again = lmshrink.load(tmp_path / "bf16")
     assert all(p.dtype == torch.bfloat16 for p in again.model.parameters())
     ids = torch.randint(0, 256, (2, 40))
@@ -362,7 +361,7 @@ def test_cli_sequential_writes_a_model_that_loads_and_reports_it(checkpoint, cor
     assert result["on_disk"]["saved"] < result["on_disk"]["source"]  # bf16 factors vs float32 dense shards
 
 
-@pytest.mark.parametrize("args,flag", [(["--dtype", "bfloat16"], "--dtype"), (["--device", "cpu"], "--device"),
+@pytest.mark.parametrize("args,flag", [(["--calibrate-on", "original"], "--calibrate-on"),
                                        (["--sequential", "--no-save"], "--no-save"),
                                        (["--sequential", "--finetune-steps", "2"], "--finetune-steps")])
 def test_cli_flags_of_the_block_by_block_path_are_refused_elsewhere(checkpoint, tmp_path, args, flag):

@@ -6,6 +6,9 @@
     lmshrink.finetune(loaded, "wikitext-2", steps=200)   # optional refinement training of the factors
     lmshrink.save(loaded, "smollm2-fw")
     again = lmshrink.load("smollm2-fw")
+
+    # or the whole `lmshrink compress` workflow (evaluate, compress, fine-tune, evaluate, time, save) in one call:
+    result = lmshrink.run_compress("smollm2-135m", lmshrink.Plan(method="fwhiten", ratio=0.8), out="smollm2-fw")
 """
 
 from lmshrink.version import __version__
@@ -15,6 +18,8 @@ from lmshrink.errors import LmshrinkError
 from lmshrink.finetune import finetune
 from lmshrink.io import load, save
 from lmshrink.models import LoadedModel, load_model
+from lmshrink.pipeline import CompressResult, EvalOptions, FinetuneOptions
+from lmshrink.pipeline import run as run_compress
 from lmshrink.plan import Plan
 from lmshrink.surgery import CompressionReport, compress
 
@@ -22,5 +27,5 @@ from lmshrink import hf_compat as _hf_compat
 
 _hf_compat.register()  # transformers' Auto classes load saved lmshrink directories (model type "lmshrink")
 
-__all__ = ["CompressionReport", "Corpus", "LmshrinkError", "LoadedModel", "Plan", "compress", "finetune", "load", "load_corpus",
-           "load_model", "save", "__version__"]
+__all__ = ["CompressResult", "CompressionReport", "Corpus", "EvalOptions", "FinetuneOptions", "LmshrinkError", "LoadedModel", "Plan",
+           "compress", "finetune", "load", "load_corpus", "load_model", "run_compress", "save", "__version__"]

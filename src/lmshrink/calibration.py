@@ -182,8 +182,9 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
 def _fisher_loss(loaded, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if loaded.causal:
         logits = loaded.logits(ids)
-        return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))
     # Encoder: curvature of the output-matching loss, through one random sign projection of the outputs.
+    ids = ids.to(loaded.device)
     hidden = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.float()
     signs = torch.randint(0, 2, hidden.shape, generator=generator).to(hidden.device, hidden.dtype) * 2 - 1
     return (signs * hidden).sum() / hidden.shape[1] ** 0.5

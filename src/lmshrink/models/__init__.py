@@ -25,16 +25,25 @@ def _import_families() -> None:
     MODEL_FAMILIES.discover()
 
 
-def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = None) -> LoadedModel:
-    """Load a built-in name, a saved lmshrink directory, a Hugging Face directory, a .gguf file, or wrap a module."""
+def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = None, *, device=None, dtype=None) -> LoadedModel:
+    """Load a built-in name, a saved lmshrink directory, a Hugging Face directory, a .gguf file, or wrap a module.
+
+    ``device``: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; None leaves it where it loads (the CPU).
+    ``dtype``: "auto" (what the checkpoint declares: its config's dtype; a GGUF: bfloat16; a saved lmshrink directory:
+    the dtype it was saved in), "float32", "bfloat16", "float16" or a torch dtype; None keeps the dtype it loads in
+    (float32 for Hugging Face directories and GGUF files; a saved directory's own). Floating parameters are cast;
+    computed buffers (rotary frequencies) stay float32 (lmshrink.devices.place).
+    """
+    from lmshrink.devices import place
+
     if isinstance(spec, LoadedModel):
-        return spec
+        return place(spec, device, dtype)
     if isinstance(spec, nn.Module):
-        return MODEL_FAMILIES.get("hf").wrap(spec, tokenizer)
+        return place(MODEL_FAMILIES.get("hf").wrap(spec, tokenizer), device, dtype)
     text = str(spec)
     if text in BUILTINS:
         path = fetch_builtin(text)
-        loaded = load_model(path)
+        loaded = load_model(path, device=device, dtype=dtype)
         loaded.source = text
         return loaded
     path = Path(text).expanduser()
@@ -44,7 +53,7 @@ def load_model(spec: "str | Path | nn.Module | LoadedModel", tokenizer: Any = No
     # A saved lmshrink directory is asked first: a damaged one is refused there, never loaded as a dense model.
     for family in sorted(MODEL_FAMILIES.values(), key=lambda f: not f.detect_first):
         if family.detect(path):
-            return family.load(path)
+            return place(family.load(path), device, dtype, source_path=path)
     raise NotAModel(f"MODEL: {text!r} is not a model: expected a Hugging Face directory (config.json + weights), "
                     "a .gguf file, or a saved lmshrink directory (lmshrink.json)")
 

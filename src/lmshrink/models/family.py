@@ -99,11 +99,17 @@ class LoadedModel:
     def leading_token(self) -> int | None:
         return self.family.leading_token(self)
 
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.family.logits(self, ids)
+        """Next-token logits on the model's device (``ids`` are moved there)."""
+        return self.family.logits(self, ids.to(self.device))
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self, ids, mask)
+        device = self.device
+        return self.family.embed(self, ids.to(device), mask.to(device))
 
     def candidates(self) -> Candidates:
         """The family's targets, carrying its group aliases (so select_targets asks the model, not a global table)."""
