@@ -22,8 +22,8 @@ from lmshrink.layers.quantized import PackedTensor, config_bits
 from lmshrink.layers.tt import REBUILD_CHUNK, _TTTable
 
 
-def _bits_repr(packed: PackedTensor) -> str:
-    return f"bits={packed.bits}, group_size={packed.group_size or 'row'}"
+def _bits_repr(layer) -> str:
+    return f"bits={layer.bits}, group_size={layer.group_size or 'row'}"
 
 
 def _quant_config(config: dict[str, Any], layer: str) -> tuple[int, int | None]:
@@ -37,6 +37,7 @@ class QuantizedLowRankLinear(FactorizedModule):
                  bias: bool = True, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.bits, self.group_size = bits, group_size  # as asked (each PackedTensor clamps the group to its own columns)
         self.left_q = PackedTensor((out_features, rank), bits, group_size)
         self.right_q = PackedTensor((rank, in_features), bits, group_size)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
@@ -61,7 +62,7 @@ class QuantizedLowRankLinear(FactorizedModule):
 
     def layer_config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
-                "bias": self.bias is not None, "bits": self.left_q.bits, "group_size": self.left_q.group_size}
+                "bias": self.bias is not None, "bits": self.bits, "group_size": self.group_size}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedLowRankLinear":
@@ -71,7 +72,7 @@ class QuantizedLowRankLinear(FactorizedModule):
                    config_int(config, "rank", name), bits, group_size, config_bool(config, "bias", name))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {_bits_repr(self.left_q)}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {_bits_repr(self)}"
 
 
 class QuantizedLowRankEmbedding(FactorizedModule):
@@ -81,6 +82,7 @@ class QuantizedLowRankEmbedding(FactorizedModule):
                  padding_idx: int | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.rank, self.padding_idx = num_embeddings, embedding_dim, rank, padding_idx
+        self.bits, self.group_size = bits, group_size
         self.left_q = PackedTensor((num_embeddings, rank), bits, group_size)
         self.right_q = PackedTensor((rank, embedding_dim), bits, group_size)
 
@@ -104,7 +106,7 @@ class QuantizedLowRankEmbedding(FactorizedModule):
 
     def layer_config(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "rank": self.rank,
-                "padding_idx": self.padding_idx, "bits": self.left_q.bits, "group_size": self.left_q.group_size}
+                "padding_idx": self.padding_idx, "bits": self.bits, "group_size": self.group_size}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedLowRankEmbedding":
@@ -115,7 +117,7 @@ class QuantizedLowRankEmbedding(FactorizedModule):
                    config_int(config, "padding_idx", name, minimum=0, optional=True))
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, {_bits_repr(self.left_q)}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, {_bits_repr(self)}"
 
 
 class QuantizedTTEmbedding(_TTTable, FactorizedModule):
@@ -130,6 +132,7 @@ class QuantizedTTEmbedding(_TTTable, FactorizedModule):
             raise ValueError(f"shape {shape} / ranks {ranks} do not describe trains of length {embedding_dim}")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.shape, self.ranks = shape, ranks
+        self.bits, self.group_size = bits, group_size
         self.cores_q = nn.ModuleList(PackedTensor((num_embeddings, ranks[k] * n * ranks[k + 1]), bits, group_size)
                                      for k, n in enumerate(shape))
         self.register_buffer("token_ranks", torch.ones(num_embeddings, len(shape) + 1, dtype=torch.int16))
@@ -161,7 +164,7 @@ class QuantizedTTEmbedding(_TTTable, FactorizedModule):
     def layer_config(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "shape": list(self.shape),
                 "ranks": list(self.ranks), "padding_idx": self.padding_idx, "cache_dense": self.cache_dense,
-                "bits": self.cores_q[0].bits, "group_size": self.cores_q[0].group_size}
+                "bits": self.bits, "group_size": self.group_size}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedTTEmbedding":
@@ -174,7 +177,7 @@ class QuantizedTTEmbedding(_TTTable, FactorizedModule):
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, shape={'x'.join(map(str, self.shape))}, ranks={self.ranks}, "
-                f"{_bits_repr(self.cores_q[0])}")
+                f"{_bits_repr(self)}")
 
 
 class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
@@ -191,6 +194,7 @@ class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
                              f"{num_embeddings}x{embedding_dim} TT-matrix")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.vocab_shape, self.shape, self.ranks = vocab_shape, shape, ranks
+        self.bits, self.group_size = bits, group_size
         self.cores_q = nn.ModuleList(PackedTensor((ranks[k] * v, n * ranks[k + 1]), bits, group_size)
                                      for k, (v, n) in enumerate(zip(vocab_shape, shape)))
         self._init_cache(cache_dense)
@@ -220,7 +224,7 @@ class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "vocab_shape": list(self.vocab_shape), "shape": list(self.shape), "ranks": list(self.ranks),
                 "padding_idx": self.padding_idx, "cache_dense": self.cache_dense,
-                "bits": self.cores_q[0].bits, "group_size": self.cores_q[0].group_size}
+                "bits": self.bits, "group_size": self.group_size}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedTTMatrixEmbedding":
@@ -234,4 +238,4 @@ class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_shape={'x'.join(map(str, self.vocab_shape))}, "
-                f"shape={'x'.join(map(str, self.shape))}, ranks={self.ranks}, {_bits_repr(self.cores_q[0])}")
+                f"shape={'x'.join(map(str, self.shape))}, ranks={self.ranks}, {_bits_repr(self)}")
