@@ -240,7 +240,7 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("model,recipe,words", [
     ("llama", "overlap.yaml", ["stages 1 (svd on linears) and 2 (svd on *.q_proj) both target model.layers.0.self_attn.q_proj"]),
     ("tied", "overlap_tied.yaml", ["stages 1 (svd on embedding) and 2 (groupreduce on lm_head) both target model.embed_tokens (tied to lm_head)"]),
-    ("llama", "unknown.yaml", ["recipe stage 1", "unknown key(s) ['bitz']", "ratio", "group_size", "allocation"]),
+    ("llama", "unknown.yaml", ["recipe stage 1 (svd): has", "unknown key(s) ['bitz']", "ratio", "group_size", "allocation"]),
     ("llama", "budget.yaml", ["budget bytes: 1,000 is below what this recipe can reach", "the nearest feasible"]),
     ("llama", "prune_bits.yaml", ["--bits", "method 'prune' builds layers that cannot store quantized factors"]),
     ("llama", "bad_bits.yaml", ["recipe stage 1 (svd) bits: 7 bits is not supported", "(2, 3, 4, 5, 6, 8)"]),

@@ -120,7 +120,9 @@ def load_recipe(spec) -> Recipe:
             raise InvalidArgument("--recipe", f"saved model {text!r} records no recipe (it was not compressed with one)",
                                   "a directory saved by `lmshrink compress --recipe`, a YAML/JSON file, or a built-in: "
                                   + ", ".join(BUILTIN_RECIPES))
-        return parse_recipe(manifest["recipe"], f"recipe of {text!r}")
+        # The manifest also records what was run ("applied", "budget"); the recipe is what was asked.
+        asked = {key: value for key, value in manifest["recipe"].items() if key in RECIPE_KEYS}
+        return parse_recipe(asked, f"recipe of {text!r}")
     if not path.is_file():
         raise InvalidArgument("--recipe", f"{text!r} is neither a file, a saved lmshrink directory nor a built-in recipe",
                               f"a YAML/JSON file, a directory saved by lmshrink, or one of: {', '.join(BUILTIN_RECIPES)}")
@@ -183,7 +185,7 @@ def _parse_stage(stage: Any, index: int, budgeted: bool):
     method_options = {o.name for o in method.options} - set(PLAN_KEYS)
     unknown = sorted(set(map(str, stage)) - set(PLAN_KEYS) - method_options)
     if unknown:
-        raise InvalidArgument(where, f"({method.name}) has unknown key(s) {unknown}",
+        raise InvalidArgument(f"{where} ({method.name})", f"has unknown key(s) {unknown}",
                               f"keys {', '.join(PLAN_KEYS)}" + (f", or {method.name}'s options {', '.join(sorted(method_options))}"
                                                                  if method_options else ""))
     options = stage.get("options", {}) or {}
