@@ -20,9 +20,9 @@ OPTIONS = (
                  bounds=Bounds(0, 10)),
     MethodOption("split", str, "equal", "groupreduce: initial split, equal-size groups or geometric sizes", SPLITS),
     MethodOption("rank_rule", str, "frequency", "groupreduce: ranks proportional to group frequency, or greedy by weighted error", RANK_RULES),
-    MethodOption("bits", int, 0, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)",
+    MethodOption("bits", int, 0, f"bits per stored value, one of {SUPPORTED_BITS}, for any method (Plan.bits): its factors as packed integers; quantize: the dense matrices (default 8); 0: float",
                  bounds=BITS),
-    MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)",
+    MethodOption("quant_group", int, 0, "with --bits: columns sharing one scale (Plan.group_size; 0: one scale per row)",
                  bounds=QUANT_GROUP),
     MethodOption("frequencies", str, "", "groupreduce: a frequency table file (Frequencies.save); default: count the calibration text"),
 )

@@ -16,9 +16,9 @@ QUANT_GROUP = Bounds(0, 1 << 20)
     kind="module",
     summary="uniform k-bit quantization per row or column group (packed integers, float16 scales)",
     options=(
-        MethodOption("bits", int, 8, f"groupreduce/quantize: bits per stored value, one of {SUPPORTED_BITS} (groupreduce: 0 keeps float factors)",
+        MethodOption("bits", int, 8, f"bits per stored value, one of {SUPPORTED_BITS}, for any method (Plan.bits): its factors as packed integers; quantize: the dense matrices (default 8); 0: float",
                      bounds=BITS),
-        MethodOption("quant_group", int, 0, "groupreduce/quantize: columns sharing one scale (0: one scale per row)",
+        MethodOption("quant_group", int, 0, "with --bits: columns sharing one scale (Plan.group_size; 0: one scale per row)",
                      bounds=QUANT_GROUP),
     ),
     target_kinds=("linear", "embedding", "lm_head"),
