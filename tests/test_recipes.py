@@ -213,6 +213,20 @@ def test_budget_is_met_and_used(prose_small, budget):
     assert abs(applied[0]["ratio"] - 0.5 * applied[1]["ratio"]) < 1e-9
 
 
+def test_builtin_half_meets_its_budget_on_a_tied_llama(prose_small):
+    loaded = long_llama(tie=True)
+    bf16 = 2 * count_params(loaded.model)
+    apply_recipe(loaded, "half", prose_small, progress=False)
+    record = loaded.recipe["budget"]
+    assert record["limit"] == bf16 // 2 and record["met"]
+    # Not all of it: the embedding stage reaches ratio 0.95 and the linears the largest ratio at which sensitivity
+    # still factorizes every matrix (above it a matrix would stay dense, in float32).
+    assert 0.4 * bf16 < count_bytes(loaded.model) == record["measured"] <= 0.5 * bf16
+    assert [stage["ratio"] for stage in loaded.recipe["applied"]][0] == 0.95
+    assert type(loaded.model.model.embed_tokens).__name__ == "BlockLowRankEmbedding"
+    assert type(loaded.model.lm_head).__name__ == "TiedHead"
+
+
 # -- bad input: one line, nothing written ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

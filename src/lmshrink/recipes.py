@@ -364,6 +364,37 @@ def budget_target(loaded, recipe: Recipe) -> tuple[str, int] | None:
     return key, int(value)
 
 
+BUDGET_MARGIN = 0.005
+
+
+def _useful_ratio(plan, targets: list) -> float:
+    """The largest ratio at which a low-rank stage still factorizes every target (0.95 for groupreduce/tt, 1 for quantize).
+
+    Above it a matrix stays dense, in float: under a byte budget that is never what quantized factors were for. A
+    sensitivity allocation moves ranks up to (1 + max_shift) times the uniform rank, so its limit is lower by that much.
+    """
+    from lmshrink.budget import _max_rank
+    from lmshrink.methods import get_method
+
+    if plan.method == "quantize" or not targets:
+        return 1.0
+    if get_method(plan.method).kind != "lowrank":
+        return 0.95  # block / train factorizations at ratio ~1 may come out no smaller than dense, and stay dense
+
+    shift = 1 + (plan.max_shift or 0) if plan.allocation == "sensitivity" else 1
+    useful = []
+    for target in targets:
+        (m, n), top = target.shape, _max_rank(target.shape, plan.multiple_of)
+        if top is None:
+            return 1e-9
+        # budget.shift_bounds lets a target stay dense when ceil(uniform rank x shift) reaches its largest useful rank.
+        rank = top if shift == 1 else max(1, math.floor((top - 1) / shift))
+        while rank > 1 and shift > 1 and math.ceil(rank * shift) >= top:
+            rank -= 1
+        useful.append(rank * (m + n) / (m * n))
+    return max(min(useful) * (1 - 1e-9), 1e-9)
+
+
 def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dict]:
     """The stages with their ratios scaled by the one factor s that meets the budget (largest s whose predicted size
     fits); and what was predicted. A budget below what the recipe reaches at its smallest is an error naming that."""
@@ -376,13 +407,15 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
     all_targets = [t for group in targets for t in group]
     fixed = model_size(loaded, unit) - _dense_size(loaded, all_targets, unit)
     shares = [plan.ratio for plan in stages]
+    caps = [_useful_ratio(plan, t) for plan, t in zip(stages, targets)]
 
     def scaled(s):
-        return [replace(plan, ratio=min(1.0, s * share)) if share is not None else plan for plan, share in zip(stages, shares)]
+        return [replace(plan, ratio=min(cap, s * share)) if share is not None else plan
+                for plan, share, cap in zip(stages, shares, caps)]
 
     def size(s):
-        try:
-            return fixed + sum(predicted_size(plan, t, unit) for plan, t in zip(scaled(s), targets))
+        try:  # sized against the limit less BUDGET_MARGIN: sensitivity allocations shift ranks, and bytes with them
+            return math.ceil((fixed + sum(predicted_size(plan, t, unit) for plan, t in zip(scaled(s), targets))) * (1 + BUDGET_MARGIN))
         except InvalidArgument:
             return None  # a stage cannot go that small
 
@@ -410,7 +443,8 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
                 low = middle
             else:
                 top = middle
-    return scaled(low), {"unit": unit, "limit": limit, "predicted": size(low), "scale": low, "fixed": fixed}
+    return scaled(low), {"unit": unit, "limit": limit, "predicted": size(low), "margin": BUDGET_MARGIN, "scale": low,
+                         "fixed": fixed}
 
 
 # -- applying --------------------------------------------------------------------------------------------------------
