@@ -25,6 +25,8 @@ from lmshrink.errors import InvalidArgument
 # Keys of a stage that are Plan fields (``options`` holds method options; they may also stand at the stage's top level).
 PLAN_KEYS = ("targets", "method", "ratio", "rank", "energy", "params", "bits", "group_size", "allocation", "max_shift",
              "multiple_of", "calibration_windows", "window", "untie_head", "options")
+# Plan fields a saved stage lists only when they differ from the Plan defaults.
+OPTIONAL_PLAN_KEYS = ("bits", "group_size", "allocation", "max_shift", "multiple_of", "calibration_windows", "window", "untie_head")
 BUDGET_KEYS = ("bytes", "params", "bf16_fraction")
 RECIPE_KEYS = ("stages", "name", "description") + BUDGET_KEYS
 
@@ -85,7 +87,7 @@ def _stage_dict(plan) -> dict[str, Any]:
     for key in ("ratio", "rank", "energy", "params"):
         if getattr(plan, key) is not None:
             out[key] = getattr(plan, key)
-    for key in PLAN_KEYS[6:-1]:
+    for key in OPTIONAL_PLAN_KEYS:
         if getattr(plan, key) != getattr(defaults, key):
             out[key] = getattr(plan, key)
     if plan.options:
@@ -136,7 +138,7 @@ def load_recipe(spec) -> Recipe:
             import yaml
 
             data = yaml.safe_load(content)  # safe_load: plain data only, never Python objects
-    except (ValueError, Exception) as error:  # noqa: BLE001 - yaml raises its own YAMLError kinds
+    except Exception as error:  # noqa: BLE001 - json's ValueError, yaml's own YAMLError kinds
         from lmshrink.safefiles import one_line
 
         raise InvalidArgument("--recipe", f"{text!r} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
