@@ -171,6 +171,24 @@ def test_quantized_factors_round_trip_and_bytes_are_what_is_stored(tmp_path, pro
         assert type(again.model.lm_head).__name__ == "TiedHead" and again.model.lm_head.embedding is again.model.model.embed_tokens
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_targets_left_dense_by_a_bits_stage_are_quantized_too(tmp_path, tie):
+    loaded = tiny_llama(tie=tie)
+    ids = torch.arange(0, 128).view(1, 128)
+    # Full rank: no factorization is smaller than dense, so every target stays dense, and is stored at 8 bits.
+    report = lmshrink.compress(loaded, lmshrink.Plan(method="svd", targets=("*.q_proj", "*.o_proj", "embedding"), rank=64, bits=8),
+                               progress=False)
+    assert {row["status"] for row in report.modules} == {"dense, quantized"}
+    assert {row["layer"] for row in report.modules} == {"QuantizedLinear", "QuantizedEmbedding"}
+    assert all(0 < row["quantization_error"] < 0.02 for row in report.modules)
+    assert type(loaded.model.lm_head).__name__ == ("TiedHead" if tie else "Linear")
+    out = loaded.logits(ids)
+    again = lmshrink.load(lmshrink.save(loaded, tmp_path / "q"))
+    assert torch.equal(again.logits(ids), out) and count_bytes(again.model) == report.bytes_after
+    assert report.bytes_before - report.bytes_after == sum(4 * row["params_before"] - row["bytes_after"] for row in report.modules)
+    assert not report.notes
+
+
 def test_fewer_bits_fewer_bytes_more_error(prose_small):
     errors, sizes = {}, {}
     for bits in (8, 6, 4, 3):

@@ -17,7 +17,7 @@ from lmshrink.accounting import count_bytes
 from lmshrink.decompose.quantize import SUPPORTED_BITS
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.block import _BlockLowRankTable
-from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
+from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead, linear_weight
 from lmshrink.layers.quantized import PackedTensor, QuantizedEmbedding, QuantizedLinear
 from lmshrink.layers.quantized_factors import (QuantizedLowRankEmbedding, QuantizedLowRankLinear, QuantizedTTEmbedding,
                                                QuantizedTTMatrixEmbedding)
@@ -88,6 +88,28 @@ def quantized_layer(layer: nn.Module, bits: int, group_size: int | None) -> nn.M
                           f"layers {', '.join(QUANTIZABLE_LAYERS)}; bits one of {SUPPORTED_BITS}")
 
 
+def _quantize_dense(model: nn.Module, row: dict, bits: int, group_size: int | None) -> None:
+    """A target the stage left dense (factors not smaller) is stored at the stage's bits too, as a quantized matrix:
+    a stage with ``bits`` holds none of its targets in float (a tied head follows its embedding)."""
+    from lmshrink.surgery import relative_error, replace_module
+
+    module = model.get_submodule(row["name"])
+    if row["kind"] == "embedding":
+        new = QuantizedEmbedding.from_embedding(module, bits, group_size)
+    elif row["kind"] in ("linear", "lm_head"):
+        new = QuantizedLinear.from_linear(module, bits, group_size)
+    else:
+        return
+    weight = module.weight if row["kind"] == "embedding" else linear_weight(module)
+    with torch.no_grad():
+        row["quantization_error"] = relative_error(weight, new.dense_weight())
+    replace_module(model, row["name"], new)
+    if row.get("tied_head"):
+        head = model.get_submodule(row["tied_head"])
+        replace_module(model, row["tied_head"], TiedHead(new, row["name"], getattr(head, "bias", None)))
+    row.update(status="dense, quantized", bits=bits, group_size=group_size, bytes_after=count_bytes(new), layer=type(new).__name__)
+
+
 def _quantized_table(layer: _BlockLowRankTable, bits: int, group_size: int | None) -> _BlockLowRankTable:
     if layer.bits is not None:
         return layer
@@ -108,11 +130,15 @@ def quantize_factors(model: nn.Module, rows: list[dict], bits: int, group_size: 
     """Swap every layer a stage factorized (``rows`` of its report) for its k-bit twin, in place; tied heads follow.
 
     Each row gets ``bits``, ``group_size``, ``bytes_after`` (what the stored layer takes) and ``quantization_error``
-    (relative Frobenius error of the quantized factors' product against the float factors').
+    (relative Frobenius error of the quantized factors' product against the float factors'). A target the stage left
+    dense is quantized as a dense matrix (status "dense, quantized"), so no target of a ``bits`` stage stays float.
     """
     from lmshrink.surgery import relative_error, replace_module
 
     for row in rows:
+        if row.get("status") == "dense (not smaller)":
+            _quantize_dense(model, row, bits, group_size)
+            continue
         if row.get("status") != "factorized":
             continue
         layer = model.get_submodule(row["name"])

@@ -282,7 +282,8 @@ def predicted_size(plan, targets: list, unit: str) -> int:
             (m, n), e = t.shape, element or _element_bytes(t)
             bias = _bias_size(t, unit)
             k = ranks[t.name]
-            total += bias + (m * n * e if k is None else _factor_bytes([(m, k), (k, n)], bits, plan.group_size, e))
+            # A target left dense is stored at the stage's bits too (quantize_factors), else in float.
+            total += bias + _factor_bytes([(m, n)] if k is None else [(m, k), (k, n)], bits, plan.group_size, e)
         return total
     if plan.method == "quantize":
         return sum(_bias_size(t, unit) + _factor_bytes([t.shape], bits, plan.group_size, element or _element_bytes(t)) for t in targets)

@@ -141,7 +141,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         quantize_factors(loaded.model, rows, plan.bits, plan.group_size)
     report = CompressionReport({**plan.to_dict(), "params": asked.params}, rows, params_before, count_params(loaded.model), bytes_before,
                                count_bytes(loaded.model), time.perf_counter() - start, stats_seconds)
-    if not report.compressed:
+    if not report.compressed and not any(row["status"] == "dense, quantized" for row in rows):
         report.notes.append("no target became smaller: every matrix stays dense at this amount")
     untied = [row["tied_head"] for row in report.compressed if plan.untie_head and row["tied_head"]]
     if untied:
