@@ -39,10 +39,10 @@ def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[s
     linears = {"targets": ["linears"], "method": "fwhiten", "ratio": 0.8, "allocation": "sensitivity",
                "calibration_windows": calibration_windows}
     out = []
-    for family, embedding in (("lowrank", {"method": "svd"}), ("groupreduce", {"method": "groupreduce"}), ("tt", {"method": "tt"})):
-        if family not in only:
-            continue
-        for bits in bits_list:
+    for bits in bits_list:
+        for family, embedding in (("groupreduce", {"method": "groupreduce"}), ("lowrank", {"method": "svd"}), ("tt", {"method": "tt"})):
+            if family not in only:
+                continue
             stages = [{"targets": ["embedding", "lm_head"], "ratio": 0.5, "bits": bits, "group_size": GROUP, **embedding},
                       {**linears, "bits": bits, "group_size": GROUP}]
             if family == "groupreduce":
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--quant-bits", default="8,6,4,3", help="widths of quantization alone")
     parser.add_argument("--only", default="quant,lowrank,groupreduce,tt")
     parser.add_argument("--stem", default="frontier")
+    parser.add_argument("--keep-from", default=None,
+                        help="an earlier frontier.json with the same settings: its quantization-alone rows are reused")
     args = parser.parse_args()
     torch.set_num_threads(1)  # shared machine
     only = set(args.only.split(","))
@@ -80,6 +82,12 @@ def main() -> None:
               "rows": []}
     print(f"original: {base['perplexity']:.3f} ({count_bytes(loaded.model):,} bytes)", flush=True)
     points = []
+    if args.keep_from:
+        import json
+
+        kept = json.loads(Path(args.keep_from).read_text())
+        result["rows"] += [row for row in kept["rows"] if row["kind"] == "quantization alone"]
+        result["kept_from"] = {"rows": "quantization alone", "command": kept.get("command")}
     if "quant" in only:
         points += [(f"quantize {b} bits", quantization_alone(loaded, b, GROUP)) for b in map(int, args.quant_bits.split(","))]
     points += recipes([int(b) for b in args.bits.split(",")], args.calibration_windows, only)
