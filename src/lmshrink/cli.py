@@ -347,6 +347,9 @@ def _with(options):
 @click.option("--finetune-lr", type=_Number(float, Bounds(0, 1, low_open=True)), default=1e-4, show_default=True, help="AdamW learning rate of --finetune-steps.")
 @click.option("--finetune-distill", is_flag=True,
               help="Train toward the uncompressed model's next-token distributions (KL) instead of the text's tokens; keeps a copy of the original in memory.")
+@click.option("--recipe", default=None,
+              help="Whole-model recipe instead of --method/--ratio: a YAML/JSON file of stages, a built-in (half, quarter; "
+                   "see `lmshrink methods`), or a directory saved by lmshrink (reuses its recipe).")
 @click.option("--out", default=None, help="Where to save the compressed model (a new or empty directory). Default ./compressed/<model>-<method>.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier lmshrink save (atomically: it is never missing).")
 @click.option("--no-save", is_flag=True, help="Measure only; do not save.")
@@ -360,7 +363,7 @@ def _with(options):
 @_with(common_eval)
 @_method_options
 def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, untie_head, finetune_steps,
-             finetune_lr, finetune_distill, out, overwrite, no_save, sequential, device, dtype, calibrate_on, data, tokens, window, as_json,
+             finetune_lr, finetune_distill, recipe, out, overwrite, no_save, sequential, device, dtype, calibrate_on, data, tokens, window, as_json,
              **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
 
@@ -373,10 +376,25 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
 
     ctx = click.get_current_context()
     json_out = ctx.with_resource(_stdout_kept_for_json()) if as_json else None
+    given = {k: v for k, v in method_options.items() if v is not None}
+    # --bits / --quant-group are Plan.bits / Plan.group_size for every method: the factors (or, with quantize, the
+    # dense matrices) are stored at B bits.
+    bits, group_size = given.pop("bits", None) or None, given.pop("quant_group", None) or None
+    recipe_spec = None
+    if recipe is not None:
+        from lmshrink.recipes import load_recipe
+
+        clashing = [flag for flag, value in (("--ratio", ratio), ("--rank", rank), ("--energy", energy), ("--params", params),
+                                             ("--bits", bits), ("--sequential", sequential)) if value] + [f"--{k.replace('_', '-')}" for k in given]
+        if clashing:
+            raise InvalidArgument("--recipe", f"given with {', '.join(clashing)}", "the recipe's stages say what and how much; "
+                                  "either --recipe or --method with its amount")
+        recipe_spec = load_recipe(recipe)
+        method = f"recipe-{recipe_spec.name or 'file'}"
+        ratio = 1.0
     if ratio is None and rank is None and energy is None and params is None:
         ratio = DEFAULT_RATIO
-    method_spec = get_method(method)
-    given = {k: v for k, v in method_options.items() if v is not None}
+    method_spec = get_method(DEFAULT_METHOD if recipe_spec else method)
     foreign = sorted(set(given) - {o.name for o in method_spec.options})
     if foreign:
         raise lmshrink.errors.InvalidArgument(", ".join(f"--{f.replace('_', '-')}" for f in foreign),
@@ -384,7 +402,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                                               ", ".join(f"--{o.name.replace('_', '-')}" for o in method_spec.options) or "none")
     plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, params=params, multiple_of=multiple_of,
                          allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
-                         window=window, untie_head=untie_head)
+                         window=window, untie_head=untie_head, bits=bits, group_size=group_size)
     _check_window_and_data(tokens, window, data)
     finetune = FinetuneOptions(finetune_steps, finetune_lr, finetune_distill) if finetune_steps else None
     check_options([plan], sequential=sequential, calibrate_on=calibrate_on, saving=not no_save, finetune=finetune)
@@ -407,7 +425,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     stages = Stages(enabled=not as_json and world.main)
     stages.note(f"text: {corpus.source}" + (f" ({world.size} processes)" if world.distributed else ""))
     target = output.target if output is not None else (Path(out).expanduser().absolute() if not no_save else None)
-    result = run(model, plan, corpus, sequential=sequential, device=device or ("auto" if sequential else None), dtype=dtype,
+    result = run(model, recipe_spec or plan, corpus, sequential=sequential, device=device or ("auto" if sequential else None), dtype=dtype,
                  calibrate_on=calibrate_on, evaluate=EvalOptions(tokens, window), finetune=finetune, out=target,
                  overwrite=overwrite, on_stage=stages, world=world)
     if not world.main:
@@ -417,7 +435,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     elif sequential:
         _print_block_by_block(result.to_dict())
     else:
-        _print_whole_model(result, targets, allocation)
+        _print_whole_model(result, targets, allocation, recipe_spec)
 
 
 def _check_device_and_dtype(device, dtype) -> None:
@@ -429,7 +447,7 @@ def _check_device_and_dtype(device, dtype) -> None:
         check_runs(DTYPES[dtype], found)
 
 
-def _print_whole_model(result, targets, allocation) -> None:
+def _print_whole_model(result, targets, allocation, recipe=None) -> None:
     from lmshrink.evaluate import NOISY_SPREAD, speed_label
     from lmshrink.pipeline import SAMPLE_PROMPT, SAMPLE_TOKENS
 
@@ -437,7 +455,15 @@ def _print_whole_model(result, targets, allocation) -> None:
     causal = result.loaded.causal
     factorized = sum(1 for m in result.modules if m["status"] == "factorized")
     amounts = ", ".join(plan.amount() for plan in result.plans)
-    click.echo(f"model: {result.model}   method: {result.method} ({amounts}, targets {', '.join(targets)}, allocation {allocation})")
+    if recipe is not None:
+        click.echo(f"model: {result.model}   {recipe.describe()}")
+        budget = (result.recipe or {}).get("budget")
+        if budget:
+            click.echo(f"budget: {budget['limit']:,} {budget['unit']}; predicted {budget['predicted']:,}, measured {budget['measured']:,}"
+                       f" ({'met' if budget['met'] else 'MISSED'}); stages as run: "
+                       + "; ".join(f"{s['method']} {s.get('ratio', s.get('rank'))}" for s in result.recipe["applied"]))
+    else:
+        click.echo(f"model: {result.model}   method: {result.method} ({amounts}, targets {', '.join(targets)}, allocation {allocation})")
     click.echo(f"data: {result.data}")
     click.echo(f"{factorized} of {len(result.modules)} targeted matrices factorized in {result.compression_seconds:.1f} s"
                + (f"; {len(result.modules) - factorized} stay dense (factorized form not smaller)" if factorized < len(result.modules) else ""))
@@ -735,6 +761,66 @@ def methods():
     click.echo("\nallocations (--allocation):")
     for name, function in ALLOCATIONS.items():
         click.echo(f"{name:12s} {(function.__doc__ or '').strip().splitlines()[0]}")
+    from lmshrink.recipes import builtin_recipes
+
+    click.echo("\nrecipes (compress --recipe NAME | FILE.yaml | SAVED_DIR; compare --recipes):")
+    for name, description in builtin_recipes().items():
+        click.echo(f"{name:12s} {description}")
+    click.echo(f"{'':14s}--bits B on any method: factors stored as B-bit integers (2, 3, 4, 5, 6, 8; --quant-group: columns per scale)")
+
+
+@main.command("compare")
+@click.argument("model")
+@click.argument("recipe_list", nargs=-1, metavar="[RECIPE]...")
+@click.option("--recipes", "recipes_flag", is_flag=True,
+              help="Marks the recipes that follow (built-in names, YAML/JSON files, saved directories): "
+                   "`lmshrink compare MODEL --recipes half quarter my.yaml`.")
+@click.option("--quant-bits", default="8,4", show_default=True,
+              help="Widths of 'quantization alone' (every linear, embedding and head; quantize method) plotted beside, comma-separated; '' for none.")
+@click.option("--quant-group", type=_integer(0, 1 << 20), default=0, show_default=True, help="Columns per scale of 'quantization alone' (0: per row).")
+@click.option("--out", default=None, help="A new or empty directory for frontier.md, frontier.json and frontier.png. Default ./compare/<model>.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier output of this command.")
+@_with(common_eval)
+def compare(model, recipe_list, recipes_flag, quant_bits, quant_group, out, overwrite, data, tokens, window, as_json):
+    """Run several recipes on MODEL and write the size/quality frontier: a table (markdown + JSON) and a PNG of
+    perplexity against whole-model bytes, with the original and quantization alone on the same plot."""
+    from lmshrink.decompose.quantize import check_bits
+    from lmshrink.frontier import compare_recipes, markdown_table, write_comparison
+    from lmshrink.outputs import reserve
+    from lmshrink.progress import Stages
+    from lmshrink.pipeline import check_positions, load_with_stages
+    from lmshrink.recipes import load_recipe
+
+    import lmshrink
+
+    ctx = click.get_current_context()
+    json_out = ctx.with_resource(_stdout_kept_for_json()) if as_json else None
+    if not recipe_list:
+        raise InvalidArgument("--recipes", "no recipe given", "one or more recipes: built-in names, YAML/JSON files or saved directories")
+    try:
+        widths = [check_bits(int(part), "--quant-bits") for part in quant_bits.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidArgument("--quant-bits", f"{quant_bits!r} is not a comma-separated list of integers", "e.g. 8,4") from None
+    for spec in recipe_list:
+        load_recipe(spec)  # a missing file or a bad key fails before the model is loaded
+    _check_window_and_data(tokens, window, data)
+    output = ctx.with_resource(reserve(Path("compare") / Path(str(model)).stem if out is None else out,
+                                       overwrite=overwrite, inputs=[model]))
+    corpus = lmshrink.load_corpus(data)
+    stages = Stages(enabled=not as_json)
+    stages.note(f"text: {corpus.source}")
+    loaded, _ = load_with_stages(model, stages)
+    check_positions(loaded, window)
+    result = compare_recipes(loaded, list(recipe_list), corpus, tokens=tokens, window=window, quant_bits=widths,
+                             quant_group=quant_group or None, progress=stages.bars, on_stage=stages.note)
+    with output.staging() as staging:
+        write_comparison(result, staging)
+    result["written"] = [str(output.target / f"frontier.{ext}") for ext in ("md", "json", "png")]
+    if as_json:
+        click.echo(_json_line(result), file=json_out)
+        return
+    click.echo(markdown_table(result))
+    click.echo("written: " + ", ".join(result["written"]))
 
 
 @main.group("cache")

@@ -48,7 +48,7 @@ def manifest_of(loaded) -> dict:
                for name, m in model.named_modules() if isinstance(m, FactorizedModule)}
     return {"format": "lmshrink", "format_version": FORMAT_VERSION, "lmshrink_version": _version(),
             "family": loaded.family.name, "source": loaded.source, "modules": modules,
-            "compression": loaded.compression}
+            "compression": loaded.compression, **({"recipe": loaded.recipe} if getattr(loaded, "recipe", None) else {})}
 
 
 def check_out(directory: str | Path, overwrite: bool = False, inputs=()) -> Path:
@@ -115,7 +115,7 @@ def save(loaded, directory: str | Path, overwrite: bool = False, max_shard_bytes
 # Tensor names only lmshrink's factorized layers produce: a directory holding them without a manifest is a damaged
 # lmshrink directory, never a Hugging Face one (which would load as a dense model with fresh random weights).
 FACTOR_TENSOR = re.compile(r"(^|\.)(left|right|token_group|token_ranks|indices)$|(^|\.)(lefts|rights|cores)\.\d+$"
-                           r"|(^|\.)(lefts_q|rights_q)\.\d+\.|(^|\.)weight_q\.(packed|scales|minimums)$")
+                           r"|(^|\.)(lefts_q|rights_q|cores_q)\.\d+\.|(^|\.)(weight_q|left_q|right_q)\.(packed|scales|minimums)$")
 
 
 def looks_like_lmshrink(directory: Path) -> bool:

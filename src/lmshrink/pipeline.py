@@ -78,9 +78,12 @@ class CompressResult:
     saved_to: str | None = None
     loaded: object = field(default=None, repr=False)  # the compressed LoadedModel (whole-model path)
     processes: int = 1  # how many processes ran it (torchrun; block by block)
+    recipe: dict | None = None  # a recipe's record (lmshrink.recipes: stages as run, budget predicted and measured)
 
     @property
     def method(self) -> str:
+        if self.recipe is not None:
+            return f"recipe-{self.recipe.get('name') or 'file'}"
         return "+".join(plan.method for plan in self.plans)
 
     @property
@@ -103,11 +106,14 @@ class CompressResult:
         """The plan as reported: one plan's dict, or a list of them (one per stage). Block by block: the executor's."""
         if self.executor == "sequential":
             return self.reports[0].plan
+        if self.recipe is not None:
+            return None  # the recipe says it (to_dict's "recipe")
         dicts = [plan.to_dict() for plan in self.plans]
         return dicts[0] if len(dicts) == 1 else dicts
 
     def to_dict(self) -> dict:
-        head = {"model": self.model, "method": self.method, "plan": self.plan_dict(), "data": self.data}
+        head = {"model": self.model, "method": self.method, "plan": self.plan_dict(), **({"recipe": self.recipe} if self.recipe else {}),
+                "data": self.data}
         tail = {"compression_seconds": self.compression_seconds, "calibration_seconds": self.calibration_seconds}
         if self.executor == "sequential":
             return {**head, "params": {"before": self.before["params"], "after": self.after["params"]}, "on_disk": self.on_disk,
@@ -164,7 +170,12 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     """
     from lmshrink.distributed import current_world
 
-    plans = [plan] if isinstance(plan, Plan) else list(plan)
+    from lmshrink.recipes import Recipe
+
+    recipe = plan if isinstance(plan, Recipe) else None
+    plans = list(recipe.stages) if recipe is not None else [plan] if isinstance(plan, Plan) else list(plan)
+    if recipe is not None and sequential:
+        raise InvalidArgument("sequential", "a recipe runs on the whole-model path only in this version", "sequential=False")
     if not plans or not all(isinstance(p, Plan) for p in plans):
         raise InvalidArgument("plan", f"{plan!r} is not a Plan or a non-empty sequence of Plans", "lmshrink.Plan(...) or [Plan, ...]")
     stages = on_stage if isinstance(on_stage, Stages) else _CallbackStages(on_stage, progress)
@@ -181,11 +192,12 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     if sequential:
         return _run_block_by_block(model, plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed",
                                    evaluate or EvalOptions(samples=False, speed=False), stages, world)
-    return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages)
+    return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe)
 
 
-def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages) -> CompressResult:
+def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe=None) -> CompressResult:
     import lmshrink
+    from lmshrink.recipes import apply_recipe, check_recipe
     from lmshrink.surgery import check_plan
 
     loaded, source_path = load_with_stages(model, stages, device, dtype)
@@ -194,14 +206,18 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
         check_positions(loaded, evaluate.window)
     if finetune and finetune.steps and not loaded.causal:
         raise InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model", "0 for encoders (refinement training uses next-token loss)")
-    check_plan(loaded, plans[0])  # bad targets or ranks fail now, not after minutes of evaluation (later stages: when applied)
+    if recipe is not None:
+        check_recipe(loaded, recipe)  # overlapping stages, bad keys, an unreachable budget: now, before any work
+    else:
+        check_plan(loaded, plans[0])  # bad targets or ranks fail now, not after minutes of evaluation (later stages: when applied)
     samples = _sample(loaded, stages, f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)", None) if evaluate and evaluate.samples and loaded.causal else None
     texts = fidelity_sentences(corpus) if evaluate and not loaded.causal else None
     before = _measure(loaded, corpus, evaluate, stages, "evaluating the original", texts)
     teacher = _copy(loaded) if finetune and finetune.steps and finetune.distill else None
     original = teacher if teacher is not None or not (evaluate and evaluate.speed) or before["bytes"] > SPEED_COPY_LIMIT else _copy(loaded)
     speed_before = _time_alone(loaded, stages, "timing the original (tokens/s)") if evaluate and evaluate.speed and original is None else None
-    reports = [lmshrink.compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note) for stage in plans]
+    reports = (apply_recipe(loaded, recipe, corpus, progress=stages.bars, on_stage=stages.note) if recipe is not None else
+               [lmshrink.compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note) for stage in plans])
     tuned = _finetune(loaded, corpus, finetune, window, teacher, stages) if finetune and finetune.steps else None
     del teacher
     check_finite(loaded, "--finetune-lr" if tuned else "--method", "+".join(p.method for p in plans))
@@ -220,7 +236,7 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
                "saved": size_on_disk(saved) if saved else None}
     before.pop("reference", None)
     return CompressResult(str(model), plans, corpus.source, "whole-model", reports, before, after, window, speed, samples,
-                          on_disk, tuned, saved, loaded)
+                          on_disk, tuned, saved, loaded, recipe=getattr(loaded, "recipe", None) if recipe is not None else None)
 
 
 def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, calibrate_on, evaluate, stages, world) -> CompressResult | None:

@@ -66,6 +66,9 @@ class Plan:
     ``untie_head``: a token embedding tied to the output layer is compressed on the input side only; the
     output layer keeps the original table as its own dense weight. The model grows by that table (V x d), so
     this is for measuring what the input side tolerates, not for saving memory.
+
+    ``bits`` B: the factors this plan produces are stored as B-bit packed integers (lmshrink.quantize_factors), with
+    a float16 scale and minimum per row, or per ``group_size`` consecutive columns of a row. None: float factors.
     """
 
     method: str = "svd"
@@ -81,6 +84,8 @@ class Plan:
     calibration_windows: int = 32
     window: int = 512
     untie_head: bool = False
+    bits: int | None = None
+    group_size: int | None = None
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -103,6 +108,15 @@ class Plan:
             raise InvalidArgument("--max-shift", f"{self.max_shift!r} is not a finite number >= 0",
                                   "a fraction >= 0 (0: the uniform ranks; 0.25: each rank within +-25% of its uniform rank), "
                                   "or None for no bound")
+        if self.bits is not None:
+            from lmshrink.decompose.quantize import SUPPORTED_BITS
+
+            if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+                raise InvalidArgument("--bits", f"{self.bits!r} bits is not supported", f"one of {SUPPORTED_BITS}, or none for float factors")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or not 1 <= self.group_size <= 1 << 20):
+            raise InvalidArgument("--group-size", f"{self.group_size!r} is not a positive integer",
+                                  "an integer 1 .. 1048576 (columns sharing one scale), or none for one scale per row")
         if self.calibration_windows < 1:
             raise InvalidArgument("--calibration-windows", f"{self.calibration_windows} is below 1", "an integer >= 1")
         if self.window < 2:
@@ -131,7 +145,7 @@ class Plan:
         return {"method": self.method, "targets": list(self.targets), "ratio": self.ratio, "rank": self.rank,
                 "energy": self.energy, "params": self.params, "multiple_of": self.multiple_of, "allocation": self.allocation,
                 "max_shift": self.max_shift, "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window,
-                "untie_head": self.untie_head}
+                "untie_head": self.untie_head, "bits": self.bits, "group_size": self.group_size}
 
 
 class Candidates(list):

@@ -347,6 +347,9 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
                                   "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten), or the whole-model path")
         if calibrate_on not in CALIBRATE_ON:
             raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
+        if getattr(plan, "bits", None) is not None:
+            raise InvalidArgument("--bits", "the block-by-block engine stores float factors",
+                                  "no --bits with --sequential (the whole-model path quantizes factors)")
         if plan.allocation == "sensitivity" and plan.energy is not None:
             raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
         if world.main:

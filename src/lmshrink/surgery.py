@@ -66,7 +66,10 @@ def check_plan(model, plan: Plan) -> list[Target]:
 
     Cheap: nothing is allocated or factorized (compress allocates once, after calibrating).
     """
+    from lmshrink.quantize_factors import check_quantizable, reconcile_bits
+
     loaded = load_model(model)
+    plan = reconcile_bits(plan)
     method = get_method(plan.method)
     method.resolve_options(plan.options)
     targets = select_targets(loaded.candidates(), plan.targets)
@@ -78,6 +81,7 @@ def check_plan(model, plan: Plan) -> list[Target]:
         raise InvalidArgument("--untie-head", "no targeted embedding shares its weight with an output layer",
                               "targets that include a tied token embedding (--targets embedding on a model with tied embeddings), "
                               "or no --untie-head")
+    check_quantizable(method, targets, plan)
     plan = plan.for_targets(targets)
     if method.kind == "lowrank":
         check_amounts(targets, plan)
@@ -91,8 +95,11 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     needed only by methods that calibrate on text. The LoadedModel keeps the per-module report, which
     ``save`` writes into the manifest. ``on_stage(text)``, if given, is told when calibrating and factorizing start.
     """
+    from lmshrink.quantize_factors import quantize_factors, reconcile_bits
+
     on_stage = on_stage or (lambda text: None)
     loaded = load_model(model)
+    plan = reconcile_bits(plan)  # bits/quant_group options -> Plan.bits/group_size: one meaning of --bits
     method = get_method(plan.method)
     options = method.resolve_options(plan.options)
     targets = check_plan(loaded, plan)
@@ -128,9 +135,12 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
                     with torch.no_grad():
                         row["relative_error"] = relative_error(weight, new.dense_weight())
             rows.append(row)
+    if plan.bits is not None:
+        on_stage(f"quantizing the factors ({plan.bits} bits, {'one scale per row' if plan.group_size is None else f'groups of {plan.group_size}'})")
+        quantize_factors(loaded.model, rows, plan.bits, plan.group_size)
     report = CompressionReport({**plan.to_dict(), "params": asked.params}, rows, params_before, count_params(loaded.model), bytes_before,
                                count_bytes(loaded.model), time.perf_counter() - start, stats_seconds)
-    if not report.compressed:
+    if not report.compressed and not any(row["status"] == "dense, quantized" for row in rows):
         report.notes.append("no target became smaller: every matrix stays dense at this amount")
     untied = [row["tied_head"] for row in report.compressed if plan.untie_head and row["tied_head"]]
     if untied:

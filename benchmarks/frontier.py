@@ -1,0 +1,125 @@
+"""The size/quality frontier (issue 17): whole-model perplexity against whole-model bytes on SmolLM2-135M.
+
+    python benchmarks/frontier.py [--data wikitext-2] [--eval-tokens 4096] [--calibration-windows 8] [--bits 8,4]
+                                  [--only quant,lowrank,groupreduce,tt]
+
+Points: the original; quantization alone (every linear, the tied embedding/head; 8/6/4/3 bits, groups of 64
+columns); and three recipes, each with its factors quantized to every --bits width (groups of 64):
+  low-rank alone   svd on the embedding/head (ratio 0.5) + fwhiten on the linears (ratio 0.8, sensitivity)
+  groupreduce      groupreduce on the embedding/head (ratio 0.5) + the same linears
+  tt               tt (TensorGPT) on the embedding/head (ratio 0.5) + the same linears
+Bytes are the whole model as held (packed integers, float16 scales/minimums, indices; the rest float32).
+Single-threaded (the machine is shared). Results are rewritten after every point, so a partial run still leaves a
+valid report: benchmarks/results/frontier.json, frontier.md, frontier.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lmshrink  # noqa: E402
+from _common import RESULTS, command_line, environment, peak_rss_mib  # noqa: E402
+from lmshrink.accounting import count_bytes, count_params  # noqa: E402
+from lmshrink.evaluate import corpus_perplexity  # noqa: E402
+from lmshrink.frontier import markdown_table, plot, quantization_alone  # noqa: E402
+from lmshrink.recipes import apply_recipe, parse_recipe  # noqa: E402
+
+GROUP = 64
+
+
+def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[str, object]]:
+    linears = {"targets": ["linears"], "method": "fwhiten", "ratio": 0.8, "allocation": "sensitivity",
+               "calibration_windows": calibration_windows}
+    out = []
+    for bits in bits_list:
+        for family, embedding in (("groupreduce", {"method": "groupreduce"}), ("lowrank", {"method": "svd"}), ("tt", {"method": "tt"})):
+            if family not in only:
+                continue
+            stages = [{"targets": ["embedding", "lm_head"], "ratio": 0.5, "bits": bits, "group_size": GROUP, **embedding},
+                      {**linears, "bits": bits, "group_size": GROUP}]
+            if family == "groupreduce":
+                stages[0]["calibration_windows"] = calibration_windows  # token counts come from the same text
+            name = f"{family} {bits}-bit"
+            out.append((name, parse_recipe({"name": name, "stages": stages})))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="wikitext-2")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--calibration-windows", type=int, default=8)
+    parser.add_argument("--bits", default="8,4", help="factor widths of the recipes")
+    parser.add_argument("--quant-bits", default="8,6,4,3", help="widths of quantization alone")
+    parser.add_argument("--only", default="quant,lowrank,groupreduce,tt")
+    parser.add_argument("--stem", default="frontier")
+    parser.add_argument("--keep-from", default=None,
+                        help="an earlier frontier.json with the same settings: its quantization-alone rows are reused")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # shared machine
+    only = set(args.only.split(","))
+    corpus = lmshrink.load_corpus(args.data)
+    loaded = lmshrink.load_model(args.model)
+    params = count_params(loaded.model)
+    start = time.perf_counter()
+    base = corpus_perplexity(loaded, corpus, tokens=args.eval_tokens, window=args.window, progress=False)
+    result = {"model": args.model, "data": corpus.source, "protocol": base["protocol"], "tokens": args.eval_tokens,
+              "window": args.window, "settings": {"calibration_windows": args.calibration_windows, "group_size": GROUP,
+                                                  "threads": 1, "reduced": "eval tokens / calibration windows as given"},
+              "command": command_line(), "environment": environment(),
+              "original": {"name": "original", "kind": "original", "params": params, "bytes": count_bytes(loaded.model),
+                           "bf16_bytes": 2 * params, "perplexity": base["perplexity"], "seconds": time.perf_counter() - start},
+              "rows": []}
+    print(f"original: {base['perplexity']:.3f} ({count_bytes(loaded.model):,} bytes)", flush=True)
+    points = []
+    if args.keep_from:
+        import json
+
+        kept = json.loads(Path(args.keep_from).read_text())
+        result["rows"] += [row for row in kept["rows"] if row["kind"] == "quantization alone"]
+        result["kept_from"] = {"rows": "quantization alone", "command": kept.get("command")}
+    if "quant" in only:
+        points += [(f"quantize {b} bits", quantization_alone(loaded, b, GROUP)) for b in map(int, args.quant_bits.split(","))]
+    points += recipes([int(b) for b in args.bits.split(",")], args.calibration_windows, only)
+    for name, recipe in points:
+        model = lmshrink.LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
+        start = time.perf_counter()
+        apply_recipe(model, recipe, corpus, progress=False)
+        seconds = time.perf_counter() - start
+        measured = corpus_perplexity(model, corpus, tokens=args.eval_tokens, window=args.window, progress=False)
+        size = count_bytes(model.model)
+        result["rows"].append({"name": name, "kind": "quantization alone" if name.startswith("quantize") else "recipe",
+                               "description": recipe.description or recipe.describe(), "params": count_params(model.model),
+                               "bytes": size, "bytes_vs_bf16": size / (2 * params), "perplexity": measured["perplexity"],
+                               "perplexity_vs_original": measured["perplexity"] / base["perplexity"], "seconds": seconds,
+                               "stages": model.recipe["applied"], "peak_rss_mib": peak_rss_mib()})
+        print(f"{name}: {measured['perplexity']:.3f} at {size:,} bytes ({size / (2 * params):.3f} of bf16) in {seconds:.0f} s",
+              flush=True)
+        del model
+        _write(result, args.stem)
+
+
+def _write(result: dict, stem: str) -> None:
+    import json
+
+    RESULTS.mkdir(exist_ok=True)
+    note = (f"\nSettings: {result['tokens']} evaluation tokens, {result['settings']['calibration_windows']} calibration windows "
+            f"of {result['window']} tokens (reduced from the defaults 8192 / 32), factor groups of {GROUP} columns, "
+            f"1 thread. Command: `{result['command']}`\n")
+    (RESULTS / f"{stem}.md").write_text(markdown_table(result) + note)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    plot(result, RESULTS / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()
