@@ -271,7 +271,7 @@ class _NoDenseForm(FactorizedModule):
 
 def test_export_refuses_layers_without_a_dense_form_and_writes_nothing(llama_dir, tmp_path):
     from lmshrink.export import densifiable_layers, export_dense
-    from lmshrink.surgery import replace_module
+    from lmshrink.layers.base import replace_module
 
     loaded = lmshrink.load(llama_dir)
     replace_module(loaded.model, "model.layers.0.mlp.up_proj", _NoDenseForm(nn.Linear(64, 128, bias=False)))

@@ -198,7 +198,7 @@ def test_stages_apply_in_order_and_the_result_sums_them(llama_dir, text, tmp_pat
     seen = []
     result = lmshrink.run_compress(str(llama_dir), stages, str(text), evaluate=EVAL, on_stage=seen.append)
     assert [len(r.modules) for r in result.reports] == [6, 8]  # 2 blocks x (3 MLP, 4 attention) linears
-    assert result.modules == result.reports[0].modules + result.reports[1].modules
+    assert result.modules == [{**row, "stage": 1} for row in result.reports[0].modules] + [{**row, "stage": 2} for row in result.reports[1].modules]
     assert result.compression_seconds == pytest.approx(sum(r.seconds for r in result.reports))
     assert result.to_dict()["method"] == "svd+svd" and [p["targets"] for p in result.to_dict()["plan"]] == [["mlp"], ["attention"]]
     assert result.after["params"] < result.before["params"] and result.saved_to is None

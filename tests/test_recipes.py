@@ -14,7 +14,7 @@ from lmshrink.accounting import count_bytes, count_params
 from lmshrink.cli import main
 from lmshrink.errors import InvalidArgument
 from lmshrink.recipes import apply_recipe, load_recipe, parse_recipe
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, saved_weights, tiny_llama
 
 EXAMPLE_YAML = """\
 stages:
@@ -154,7 +154,7 @@ def test_quantized_factors_round_trip_and_bytes_are_what_is_stored(tmp_path, pro
     again = lmshrink.load(saved)
     assert torch.equal(again.logits(ids), out)
     # Accounting = what the file holds: per quantized module and for the whole model (tied tensors stored once).
-    sizes = stored_sizes(saved / "model.safetensors")
+    sizes = stored_sizes(saved_weights(saved))
     assert sum(sizes.values()) == count_bytes(loaded.model) == report.bytes_after
     for row in rows:
         module = loaded.model.get_submodule(row["name"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lmshrink.decompose.svd import lowrank_params
@@ -51,3 +52,9 @@ def largest_smaller_rank(shape: tuple[int, int], multiple_of: int = 1) -> int | 
         rank = rank // multiple_of * multiple_of
     rank = min(rank, min(shape))
     return rank if rank >= 1 else None
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """||W - approx|| / ||W|| (Frobenius), in float32; what the reports call a matrix's relative error."""
+    weight = weight.detach().float()
+    return float(torch.linalg.norm(weight - approx.detach().float()) / torch.linalg.norm(weight).clamp_min(1e-30))

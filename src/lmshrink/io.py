@@ -241,7 +241,7 @@ def _bound_list_lengths(directory: Path, manifest: dict, tensors: int) -> None:
 
 def _build(directory: Path, manifest: dict, family, stored: dict[str, StoredTensor]):
     """The model the manifest describes, on the meta device (nothing allocated)."""
-    from lmshrink.surgery import replace_module
+    from lmshrink.layers.base import replace_module
 
     loaded = family.build_empty(directory, manifest["base"], stored=stored)
     for name, spec in manifest["modules"].items():

@@ -25,11 +25,12 @@ from torch import nn
 
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import DataError, InvalidArgument
-from lmshrink.io import MANIFEST, read_manifest
-from lmshrink.models import LoadedModel
+from lmshrink.finetune import finetune as finetune_model
+from lmshrink.io import MANIFEST, load, read_manifest, save
+from lmshrink.models import LoadedModel, load_model
 from lmshrink.plan import Plan
 from lmshrink.progress import Stages
-from lmshrink.surgery import CompressionReport
+from lmshrink.surgery import CompressionReport, compress
 
 SAMPLE_PROMPT = "The capital of France is"  # the greedy sample shown before / after compressing (causal LMs)
 SAMPLE_TOKENS = 24
@@ -88,7 +89,11 @@ class CompressResult:
 
     @property
     def modules(self) -> list[dict]:
-        return [row for report in self.reports for row in report.modules]
+        if len(self.reports) == 1 and self.recipe is None:
+            return list(self.reports[0].modules)
+        # Several stages: each row says which (1-based; a recipe's reports carry their own numbers).
+        return [{**row, "stage": report.plan.get("stage", number)} for number, report in enumerate(self.reports, 1)
+                for row in report.modules]
 
     @property
     def notes(self) -> list[str]:
@@ -196,7 +201,6 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
 
 
 def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe=None) -> CompressResult:
-    import lmshrink
     from lmshrink.recipes import apply_recipe, check_recipe
     from lmshrink.surgery import check_plan
 
@@ -217,7 +221,7 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
     original = teacher if teacher is not None or not (evaluate and evaluate.speed) or before["bytes"] > SPEED_COPY_LIMIT else _copy(loaded)
     speed_before = _time_alone(loaded, stages, "timing the original (tokens/s)") if evaluate and evaluate.speed and original is None else None
     reports = (apply_recipe(loaded, recipe, corpus, progress=stages.bars, on_stage=stages.note) if recipe is not None else
-               [lmshrink.compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note) for stage in plans])
+               [compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note) for stage in plans])
     tuned = _finetune(loaded, corpus, finetune, window, teacher, stages) if finetune and finetune.steps else None
     del teacher
     check_finite(loaded, "--finetune-lr" if tuned else "--method", "+".join(p.method for p in plans))
@@ -229,7 +233,7 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
     saved = None
     if out is not None:
         with stages.stage(f"saving to {out}"):
-            saved = str(lmshrink.save(loaded, out, overwrite=overwrite))
+            saved = str(save(loaded, out, overwrite=overwrite))
     stages.note("done")
     on_disk = {"source": size_on_disk(source_path) if source_path is not None else None,
                "source_path": str(source_path) if source_path is not None else None,
@@ -243,7 +247,6 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
     """The model is never whole in memory; the compressed result is evaluated from its output. The original is not
     evaluated (that would load it whole): `lmshrink eval MODEL` measures it. Several processes (``world``) split
     calibration, factorization and evaluation; rank 0 writes, samples and returns the result (the others: None)."""
-    import lmshrink
     from lmshrink.distributed import SINGLE, all_gather_json
     from lmshrink.evaluate import corpus_perplexity, greedy_sample
     from lmshrink.sequential import compress_sequential
@@ -258,7 +261,7 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
         everywhere = all(all_gather_json(world, Path(out).is_dir()))
         if not everywhere and not world.main:
             return None
-        loaded = lmshrink.load(out, device=report.plan["device"])
+        loaded = load(out, device=report.plan["device"])
         measured = corpus_perplexity(loaded, corpus, tokens=evaluate.tokens, window=evaluate.window, progress=stages.bars,
                                      world=world if everywhere else SINGLE)
         if not world.main:
@@ -296,8 +299,6 @@ def check_options(plans: list[Plan], *, sequential: bool, calibrate_on: str | No
 
 
 def _copy(loaded):
-    from lmshrink.models import LoadedModel
-
     return LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
 
 
@@ -326,11 +327,10 @@ def _measure(loaded, corpus, evaluate: EvalOptions | None, stages, what: str, te
 
 
 def _finetune(loaded, corpus, options: FinetuneOptions, window: int, teacher, stages) -> dict:
-    import lmshrink
 
     with stages.stage(f"refinement training ({options.steps} steps)", has_bar=True):
         try:
-            tuned = lmshrink.finetune(loaded, corpus, steps=options.steps, lr=options.lr, window=window, teacher=teacher,
+            tuned = finetune_model(loaded, corpus, steps=options.steps, lr=options.lr, window=window, teacher=teacher,
                                       progress=stages.bars)
         except InvalidArgument as error:  # name the flags, not finetune()'s parameters
             flag = {"lr": "--finetune-lr", "steps": "--finetune-steps", "window": "--window"}.get(error.argument, error.argument)
@@ -366,7 +366,6 @@ def _time_both(original, loaded, speed_before, stages) -> dict:
 def load_with_stages(model, stages: Stages, device=None, dtype=None):
     """(load_model(model, device=, dtype=), the file or directory it came from) with a stage line for the fetch of a
     built-in (first use only) and for loading itself."""
-    import lmshrink
     from lmshrink.models.builtin import BUILTINS, fetch_builtin, is_cached
 
     name = str(model)
@@ -383,7 +382,7 @@ def load_with_stages(model, stages: Stages, device=None, dtype=None):
             source = Path(name).expanduser()
         what = f"loading {name}" if isinstance(model, (str, Path)) else "preparing the model"
     with stages.stage(what):
-        loaded = lmshrink.load_model(model, device=device, dtype=dtype)
+        loaded = load_model(model, device=device, dtype=dtype)
     return loaded, source
 
 

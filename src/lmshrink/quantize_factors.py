@@ -13,9 +13,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lmshrink.accounting import count_bytes
+from lmshrink.accounting import count_bytes, relative_error
 from lmshrink.decompose.quantize import SUPPORTED_BITS
 from lmshrink.errors import InvalidArgument
+from lmshrink.layers.base import replace_module
 from lmshrink.layers.block import _BlockLowRankTable
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead, linear_weight
 from lmshrink.layers.quantized import PackedTensor, QuantizedEmbedding, QuantizedLinear
@@ -91,7 +92,6 @@ def quantized_layer(layer: nn.Module, bits: int, group_size: int | None) -> nn.M
 def _quantize_dense(model: nn.Module, row: dict, bits: int, group_size: int | None) -> None:
     """A target the stage left dense (factors not smaller) is stored at the stage's bits too, as a quantized matrix:
     a stage with ``bits`` holds none of its targets in float (a tied head follows its embedding)."""
-    from lmshrink.surgery import relative_error, replace_module
 
     module = model.get_submodule(row["name"])
     if row["kind"] == "embedding":
@@ -133,7 +133,6 @@ def quantize_factors(model: nn.Module, rows: list[dict], bits: int, group_size: 
     (relative Frobenius error of the quantized factors' product against the float factors'). A target the stage left
     dense is quantized as a dense matrix (status "dense, quantized"), so no target of a ``bits`` stage stays float.
     """
-    from lmshrink.surgery import relative_error, replace_module
 
     for row in rows:
         if row.get("status") == "dense (not smaller)":

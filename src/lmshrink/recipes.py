@@ -376,7 +376,7 @@ def _useful_ratio(plan, targets: list) -> float:
     Above it a matrix stays dense, in float: under a byte budget that is never what quantized factors were for. A
     sensitivity allocation moves ranks up to (1 + max_shift) times the uniform rank, so its limit is lower by that much.
     """
-    from lmshrink.budget import _max_rank
+    from lmshrink.accounting import largest_smaller_rank
     from lmshrink.methods import get_method
 
     if plan.method == "quantize" or not targets:
@@ -387,7 +387,7 @@ def _useful_ratio(plan, targets: list) -> float:
     shift = 1 + (plan.max_shift or 0) if plan.allocation == "sensitivity" else 1
     useful = []
     for target in targets:
-        (m, n), top = target.shape, _max_rank(target.shape, plan.multiple_of)
+        (m, n), top = target.shape, largest_smaller_rank(target.shape, plan.multiple_of)
         if top is None:
             return 1e-9
         # budget.shift_bounds lets a target stay dense when ceil(uniform rank x shift) reaches its largest useful rank.

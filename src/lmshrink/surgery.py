@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmshrink.accounting import count_bytes, count_params, module_params
+from lmshrink.accounting import relative_error, count_bytes, count_params, module_params
 from lmshrink.allocation import allocate, check_amounts
 from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import InvalidArgument
+from lmshrink.layers.base import replace_module
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
 from lmshrink.methods import get_method
 from lmshrink.models import LoadedModel, load_model
@@ -40,16 +41,6 @@ class CompressionReport:
         return {"plan": self.plan, "params_before": self.params_before, "params_after": self.params_after,
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "seconds": self.seconds,
                 "stats_seconds": self.stats_seconds, "notes": self.notes, "modules": self.modules}
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    weight = weight.detach().float()
-    return float(torch.linalg.norm(weight - approx.detach().float()) / torch.linalg.norm(weight).clamp_min(1e-30))
 
 
 def lowrank_layer(target: Target, left: torch.Tensor, right: torch.Tensor) -> nn.Module:

@@ -91,3 +91,9 @@ def config_int_list(config: Any, key: str, layer: str, minimum: int = 1) -> list
             or any(isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= MAX_DIMENSION for v in value)):
         raise _refuse(layer, key, value, f"a non-empty list of integers >= {minimum}")
     return value
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted) is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

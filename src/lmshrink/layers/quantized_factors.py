@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.tt import tt_matrix_reconstruct, tt_matrix_rows, tt_parameter_counts, tt_reconstruct_batched
-from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list, register_layer
 from lmshrink.layers.quantized import PackedTensor, config_bits
 from lmshrink.layers.tt import REBUILD_CHUNK, _TTTable
 
@@ -30,6 +30,7 @@ def _quant_config(config: dict[str, Any], layer: str) -> tuple[int, int | None]:
     return config_bits(config, layer), config_int(config, "group_size", layer, optional=True)
 
 
+@register_layer
 class QuantizedLowRankLinear(FactorizedModule):
     """y = (x @ right.T) @ left.T + bias with left (out, k) and right (k, in) stored as k-bit integers; bias float."""
 
@@ -75,6 +76,7 @@ class QuantizedLowRankLinear(FactorizedModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, {_bits_repr(self)}"
 
 
+@register_layer
 class QuantizedLowRankEmbedding(FactorizedModule):
     """E ~ left (V, k) @ right (k, d), both k-bit integers; ``logits`` serves a tied output layer (TiedHead)."""
 
@@ -120,6 +122,7 @@ class QuantizedLowRankEmbedding(FactorizedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, {_bits_repr(self)}"
 
 
+@register_layer
 class QuantizedTTEmbedding(_TTTable, FactorizedModule):
     """TTEmbedding (TensorGPT, one train per token) with every core (V, R, n, R') stored as k-bit integers,
     quantized as a (V, R n R') matrix: one token's core slice per row."""
@@ -180,6 +183,7 @@ class QuantizedTTEmbedding(_TTTable, FactorizedModule):
                 f"{_bits_repr(self)}")
 
 
+@register_layer
 class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
     """TTMatrixEmbedding with every core (r, v, n, r') stored as k-bit integers, quantized as an (r v, n r') matrix."""
 

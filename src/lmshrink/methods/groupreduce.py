@@ -22,8 +22,8 @@ class GroupReduceOptions(MethodOptions):
     weight_power: float = option(0.5, "row weight = token count ** power (0 unweighted, 1 raw frequency)", bounds=Bounds(0, 10))
     split: str = option("equal", "initial split, equal-size groups or geometric sizes", choices=SPLITS)
     rank_rule: str = option("frequency", "ranks proportional to group frequency, or greedy by weighted error", choices=RANK_RULES)
-    bits: int = option(0, f"bits per stored value, one of {SUPPORTED_BITS}, for any method (Plan.bits): its factors as packed integers; quantize: the dense matrices (default 8); 0: float", bounds=BITS)
-    quant_group: int = option(0, "with --bits: columns sharing one scale (Plan.group_size; 0: one scale per row)", bounds=QUANT_GROUP)
+    bits: int = option(0, f"bits per stored factor value, one of {SUPPORTED_BITS}, as --bits gives any method (Plan.bits); 0 keeps float factors", bounds=BITS)
+    quant_group: int = option(0, "with --bits: factor columns sharing one scale (Plan.group_size; 0: one scale per row)", bounds=QUANT_GROUP)
     frequencies: str = option("", "a frequency table file (Frequencies.save); default: count the calibration text")
 
 
