@@ -151,3 +151,16 @@ def test_gguf_source_equals_transformers_loading():
     assert "lm_head.weight" not in names and len(names) == len(reference) - 1  # tied head: one tensor in the file
     for name in names:
         assert torch.equal(source.get(name), reference[name]), name
+
+
+def test_a_weights_file_that_cannot_be_mapped_for_lack_of_memory_is_not_called_corrupt(tmp_path):
+    # Measured (benchmarks/sequential_large.py): under RLIMIT_DATA safetensors fails with "unable to mmap ... bytes";
+    # that is memory running out, and the user must hear so (and what fits), not that the file is damaged.
+    from lmshrink.errors import CorruptFile, OutOfMemory
+    from lmshrink.safefiles import refuse_unreadable
+
+    mapped = refuse_unreadable(RuntimeError("unable to mmap 2163388448 bytes from file </m/model-00001-of-00002.safetensors>: "
+                                            "Cannot allocate memory (os error 12)"), "weights file", tmp_path / "w.safetensors")
+    assert isinstance(mapped, OutOfMemory) and isinstance(mapped, MemoryError) and "--sequential" in str(mapped)
+    damaged = refuse_unreadable(RuntimeError("Error while deserializing header: HeaderTooLarge"), "weights file", tmp_path / "w")
+    assert isinstance(damaged, CorruptFile) and "truncated or corrupted" in str(damaged)

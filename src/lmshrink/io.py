@@ -24,7 +24,7 @@ from lmshrink.errors import CorruptFile, InvalidArgument, NotAModel
 from lmshrink.version import __version__
 from lmshrink.layers import layer_type
 from lmshrink.layers.base import FactorizedModule
-from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finite, dtype_name, file_digest, one_line,
+from lmshrink.safefiles import (refuse_unreadable, StoredTensor, check_directory_files, check_finite, dtype_name, file_digest, one_line,
                                 read_json_object, resolve_inside, safetensors_header, same_dtype_kind)
 
 FORMAT_VERSION = 1
@@ -385,7 +385,7 @@ def _fill(model: nn.Module, groups: list[list[str]], where: dict[str, Path]) -> 
         except CorruptFile:
             raise
         except Exception as error:  # noqa: BLE001 - the Rust reader raises its own types for a file changed under it
-            raise CorruptFile(f"MODEL: {str(weights)!r} is truncated or corrupted ({one_line(error)})") from error
+            raise refuse_unreadable(error, "weights file", weights) from error
     weights = next(iter(by_file), "weights")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:  # the header check makes this unreachable; kept so a silent partial load never happens

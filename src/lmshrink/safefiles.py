@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from lmshrink.errors import CorruptFile
+from lmshrink.errors import CorruptFile, LmshrinkError, OutOfMemory
 
 # A manifest, config or tokenizer config is a few kB to a few MB; anything far larger is not one.
 JSON_LIMIT = 64 * 2 ** 20
@@ -142,6 +142,21 @@ class StoredTensor:
         return count
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the process running out of memory (an allocation or a mapping refused), not a damaged file."""
+    text = str(error)
+    return (isinstance(error, MemoryError) or "Cannot allocate memory" in text or "not enough memory" in text
+            or "unable to mmap" in text)
+
+
+def refuse_unreadable(error: BaseException, what: str, path: Path) -> LmshrinkError:
+    """The error to raise for a file that could not be read: OutOfMemory when memory ran out, else CorruptFile."""
+    if out_of_memory(error):
+        return OutOfMemory(f"MODEL: {what} {str(path)!r} does not fit in this process's memory ({one_line(error)}); allowed: "
+                           "more memory, or `lmshrink compress --sequential`, which holds one decoder block at a time")
+    return CorruptFile(f"MODEL: {what} {str(path)!r} is truncated or corrupted ({one_line(error)})")
+
+
 def safetensors_header(path: Path, what: str = "weights file") -> dict[str, StoredTensor]:
     """Name -> StoredTensor of a safetensors file, from its header alone (safetensors validates the header against
     the file's length; a truncated or inconsistent file is refused here, naming it)."""
@@ -155,7 +170,7 @@ def safetensors_header(path: Path, what: str = "weights file") -> dict[str, Stor
                 view = handle.get_slice(name)
                 header[name] = StoredTensor(_TORCH_DTYPES.get(view.get_dtype(), view.get_dtype()), tuple(view.get_shape()))
     except Exception as error:  # noqa: BLE001 - the Rust parser raises its own types for every malformed header
-        raise CorruptFile(f"MODEL: {what} {str(path)!r} is truncated or corrupted ({one_line(error)})") from error
+        raise refuse_unreadable(error, what, path) from error
     return header
 
 

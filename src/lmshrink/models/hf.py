@@ -16,7 +16,7 @@ from torch import nn
 from lmshrink.errors import CorruptFile, NotAModel, OutOfMemory
 from lmshrink.models.family import LoadedModel, ModelFamily, register_family
 from lmshrink.plan import Target
-from lmshrink.safefiles import (StoredTensor, check_directory_files, check_finite, check_regular, dtype_name, one_line,
+from lmshrink.safefiles import (out_of_memory, StoredTensor, check_directory_files, check_finite, check_regular, dtype_name, one_line,
                                 read_json_object, resolve_inside, safetensors_header, same_dtype_kind)
 
 # A plain Hugging Face directory the user points at may link its files elsewhere (a cache snapshot links each one into
@@ -109,11 +109,6 @@ def _config_from_dict(config: dict, folder: Path):
         raise
     except Exception as error:  # noqa: BLE001 - transformers validates configs with many exception types
         raise CorruptFile(f"MODEL: config {str(folder / 'config.json')!r} is not a valid transformers config ({one_line(error)})") from error
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    text = str(error)
-    return isinstance(error, MemoryError) or "Cannot allocate memory" in text or "not enough memory" in text
 
 
 def _bound_gguf(path: Path) -> None:
@@ -269,7 +264,7 @@ class _HuggingFace(ModelFamily):
             model, info = auto.from_pretrained(path, dtype=torch.float32, trust_remote_code=False, use_safetensors=True,
                                                output_loading_info=True)
         except Exception as error:  # noqa: BLE001 - a damaged file surfaces as any of several types inside transformers
-            if _out_of_memory(error):  # not a damaged file: say what it is and what fits
+            if out_of_memory(error):  # not a damaged file: say what it is and what fits
                 raise OutOfMemory(f"MODEL: {str(path)!r} does not fit in this process's memory whole ({one_line(error)}); allowed: "
                                   "`lmshrink compress --sequential`, which holds one decoder block at a time") from error
             raise CorruptFile(f"MODEL: {str(source)!r} could not be loaded as the model its config describes ({one_line(error)})") from error
