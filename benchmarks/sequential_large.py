@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,8 +33,12 @@ from lmshrink import sequential
 spec = json.loads(sys.argv[1])
 if spec["threads"]:
     torch.set_num_threads(spec["threads"])
+def status(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field + ":")).split()[1]) * 1024
 def vm_data():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1]) * 1024
+    return status("VmData")
+def peak():  # VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's peak across fork + exec)
+    return status("VmHWM") / 2**20
 limit = vm_data() + spec["headroom"]
 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], calibration_windows=spec["windows"], window=spec["window"])
@@ -55,13 +58,12 @@ try:
         report = lmshrink.compress(loaded, plan, data=spec["data"], progress=False)
 except Exception as error:  # any failure is a result here: what failed, after how long, at what peak
     print("RESULT " + json.dumps({"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
-                                  "seconds": time.perf_counter() - start,
-                                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                                  "seconds": time.perf_counter() - start, "peak_rss_mib": peak()}))
     sys.exit(0)
 end = time.perf_counter()
 blocks = [b - a for a, b in zip(block_starts, block_starts[1:] + [end])]
 print("RESULT " + json.dumps({"seconds": end - start, "before_first_block_seconds": block_starts[0] - start if block_starts else None,
-                              "block_seconds": blocks, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              "block_seconds": blocks, "peak_rss_mib": peak(),
                               "limit_bytes": limit, "params_before": report.params_before, "params_after": report.params_after}))
 """
 
@@ -111,11 +113,18 @@ def main() -> None:
     parser.add_argument("--limit-fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default="sequential_large")
+    parser.add_argument("--write", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write:  # the model is written by a child: the measured runs must not inherit its memory
+        folder, *sizes = args.write
+        print(json.dumps(write_model(Path(folder), *map(int, sizes))))
+        return
     with tempfile.TemporaryDirectory(prefix="lmshrink-large-") as scratch:
         model = Path(scratch) / "model"
         started = time.perf_counter()
-        params, weight_bytes = write_model(model, args.layers, args.hidden, args.intermediate, args.vocab)
+        made = subprocess.run([sys.executable, __file__, "--write", str(model), *map(str, (args.layers, args.hidden, args.intermediate,
+                                                                                          args.vocab))], capture_output=True, text=True, check=True)
+        params, weight_bytes = json.loads(made.stdout.strip().splitlines()[-1])
         written = time.perf_counter() - started
         headroom = int(weight_bytes * args.limit_fraction)
         # glibc's adaptive mmap threshold keeps freed blocks in the heap; a fixed one returns big buffers to the OS.
@@ -142,7 +151,8 @@ def main() -> None:
                          f"{args.method} at ratio {args.ratio} on all attention/MLP linears, block by block in bfloat16 on the CPU, "
                          f"closed loop, {args.windows} calibration windows of {args.window} tokens ({args.data} text, byte tokenizer).",
                          "The child's data segment may grow by the allowed amount above what it holds after importing torch and "
-                         "transformers (RLIMIT_DATA); peak RSS is ru_maxrss (it includes the imported libraries' code).",
+                         "transformers (RLIMIT_DATA; file-backed mappings such as the safetensors shards being read are not counted); "
+                         "peak RSS is the child's VmHWM, which includes the imported libraries' code and the pages of mapped shards.",
                          "Per-block time: from one block's load to the next (read, calibrate, factorize, propagate, write).",
                          "2 shared CPU cores: wall times are noisy."])
 
