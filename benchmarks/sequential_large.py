@@ -51,7 +51,7 @@ sequential.Engine.load_block = timed_load_block
 start = time.perf_counter()
 try:
     if spec["path"] == "sequential":
-        report = sequential.compress_sequential(spec["model"], plan, spec["data"], spec["out"], dtype="bfloat16", device="cpu",
+        report = sequential.compress_sequential(spec["model"], plan, spec["data"], spec["out"], dtype="bfloat16", device=spec["device"],
                                                 progress=False)
     else:
         loaded = lmshrink.load_model(spec["model"])
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--data", default="pydoc")
     parser.add_argument("--limit-fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="Where the blocks run (cpu, cuda, auto).")
     parser.add_argument("--name", default="sequential_large")
     parser.add_argument("--write", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +133,7 @@ def main() -> None:
         runs = {}
         for path in ("sequential", "whole"):
             spec = {"model": str(model), "path": path, "method": args.method, "ratio": args.ratio, "windows": args.windows,
-                    "window": args.window, "data": args.data, "threads": args.threads, "headroom": headroom,
+                    "window": args.window, "data": args.data, "threads": args.threads, "headroom": headroom, "device": args.device,
                     "out": str(Path(scratch) / f"out-{path}")}
             done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -148,7 +149,7 @@ def main() -> None:
                   rows,
                   notes=[f"Random LLaMA: {params / 1e9:.2f}B parameters, {args.layers} blocks, hidden {args.hidden}, MLP {args.intermediate}, "
                          f"vocab {args.vocab}, untied; sharded bf16 safetensors written by the benchmark ({written:.0f} s).",
-                         f"{args.method} at ratio {args.ratio} on all attention/MLP linears, block by block in bfloat16 on the CPU, "
+                         f"{args.method} at ratio {args.ratio} on all attention/MLP linears, block by block in bfloat16 on {args.device}, "
                          f"closed loop, {args.windows} calibration windows of {args.window} tokens ({args.data} text, byte tokenizer).",
                          "The child's data segment may grow by the allowed amount above what it holds after importing torch and "
                          "transformers (RLIMIT_DATA; file-backed mappings such as the safetensors shards being read are not counted); "
