@@ -209,7 +209,10 @@ def test_cuda_with_fewer_gpus_than_processes_is_refused_on_rank_0(checkpoint, tm
     assert done.returncode != 0 and "rank      : 0 (local_rank: 0)\n  exitcode  : 2 " in done.stderr, done.stderr[-3000:]
     errors = _error_lines(done.stderr)
     assert len(errors) == 1, done.stderr[-3000:]  # rank 0 only (torchrun's own report follows)
-    assert errors[0].startswith("error: --device: cuda with 2 processes on this node but") and "--device cpu" in errors[0]
+    if torch.cuda.is_available():  # one GPU for two processes
+        assert errors[0].startswith("error: --device: cuda with 2 processes on this node but") and "--device cpu" in errors[0]
+    else:  # no GPU at all: the device check before the processes meet says so, on rank 0 only
+        assert errors[0].startswith("error: --device: 'cuda' was asked but this machine has no CUDA device"), errors[0]
     assert not (tmp_path / "out").exists()
 
 
