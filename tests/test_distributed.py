@@ -134,6 +134,24 @@ def test_two_processes_fwhiten_match_one_process(checkpoint, tmp_path, one_threa
     assert result["perplexity"]["after"] == pytest.approx(single["perplexity"], rel=1e-4)
 
 
+def test_two_processes_refit_match_one_process(checkpoint, tmp_path, one_thread):
+    """--refit's sums (x_o x_c^T, x_c x_c^T) are added across processes like the other statistics: the refitted
+    factors agree with one process's to float32 summation order."""
+    done = _torchrun(["compress", checkpoint, "--method", "svdllm", *COMMON, "--refit", "--calibration-windows", "3",
+                      "--tokens", "96", "--json", "--out", tmp_path / "two"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["plan"]["refit"] is True
+    plan = lmshrink.Plan(method="svdllm", ratio=0.5, window=48, calibration_windows=3)
+    compress_sequential(checkpoint, plan, "pydoc", tmp_path / "one", dtype="float32", device="cpu", progress=False, refit=True)
+    plain = compress_sequential(checkpoint, plan, "pydoc", tmp_path / "plain", dtype="float32", device="cpu", progress=False)
+    ours, theirs, before = _weights(tmp_path / "two"), _weights(tmp_path / "one"), _weights(tmp_path / "plain")
+    assert set(ours) == set(theirs)
+    for name in ours:
+        scale = float(theirs[name].abs().max())
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-4 * scale), name
+    assert not all(torch.allclose(theirs[k], before[k]) for k in theirs if k.endswith(".left"))  # the refit did move them
+
+
 KILLER = """
     import os, signal, sys
     import lmshrink.sequential

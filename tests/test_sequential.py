@@ -348,12 +348,13 @@ def test_cli_sequential_writes_a_model_that_loads_and_reports_it(checkpoint, cor
     text = tmp_path / "text.txt"
     text.write_text(corpus.train[:60_000])
     done = _cli("compress", checkpoint, "--sequential", "--method", "svdllm", "--ratio", "0.5", "--dtype", "bfloat16",
-                "--calibrate-on", "original", "--data", text, "--calibration-windows", 2, "--window", 32, "--tokens", 128,
+                "--calibrate-on", "original", "--refit", "--data", text, "--calibration-windows", 2, "--window", 32, "--tokens", 128,
                 "--out", tmp_path / "out", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["plan"]["executor"] == "sequential" and result["plan"]["dtype"] == "bfloat16"
-    assert result["plan"]["calibrate_on"] == "original"
+    assert result["plan"]["calibrate_on"] == "original" and result["plan"]["refit"] is True
+    assert all(m["output_error"] <= m["output_error_before_refit"] for m in result["modules"])
     again = lmshrink.load(tmp_path / "out")
     assert all(p.dtype == torch.bfloat16 for p in again.model.parameters())
     assert sum(m["status"] == "factorized" for m in result["modules"]) == 14
@@ -363,7 +364,8 @@ def test_cli_sequential_writes_a_model_that_loads_and_reports_it(checkpoint, cor
 
 @pytest.mark.parametrize("args,flag", [(["--calibrate-on", "original"], "--calibrate-on"),
                                        (["--sequential", "--no-save"], "--no-save"),
-                                       (["--sequential", "--finetune-steps", "2"], "--finetune-steps")])
+                                       (["--sequential", "--finetune-steps", "2"], "--finetune-steps"),
+                                       (["--refit"], "--refit")])
 def test_cli_flags_of_the_block_by_block_path_are_refused_elsewhere(checkpoint, tmp_path, args, flag):
     done = _cli("compress", checkpoint, "--method", "svd", "--ratio", "0.5", *args, "--out", tmp_path / "out", cwd=tmp_path)
     lines = done.stderr.strip().splitlines()

@@ -360,11 +360,14 @@ def _with(options):
 @click.option("--calibrate-on", type=click.Choice(["compressed", "original"]), default=None,
               help="--sequential: calibrate each block on what the compressed blocks before it produce (compressed, the "
                    "default: closed loop) or on the original model's activations (original).")
+@click.option("--refit", is_flag=True,
+              help="--sequential: after each block is factorized, refit its factors so the block reproduces the original "
+                   "model's outputs on the compressed inputs (error compensation; one more pass over the windows per block).")
 @_with(common_eval)
 @_method_options
 def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, untie_head, finetune_steps,
-             finetune_lr, finetune_distill, recipe, out, overwrite, no_save, sequential, device, dtype, calibrate_on, data, tokens, window, as_json,
-             **method_options):
+             finetune_lr, finetune_distill, recipe, out, overwrite, no_save, sequential, device, dtype, calibrate_on, refit, data, tokens, window,
+             as_json, **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
 
     With no arguments: SmolLM2-135M, the default method, --ratio 0.8, the default text.
@@ -405,7 +408,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                          window=window, untie_head=untie_head, bits=bits, group_size=group_size)
     _check_window_and_data(tokens, window, data)
     finetune = FinetuneOptions(finetune_steps, finetune_lr, finetune_distill) if finetune_steps else None
-    check_options([plan], sequential=sequential, calibrate_on=calibrate_on, saving=not no_save, finetune=finetune)
+    check_options([plan], sequential=sequential, calibrate_on=calibrate_on, saving=not no_save, finetune=finetune, refit=refit)
     if device is not None or dtype is not None:
         _check_device_and_dtype(device, dtype)
     world = _join_run(ctx, sequential, device)  # lmshrink.distributed.SINGLE unless torchrun started several processes
@@ -426,7 +429,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     stages.note(f"text: {corpus.source}" + (f" ({world.size} processes)" if world.distributed else ""))
     target = output.target if output is not None else (Path(out).expanduser().absolute() if not no_save else None)
     result = run(model, recipe_spec or plan, corpus, sequential=sequential, device=device or ("auto" if sequential else None), dtype=dtype,
-                 calibrate_on=calibrate_on, evaluate=EvalOptions(tokens, window), finetune=finetune, out=target,
+                 calibrate_on=calibrate_on, refit=refit, evaluate=EvalOptions(tokens, window), finetune=finetune, out=target,
                  overwrite=overwrite, on_stage=stages, world=world)
     if not world.main:
         return  # rank 0 prints and has written the output
@@ -548,7 +551,8 @@ def _print_block_by_block(result: dict) -> None:
     from lmshrink.pipeline import SAMPLE_PROMPT
 
     plan = result["plan"]
-    click.echo(f"model: {result['model']}   method: {result['method']} (block by block, {plan['calibrate_on']} activations, "
+    click.echo(f"model: {result['model']}   method: {result['method']} (block by block, {plan['calibrate_on']} activations"
+               f"{', refit' if plan.get('refit') else ''}, "
                f"{plan['dtype']} on {plan['device']})")
     click.echo(f"data: {result['data']}")
     factorized = sum(1 for m in result["modules"] if m["status"] == "factorized")

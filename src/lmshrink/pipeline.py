@@ -155,7 +155,7 @@ class _CallbackStages(Stages):
 
 
 def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *, sequential: bool = False,
-        device: str | None = None, dtype: str | None = None, calibrate_on: str | None = None,
+        device: str | None = None, dtype: str | None = None, calibrate_on: str | None = None, refit: bool = False,
         evaluate: EvalOptions | None = EvalOptions(), finetune: FinetuneOptions | None = None, out: str | Path | None = None,
         overwrite: bool = False, on_stage: Callable[[str], None] | Stages | None = None, progress: bool = False,
         world=None) -> CompressResult | None:
@@ -167,6 +167,8 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     (what the checkpoint declares; a GGUF: bfloat16), "float32", "bfloat16", "float16"; None: as loaded (float32;
     block by block: auto). Weights are held and saved in it; each matrix's factorization runs in float32.
     ``calibrate_on``: block by block only, "compressed" (closed loop, the default) or "original".
+    ``refit``: block by block only: after each block is factorized, refit the factors so the block reproduces the
+    original model's outputs on the compressed inputs (error compensation; lmshrink.refit).
     ``evaluate``: what to measure (None: parameters and bytes only). ``on_stage``: a callback told each stage's
     name as it starts, or a lmshrink.progress.Stages (the CLI's). ``progress``: progress bars (with a callback).
     ``world``: a lmshrink.distributed.World when several processes run it (torchrun; block by block only); None: this
@@ -184,7 +186,7 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     if not plans or not all(isinstance(p, Plan) for p in plans):
         raise InvalidArgument("plan", f"{plan!r} is not a Plan or a non-empty sequence of Plans", "lmshrink.Plan(...) or [Plan, ...]")
     stages = on_stage if isinstance(on_stage, Stages) else _CallbackStages(on_stage, progress)
-    check_options(plans, sequential=sequential, calibrate_on=calibrate_on, saving=out is not None, finetune=finetune)
+    check_options(plans, sequential=sequential, calibrate_on=calibrate_on, saving=out is not None, finetune=finetune, refit=refit)
     world = world or current_world()
     if world.distributed and not sequential:
         raise InvalidArgument("sequential", f"{world.size} processes run this, but only block-by-block compression runs distributed "
@@ -195,7 +197,7 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
         check_out(out, overwrite, inputs=[model] if isinstance(model, (str, Path)) else [])  # before minutes of work
     corpus = data if isinstance(data, Corpus) else load_corpus(data)
     if sequential:
-        return _run_block_by_block(model, plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed",
+        return _run_block_by_block(model, plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed", refit,
                                    evaluate or EvalOptions(samples=False, speed=False), stages, world)
     return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe)
 
@@ -243,7 +245,8 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
                           on_disk, tuned, saved, loaded, recipe=getattr(loaded, "recipe", None) if recipe is not None else None)
 
 
-def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, calibrate_on, evaluate, stages, world) -> CompressResult | None:
+def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, calibrate_on, refit, evaluate, stages,
+                        world) -> CompressResult | None:
     """The model is never whole in memory; the compressed result is evaluated from its output. The original is not
     evaluated (that would load it whole): `lmshrink eval MODEL` measures it. Several processes (``world``) split
     calibration, factorization and evaluation; rank 0 writes, samples and returns the result (the others: None)."""
@@ -251,9 +254,9 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
     from lmshrink.evaluate import corpus_perplexity, greedy_sample
     from lmshrink.sequential import compress_sequential
 
-    with stages.stage(f"compressing block by block ({calibrate_on} activations)", has_bar=True):
-        report = compress_sequential(model, plan, corpus, out, dtype=dtype or "auto", device=device or "auto",
-                                     calibrate_on=calibrate_on, progress=stages.bars, overwrite=overwrite, world=world)
+    with stages.stage(f"compressing block by block ({calibrate_on} activations{', refit' if refit else ''})", has_bar=True):
+        report = compress_sequential(model, plan, corpus, out, dtype=dtype or "auto", device=device or "auto", calibrate_on=calibrate_on,
+                                     progress=stages.bars, overwrite=overwrite, world=world, refit=refit)
     after = {"params": report.params_after}
     with stages.stage(f"evaluating the compressed model (perplexity on {evaluate.tokens:,} tokens, windows of {evaluate.window})", has_bar=True):
         # Every process scores its share of the windows when all of them see the output (one node, a shared file
@@ -277,12 +280,15 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
 
 
 def check_options(plans: list[Plan], *, sequential: bool, calibrate_on: str | None, saving: bool,
-                  finetune: FinetuneOptions | None) -> None:
+                  finetune: FinetuneOptions | None, refit: bool = False) -> None:
     """Refuse combinations an executor does not run, before any work (the CLI calls this before reserving --out)."""
     if not sequential:
         if calibrate_on is not None:
             raise InvalidArgument("--calibrate-on", "applies to block-by-block compression only (the whole-model path "
                                   "calibrates on the original model's activations)", "--sequential with it, or leave it out")
+        if refit:
+            raise InvalidArgument("--refit", "applies to block-by-block compression only (it refits each block on the "
+                                  "activations the compressed blocks before it produce)", "--sequential with it, or leave it out")
         return
     if len(plans) > 1:
         raise InvalidArgument("plan", f"{len(plans)} stages given; the block-by-block executor applies one plan",

@@ -21,6 +21,7 @@ the one global budget (lmshrink.budget) and factorizes in the main pass.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import tempfile
 import time
@@ -41,6 +42,7 @@ from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 from lmshrink.methods import get_method
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.plan import Plan, select_targets
+from lmshrink.refit import refit_block
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
 from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
 from lmshrink.io import check_out, staging_directory, write_manifest
@@ -321,7 +323,8 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
 
 def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str | Path, dtype: str = "auto",
                         device: str = "auto", calibrate_on: str = "compressed", progress: bool = True,
-                        overwrite: bool = False, offload_bytes: int | None = None, world: World | None = None) -> CompressionReport:
+                        overwrite: bool = False, offload_bytes: int | None = None, world: World | None = None,
+                        refit: bool = False) -> CompressionReport:
     """Compress a Hugging Face causal decoder (a safetensors directory, one or many shards; a .gguf file; a built-in
     name) block by block into ``out`` (sharded safetensors + index + lmshrink.json). See the module docstring.
 
@@ -329,6 +332,8 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
     weights are held and saved in it, each factorization runs in float32 (float64 where the method does).
     ``device``: "auto" (CUDA when present), "cpu" or "cuda". ``offload_bytes``: the activations at a block
     boundary beyond this many bytes go to a scratch folder beside ``out`` (default: all kept in memory).
+    ``refit``: after each block is factorized, refit every factorized matrix's left factor so the block's linears
+    reproduce the original model's outputs on the compressed inputs (lmshrink.refit; error compensation).
 
     ``world`` (default: the initialized torch.distributed process group, if any; lmshrink.distributed): several
     processes split the calibration windows and each block's matrices; only rank 0 writes ``out``. Every process
@@ -357,7 +362,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
         engine = open_engine(source, plan, dtype, device, progress, world)
     except LmshrinkError as error:
         failure = error
-    agree(world, _fingerprint(source, plan, dtype, device, calibrate_on, offload_bytes), failure)
+    agree(world, _fingerprint(source, plan, dtype, device, calibrate_on, offload_bytes, refit), failure)
     loaded, model, dtype, device = engine.loaded, engine.loaded.model, engine.dtype, engine.device
     plan = plan.for_targets(engine.targets)
     params_before, bytes_before = count_params(model), count_bytes(model)
@@ -369,15 +374,15 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
         writer = ShardWriter(staging, dtype) if world.main else _NoWriter()
         writer.add(engine.load_outer())
         writer.end_shard()
-        windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs else (None, engine.boundary(), [])
+        windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs or refit else (None, engine.boundary(), [])
         stats_start = time.perf_counter()
         fisher_dir = exact_fisher(engine, windows, first_inputs, calls, Path(scratch)) if "fisher" in method.needs else None
         ranks = (_sensitivity_ranks(engine, plan, method, options, first_inputs, calls, fisher_dir)
                  if plan.allocation == "sensitivity" else None)
         stats_seconds = time.perf_counter() - stats_start
 
-        hidden = first_inputs
-        for index in engine.blocks(f"{method.name} ({calibrate_on} activations)"):
+        hidden = original_hidden = first_inputs  # the compressed and the original model's activations (closed loop + refit)
+        for index in engine.blocks(f"{method.name} ({calibrate_on} activations{', refit' if refit else ''})"):
             block = engine.load_block(index)
             block_targets = engine.by_block[index]
             needs = method.needs & INPUT_STATS
@@ -389,7 +394,12 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
                 for name, tensor in load_file(str(fisher_dir / f"fisher-{index}.safetensors")).items():
                     stats[name]["fisher"] = tensor.to(device)
             block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
-            rows += _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)
+            original = copy.deepcopy(block) if refit else None
+            block_rows = _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)
+            if refit:
+                original_hidden = _refit(engine, index, original, block, block_rows, original_hidden if calibrate_on == "compressed" else hidden,
+                                         hidden, calls, calibrate_on == "compressed")
+            rows += block_rows
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:
@@ -403,7 +413,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
         release(model)
         writer.close()
         loaded.compression = rows
-        plan_dict = {**plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "dtype": dtype_name(dtype),
+        plan_dict = {**plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "refit": refit, "dtype": dtype_name(dtype),
                      "device": str(device), "processes": world.size}
         if world.main:
             write_manifest(loaded, staging, dtype, run={"processes": world.size, "executor": "sequential"})
@@ -415,11 +425,24 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
     return report
 
 
-def _fingerprint(source, plan: Plan, dtype, device, calibrate_on, offload_bytes) -> dict:
+def _fingerprint(source, plan: Plan, dtype, device, calibrate_on, offload_bytes, refit) -> dict:
     """What every process of a run must agree on: lmshrink's version and every argument that shapes the result
     (not ``out`` and ``overwrite``: only rank 0 writes)."""
     return {"lmshrink": __version__, "source": str(source), "plan": plan.to_dict(), "dtype": str(dtype), "device": str(device),
-            "calibrate_on": calibrate_on, "offload_bytes": offload_bytes}
+            "calibrate_on": calibrate_on, "offload_bytes": offload_bytes, "refit": refit}
+
+
+def _refit(engine: Engine, index: int, original, block, rows: list[dict], original_inputs, compressed_inputs, calls, closed: bool):
+    """Refit block ``index``'s factorized matrices (lmshrink.refit) and record it in their rows; frees ``original``.
+    Returns the original model's activations after this block (closed loop: the next block's refit needs them)."""
+    prefix = engine.stack.prefix(index)
+    names = [row["name"][len(prefix):] for row in rows if row["status"] == "factorized"]
+    outcome = refit_block(original, block, names, original_inputs, compressed_inputs, calls, index, engine.world)
+    for row in rows:
+        row.update(outcome.get(row["name"][len(prefix):], {}))
+    outputs = _block_pass(original, original_inputs, calls, index, [], set(), engine.boundary())[1] if closed else original_inputs
+    release(original)
+    return outputs
 
 
 def _factorize_block(loaded, world: World, targets, ranks, method, stats, options) -> list[dict]:

@@ -1,0 +1,127 @@
+"""Closer to dense (issue 15): which lever buys what, at equal parameter budgets, on a real model.
+
+    python benchmarks/closer.py [--model smollm2-135m] [--ratios 0.8] [--variants whole,closed,refit] [--calib wikitext-2]
+
+Variants (all fwhiten + sensitivity allocation unless --method says otherwise):
+  whole   the whole-model path (lmshrink.compress), float32: the pipeline before this issue
+  open    block by block, each block calibrated on the original model's activations
+  closed  block by block, each block calibrated on what the compressed blocks before it produce
+  refit   closed, then every factorized matrix's left factor refitted (lmshrink.refit) so its block's linears
+          reproduce the original's outputs on the compressed inputs
+Every run is a child process; its result is merged into benchmarks/results/<name>.json by (variant, method, ratio,
+calibration text), so runs made at different times land in one table. Perplexity is WikiText-2 test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = {"whole": ("whole", None, False), "open": ("sequential", "original", False),
+            "closed": ("sequential", "compressed", False), "refit": ("sequential", "compressed", True),
+            "open-refit": ("sequential", "original", True)}
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    import lmshrink
+    from lmshrink.evaluate import corpus_perplexity
+
+    torch.manual_seed(0)
+    calib = lmshrink.load_corpus(spec["calib"])
+    test = lmshrink.load_corpus(spec["data"])
+    out = Path(spec["out"])
+    path, calibrate_on, refit = VARIANTS[spec["variant"]] if spec["variant"] != "dense" else ("dense", None, False)
+    start = time.perf_counter()
+    plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], allocation=spec["allocation"], calibration_windows=spec["windows"],
+                         window=spec["window"]) if path != "dense" else None
+    if path == "dense":
+        loaded = lmshrink.load_model(spec["model"])
+    elif path == "whole":
+        loaded = lmshrink.load_model(spec["model"])
+        lmshrink.compress(loaded, plan, data=calib, progress=False)
+    else:
+        from lmshrink.sequential import compress_sequential
+
+        extra = {"refit": True} if refit else {}  # only when asked: the plain variants also run on code without it
+        compress_sequential(spec["model"], plan, calib, out, dtype="float32", device="cpu", calibrate_on=calibrate_on,
+                            progress=False, **extra)
+        loaded = lmshrink.load(out)
+    seconds = time.perf_counter() - start
+    ppl = corpus_perplexity(loaded, test, tokens=spec["tokens"], window=spec["window"], progress=False)
+    return {"seconds": seconds, "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"]}
+
+
+def main() -> None:
+    from _common import RESULTS, write_results
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", default="0.8")
+    parser.add_argument("--variants", default="whole,closed,refit", help=f"Comma-separated: dense, {', '.join(VARIANTS)}.")
+    parser.add_argument("--method", default="fwhiten")
+    parser.add_argument("--allocation", default="sensitivity")
+    parser.add_argument("--calib", default="wikitext-2", help="Calibration text (its train split where it has one).")
+    parser.add_argument("--data", default="wikitext-2", help="Evaluation text (its test split).")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--name", default="closer")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))))
+        return
+    previous = RESULTS / f"{args.name}.json"
+    runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
+    env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"}
+    todo = [(variant, float(ratio)) for ratio in args.ratios.split(",") for variant in args.variants.split(",")]
+    with tempfile.TemporaryDirectory(prefix="lmshrink-closer-") as scratch:
+        for number, (variant, ratio) in enumerate(todo):
+            spec = {"model": args.model, "variant": variant, "method": args.method, "ratio": ratio, "allocation": args.allocation,
+                    "calib": args.calib, "data": args.data, "windows": args.windows, "window": args.window, "tokens": args.tokens,
+                    "out": str(Path(scratch) / f"run{number}")}
+            if variant == "dense":
+                spec.update(method=None, ratio=None, calib=args.data)
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+            result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            key = ("model", "variant", "method", "ratio", "calib", "windows", "tokens")
+            runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
+            _write(args.name, runs, write_results)
+            print(variant, ratio, result, flush=True)
+
+
+def _command() -> str:
+    from _common import command_line
+
+    return command_line()
+
+
+def _write(name: str, runs: list[dict], write_results) -> None:
+    order = {v: i for i, v in enumerate(["dense", *VARIANTS])}
+    runs = sorted(runs, key=lambda r: (r["model"], r["calib"], -(r["ratio"] or 2), order.get(r["variant"], 9)))
+    dense = {r["model"]: r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
+    rows = [[r["model"], r["variant"], r["method"] or "-", r["ratio"], r["calib"], r["windows"], r.get("perplexity"),
+             (r["perplexity"] / dense[r["model"]]) if r.get("perplexity") and r["model"] in dense else None,
+             r.get("seconds"), r.get("error")] for r in runs]
+    write_results(name, {"runs": runs},
+                  ["model", "variant", "method", "ratio", "calibration text", "windows", "perplexity (WikiText-2 test)", "x dense",
+                   "wall s (compress, incl. load)", "error"], rows,
+                  notes=["Each row's own command is in the JSON (rows from several invocations are merged).",
+                         "Allocation: sensitivity (one global budget over the linears); window 512; first 16k test tokens.",
+                         "Calibration windows come from the calibration text's train split (standard-library source has none).",
+                         "Wall times: 2 shared CPU cores, OMP_WAIT_POLICY=PASSIVE; compare within similar load only."])
+
+
+if __name__ == "__main__":
+    main()
