@@ -91,3 +91,19 @@ def saved_weights(folder) -> Path:
     shards = sorted(Path(folder).glob("model-*-of-*.safetensors"))
     assert len(shards) == 1, shards
     return shards[0]
+
+
+def invoke_cli(folder: Path, *args: str):
+    """Run lmshrink's CLI in ``folder`` (in-process, click's runner) and return the result; asserts nothing."""
+    import os
+
+    from click.testing import CliRunner
+
+    from lmshrink.cli import main
+
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        return CliRunner().invoke(main, list(args))
+    finally:
+        os.chdir(old)

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import lmshrink
-from lmshrink.cli import main
-from tests.conftest import byte_tokenizer, tiny_llama
+from tests.conftest import byte_tokenizer, invoke_cli, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +35,6 @@ def workspace(tmp_path_factory):
 
 def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def invoke(folder: Path, *args: str):
-    """Run the CLI in ``folder`` (in-process) and return the result; asserts nothing."""
-    old = os.getcwd()
-    os.chdir(folder)
-    try:
-        return CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(old)
 
 
 def assert_one_line(result, argument: str, *words: str):
@@ -124,7 +112,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("args,argument,words", BAD_VALUES, ids=[" ".join(a[-3:]) for a, _, _ in BAD_VALUES])
 def test_bad_value_one_line_nothing_written(workspace, args, argument, words):
     before = listing(workspace)
-    result = invoke(workspace, *args)
+    result = invoke_cli(workspace, *args)
     assert_one_line(result, argument, words)
     assert result.stdout == ""
     assert listing(workspace) == before  # no output, no partial or lock sibling, no compressed/ folder
@@ -136,11 +124,11 @@ def test_existing_outputs_are_never_replaced_without_overwrite(workspace, tmp_pa
     default.mkdir(parents=True)
     (default / "notes.txt").write_text("mine")
     model = str(workspace / "llama")
-    result = invoke(tmp_path, "compress", model, "--method", "svd", "--ratio", "0.5", "--data", str(workspace / "text.txt"),
+    result = invoke_cli(tmp_path, "compress", model, "--method", "svd", "--ratio", "0.5", "--data", str(workspace / "text.txt"),
                     "--tokens", "64", "--window", "16")
     assert_one_line(result, "--out", "exists and is not empty", "--overwrite")
     # With --overwrite a directory lmshrink did not write is still refused.
-    result = invoke(tmp_path, "compress", model, "--method", "svd", "--ratio", "0.5", "--data", str(workspace / "text.txt"),
+    result = invoke_cli(tmp_path, "compress", model, "--method", "svd", "--ratio", "0.5", "--data", str(workspace / "text.txt"),
                     "--tokens", "64", "--window", "16", "--overwrite")
     assert_one_line(result, "--out", "is not an lmshrink directory")
     assert listing(tmp_path) == ["compressed", "compressed/llama-svd", "compressed/llama-svd/notes.txt"]
@@ -148,9 +136,9 @@ def test_existing_outputs_are_never_replaced_without_overwrite(workspace, tmp_pa
 
 
 def test_help_still_works(workspace):
-    result = invoke(workspace, "compress", "--help")
+    result = invoke_cli(workspace, "compress", "--help")
     assert result.exit_code == 0 and "Usage:" in result.output and "--finetune-lr" in result.output
-    result = invoke(workspace)
+    result = invoke_cli(workspace)
     assert "Usage:" in result.output and "compress" in result.output
 
 
@@ -162,7 +150,7 @@ def test_method_with_nonfinite_result_fails_and_saves_nothing(workspace, monkeyp
 
     monkeypatch.setattr(lmshrink.methods.svd, "truncated_svd", nan_factors)
     before = listing(workspace)
-    result = invoke(workspace, *COMPRESS, "--json")
+    result = invoke_cli(workspace, *COMPRESS, "--json")
     assert_one_line(result, "--method", "method 'svd' left NaN or inf in 14 tensors", "nothing was saved")
     assert result.stdout == "" and listing(workspace) == before
 
@@ -175,7 +163,7 @@ def test_diverging_refinement_training_fails_and_saves_nothing(workspace, monkey
 
     monkeypatch.setattr(torch.optim.AdamW, "step", nan_step)
     before = listing(workspace)
-    result = invoke(workspace, *COMPRESS, "--finetune-steps", "2")
+    result = invoke_cli(workspace, *COMPRESS, "--finetune-steps", "2")
     assert_one_line(result, "--finetune-lr", "training diverged: step 1", "a smaller learning rate")
     assert listing(workspace) == before
 
@@ -193,7 +181,7 @@ def test_json_is_strict_even_with_nonfinite_figures(workspace, monkeypatch):
     import lmshrink.evaluate
 
     monkeypatch.setattr(lmshrink.evaluate, "corpus_perplexity", lambda *a, **k: {"perplexity": math.nan, "tokens": 60, "protocol": "stub"})
-    result = invoke(workspace, "eval", "llama", "--data", "text.txt", "--tokens", "64", "--window", "16", "--json")
+    result = invoke_cli(workspace, "eval", "llama", "--data", "text.txt", "--tokens", "64", "--window", "16", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
     assert report["perplexity"] is None

@@ -1,20 +1,17 @@
 """Whole-model recipes (stages + budget), quantized factors on every factorized layer kind, and `lmshrink compare`."""
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import lmshrink
 from lmshrink.accounting import count_bytes, count_params
-from lmshrink.cli import main
 from lmshrink.errors import InvalidArgument
 from lmshrink.recipes import apply_recipe, load_recipe, parse_recipe
-from tests.conftest import byte_tokenizer, saved_weights, tiny_llama
+from tests.conftest import byte_tokenizer, invoke_cli, saved_weights, tiny_llama
 
 EXAMPLE_YAML = """\
 stages:
@@ -31,15 +28,6 @@ def long_llama(tie: bool, seed: int = 0):
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=tie)
     return lmshrink.load_model(LlamaForCausalLM(config).eval(), tokenizer=byte_tokenizer())
-
-
-def invoke(folder: Path, *args: str):
-    old = os.getcwd()
-    os.chdir(folder)
-    try:
-        return CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(old)
 
 
 def one_error_line(result) -> str:
@@ -280,7 +268,7 @@ def workspace(tmp_path_factory):
     ("llama", "missing.yaml", ["--recipe: 'missing.yaml' is neither a file"]),
 ])
 def test_bad_recipe_one_line_error_nothing_written(workspace, model, recipe, words):
-    result = invoke(workspace, "compress", model, "--recipe", recipe, "--data", "text.txt", "--tokens", "64", "--window", "16",
+    result = invoke_cli(workspace, "compress", model, "--recipe", recipe, "--data", "text.txt", "--tokens", "64", "--window", "16",
                     "--out", "out")
     line = one_error_line(result)
     for word in words:
@@ -299,20 +287,20 @@ def test_infeasible_budget_names_a_budget_that_works(workspace, prose_small):
 
 
 def test_recipe_flag_refuses_method_amounts(workspace):
-    result = invoke(workspace, "compress", "llama", "--recipe", "a.yaml", "--ratio", "0.5", "--data", "text.txt", "--out", "out")
+    result = invoke_cli(workspace, "compress", "llama", "--recipe", "a.yaml", "--ratio", "0.5", "--data", "text.txt", "--out", "out")
     assert "--recipe: given with --ratio" in one_error_line(result)
 
 
 # -- CLI: compress --recipe / --bits, compare ------------------------------------------------------------------------
 
 def test_cli_compress_with_recipe_then_reuse_saved_recipe(workspace, tmp_path):
-    result = invoke(workspace, "compress", "llama", "--recipe", "b.yaml", "--data", "text.txt", "--tokens", "256", "--window", "32",
+    result = invoke_cli(workspace, "compress", "llama", "--recipe", "b.yaml", "--data", "text.txt", "--tokens", "256", "--window", "32",
                     "--out", str(tmp_path / "first"), "--json")
     assert result.exit_code == 0, result.stderr
     first = json.loads(result.stdout)
     assert first["recipe"]["name"] == "gr+svd" and first["bytes"]["after"] < first["bytes"]["before"] / 4
     assert {m["stage"] for m in first["modules"]} == {1, 2}
-    again = invoke(workspace, "compress", "tied", "--recipe", str(tmp_path / "first"), "--data", "text.txt", "--tokens", "256",
+    again = invoke_cli(workspace, "compress", "tied", "--recipe", str(tmp_path / "first"), "--data", "text.txt", "--tokens", "256",
                    "--window", "32", "--out", str(tmp_path / "second"), "--json")
     assert again.exit_code == 0, again.stderr
     second = json.loads(again.stdout)
@@ -322,7 +310,7 @@ def test_cli_compress_with_recipe_then_reuse_saved_recipe(workspace, tmp_path):
 
 
 def test_cli_bits_applies_to_any_method(workspace, tmp_path):
-    result = invoke(workspace, "compress", "llama", "--method", "svd", "--ratio", "0.5", "--bits", "4", "--quant-group", "16",
+    result = invoke_cli(workspace, "compress", "llama", "--method", "svd", "--ratio", "0.5", "--bits", "4", "--quant-group", "16",
                     "--data", "text.txt", "--tokens", "64", "--window", "16", "--out", str(tmp_path / "q"), "--json")
     assert result.exit_code == 0, result.stderr
     layers = {m["layer"] for m in json.loads(result.stdout)["modules"]}
@@ -334,7 +322,7 @@ def test_cli_bits_applies_to_any_method(workspace, tmp_path):
 
 def test_cli_compare_writes_table_json_and_png(workspace, tmp_path):
     out = tmp_path / "frontier"
-    result = invoke(workspace, "compare", "llama", "--recipes", "a.yaml", "b.yaml", "--data", "text.txt", "--tokens", "256",
+    result = invoke_cli(workspace, "compare", "llama", "--recipes", "a.yaml", "b.yaml", "--data", "text.txt", "--tokens", "256",
                     "--window", "32", "--out", str(out))
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["frontier.json", "frontier.md", "frontier.png"]
@@ -354,7 +342,7 @@ def test_cli_compare_writes_table_json_and_png(workspace, tmp_path):
 
 def test_cli_compare_bad_recipe_writes_nothing(workspace, tmp_path):
     out = tmp_path / "frontier"
-    result = invoke(workspace, "compare", "llama", "--recipes", "a.yaml", "overlap.yaml", "--data", "text.txt", "--tokens", "64",
+    result = invoke_cli(workspace, "compare", "llama", "--recipes", "a.yaml", "overlap.yaml", "--data", "text.txt", "--tokens", "64",
                     "--window", "16", "--out", str(out))
     assert "both target" in one_error_line(result)
     assert not out.exists()

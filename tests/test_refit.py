@@ -9,7 +9,7 @@ import lmshrink
 from lmshrink.data import calibration_windows
 from lmshrink.decompose.refit import output_error, refit_left
 from lmshrink.sequential import compress_sequential
-from test_sequential import WINDOW, WINDOWS, _checkpoint, _plan
+from test_sequential import WINDOW, WINDOWS, _plan, checkpoint, corpus  # noqa: F401 (fixtures)
 
 
 def _sums(x_o, x_c):
@@ -43,16 +43,6 @@ def test_refit_survives_inputs_that_never_excite_a_direction():
     left = refit_left(weight, right, cross, gram)
     assert torch.isfinite(left).all()
     assert torch.allclose(x @ right.T @ left.T, x @ weight.T, atol=1e-3)  # exact on what the inputs span
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def corpus(prose):
-    return lmshrink.Corpus(prose.name, prose.train[:200_000], prose.test[:40_000], prose.source)
 
 
 def _block_errors(loaded, reference, ids) -> list[float]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.tt import tt_matrix_reconstruct, tt_matrix_rows, tt_parameter_counts, tt_reconstruct_batched
-from lmshrink.layers.base import FactorizedModule, config_bool, config_int, config_int_list, register_layer
+from lmshrink.layers.base import FactorizedModule, config_bool, config_int, register_layer
 from lmshrink.layers.quantized import PackedTensor, config_bits
 from lmshrink.layers.tt import REBUILD_CHUNK, _TTTable
 
@@ -130,11 +130,8 @@ class QuantizedTTEmbedding(_TTTable, FactorizedModule):
     def __init__(self, num_embeddings: int, embedding_dim: int, shape: Sequence[int], ranks: Sequence[int], bits: int,
                  group_size: int | None = None, padding_idx: int | None = None, cache_dense: bool = False):
         super().__init__()
-        shape, ranks = tuple(int(n) for n in shape), tuple(int(r) for r in ranks)
-        if math.prod(shape) != embedding_dim or len(ranks) != len(shape) + 1 or ranks[0] != 1 or ranks[-1] != 1:
-            raise ValueError(f"shape {shape} / ranks {ranks} do not describe trains of length {embedding_dim}")
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.shape, self.ranks = shape, ranks
+        self._set_geometry(num_embeddings, embedding_dim, shape, ranks, padding_idx)
+        shape, ranks = self.shape, self.ranks
         self.bits, self.group_size = bits, group_size
         self.cores_q = nn.ModuleList(PackedTensor((num_embeddings, ranks[k] * n * ranks[k + 1]), bits, group_size)
                                      for k, n in enumerate(shape))
@@ -171,12 +168,8 @@ class QuantizedTTEmbedding(_TTTable, FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedTTEmbedding":
-        name = cls.__name__
-        bits, group_size = _quant_config(config, name)
-        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
-                   config_int_list(config, "shape", name), config_int_list(config, "ranks", name), bits, group_size,
-                   config_int(config, "padding_idx", name, minimum=0, optional=True, default=None),
-                   config_bool(config, "cache_dense", name, default=False))
+        bits, group_size = _quant_config(config, cls.__name__)
+        return cls(**cls.geometry_config(config, cls.__name__, matrix=False), bits=bits, group_size=group_size)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, shape={'x'.join(map(str, self.shape))}, ranks={self.ranks}, "
@@ -191,13 +184,8 @@ class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
                  ranks: Sequence[int], bits: int, group_size: int | None = None, padding_idx: int | None = None,
                  cache_dense: bool = False):
         super().__init__()
-        vocab_shape, shape, ranks = (tuple(int(x) for x in s) for s in (vocab_shape, shape, ranks))
-        if (math.prod(shape) != embedding_dim or math.prod(vocab_shape) < num_embeddings or len(vocab_shape) != len(shape)
-                or len(ranks) != len(shape) + 1):
-            raise ValueError(f"vocab_shape {vocab_shape} / shape {shape} / ranks {ranks} do not describe a "
-                             f"{num_embeddings}x{embedding_dim} TT-matrix")
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.vocab_shape, self.shape, self.ranks = vocab_shape, shape, ranks
+        self._set_geometry(num_embeddings, embedding_dim, shape, ranks, padding_idx, vocab_shape)
+        vocab_shape, shape, ranks = self.vocab_shape, self.shape, self.ranks
         self.bits, self.group_size = bits, group_size
         self.cores_q = nn.ModuleList(PackedTensor((ranks[k] * v, n * ranks[k + 1]), bits, group_size)
                                      for k, (v, n) in enumerate(zip(vocab_shape, shape)))
@@ -232,13 +220,8 @@ class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedTTMatrixEmbedding":
-        name = cls.__name__
-        bits, group_size = _quant_config(config, name)
-        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
-                   config_int_list(config, "vocab_shape", name), config_int_list(config, "shape", name),
-                   config_int_list(config, "ranks", name), bits, group_size,
-                   config_int(config, "padding_idx", name, minimum=0, optional=True, default=None),
-                   config_bool(config, "cache_dense", name, default=False))
+        bits, group_size = _quant_config(config, cls.__name__)
+        return cls(**cls.geometry_config(config, cls.__name__, matrix=True), bits=bits, group_size=group_size)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_shape={'x'.join(map(str, self.vocab_shape))}, "

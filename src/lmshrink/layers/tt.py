@@ -53,6 +53,32 @@ class _TTTable:
         """TensorGPT's rate: dense embedding parameters V * d over the trains' parameters."""
         return self.num_embeddings * self.embedding_dim / self.tt_parameters()
 
+    def _set_geometry(self, num_embeddings: int, embedding_dim: int, shape, ranks, padding_idx, vocab_shape=None) -> None:
+        """Check and keep the table's TT geometry: one train per token (``vocab_shape`` None) or one TT-matrix."""
+        shape, ranks = tuple(int(n) for n in shape), tuple(int(r) for r in ranks)
+        if vocab_shape is None:
+            if math.prod(shape) != embedding_dim or len(ranks) != len(shape) + 1 or ranks[0] != 1 or ranks[-1] != 1:
+                raise ValueError(f"shape {shape} / ranks {ranks} do not describe trains of length {embedding_dim}")
+        else:
+            vocab_shape = tuple(int(v) for v in vocab_shape)
+            if (math.prod(shape) != embedding_dim or math.prod(vocab_shape) < num_embeddings or len(vocab_shape) != len(shape)
+                    or len(ranks) != len(shape) + 1):
+                raise ValueError(f"vocab_shape {vocab_shape} / shape {shape} / ranks {ranks} do not describe a "
+                                 f"{num_embeddings}x{embedding_dim} TT-matrix")
+            self.vocab_shape = vocab_shape
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.shape, self.ranks = shape, ranks
+
+    @staticmethod
+    def geometry_config(config: dict[str, Any], name: str, matrix: bool) -> dict[str, Any]:
+        """The geometry arguments of a saved TT table's config, checked (the TT layers and their quantized forms)."""
+        values = {"num_embeddings": config_int(config, "num_embeddings", name), "embedding_dim": config_int(config, "embedding_dim", name)}
+        if matrix:
+            values["vocab_shape"] = config_int_list(config, "vocab_shape", name)
+        return {**values, "shape": config_int_list(config, "shape", name), "ranks": config_int_list(config, "ranks", name),
+                "padding_idx": config_int(config, "padding_idx", name, minimum=0, optional=True, default=None),
+                "cache_dense": config_bool(config, "cache_dense", name, default=False)}
+
     def _init_cache(self, cache_dense: bool) -> None:
         self.cache_dense = cache_dense
         self._cached_table: Tensor | None = None
@@ -97,11 +123,8 @@ class TTEmbedding(_TTTable, FactorizedModule):
     def __init__(self, num_embeddings: int, embedding_dim: int, shape: Sequence[int], ranks: Sequence[int],
                  padding_idx: int | None = None, cache_dense: bool = False, dtype=None, device=None):
         super().__init__()
-        shape, ranks = tuple(int(n) for n in shape), tuple(int(r) for r in ranks)
-        if math.prod(shape) != embedding_dim or len(ranks) != len(shape) + 1 or ranks[0] != 1 or ranks[-1] != 1:
-            raise ValueError(f"shape {shape} / ranks {ranks} do not describe trains of length {embedding_dim}")
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.shape, self.ranks = shape, ranks
+        self._set_geometry(num_embeddings, embedding_dim, shape, ranks, padding_idx)
+        shape, ranks = self.shape, self.ranks
         self.cores = nn.ParameterList(
             nn.Parameter(torch.zeros(num_embeddings, ranks[k], n, ranks[k + 1], dtype=dtype, device=device))
             for k, n in enumerate(shape)
@@ -151,11 +174,7 @@ class TTEmbedding(_TTTable, FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "TTEmbedding":
-        name = cls.__name__
-        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
-                   config_int_list(config, "shape", name), config_int_list(config, "ranks", name),
-                   config_int(config, "padding_idx", name, minimum=0, optional=True, default=None),
-                   config_bool(config, "cache_dense", name, default=False))
+        return cls(**cls.geometry_config(config, cls.__name__, matrix=False))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, shape={'x'.join(map(str, self.shape))}, "
@@ -173,13 +192,8 @@ class TTMatrixEmbedding(_TTTable, FactorizedModule):
     def __init__(self, num_embeddings: int, embedding_dim: int, vocab_shape: Sequence[int], shape: Sequence[int],
                  ranks: Sequence[int], padding_idx: int | None = None, cache_dense: bool = False, dtype=None, device=None):
         super().__init__()
-        vocab_shape, shape, ranks = (tuple(int(x) for x in s) for s in (vocab_shape, shape, ranks))
-        if (math.prod(shape) != embedding_dim or math.prod(vocab_shape) < num_embeddings or len(vocab_shape) != len(shape)
-                or len(ranks) != len(shape) + 1):
-            raise ValueError(f"vocab_shape {vocab_shape} / shape {shape} / ranks {ranks} do not describe a "
-                             f"{num_embeddings}x{embedding_dim} TT-matrix")
-        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.vocab_shape, self.shape, self.ranks = vocab_shape, shape, ranks
+        self._set_geometry(num_embeddings, embedding_dim, shape, ranks, padding_idx, vocab_shape)
+        vocab_shape, shape, ranks = self.vocab_shape, self.shape, self.ranks
         self.cores = nn.ParameterList(
             nn.Parameter(torch.zeros(ranks[k], v, n, ranks[k + 1], dtype=dtype, device=device))
             for k, (v, n) in enumerate(zip(vocab_shape, shape))
@@ -218,11 +232,7 @@ class TTMatrixEmbedding(_TTTable, FactorizedModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], model: nn.Module) -> "TTMatrixEmbedding":
-        name = cls.__name__
-        return cls(config_int(config, "num_embeddings", name), config_int(config, "embedding_dim", name),
-                   config_int_list(config, "vocab_shape", name), config_int_list(config, "shape", name),
-                   config_int_list(config, "ranks", name), config_int(config, "padding_idx", name, minimum=0, optional=True, default=None),
-                   config_bool(config, "cache_dense", name, default=False))
+        return cls(**cls.geometry_config(config, cls.__name__, matrix=True))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_shape={'x'.join(map(str, self.vocab_shape))}, "
