@@ -347,10 +347,3 @@ def test_cli_compare_bad_recipe_writes_nothing(workspace, tmp_path):
     assert "both target" in one_error_line(result)
     assert not out.exists()
 
-
-def test_block_by_block_refuses_bits(tmp_path):
-    from lmshrink.sequential import compress_sequential
-
-    with pytest.raises(InvalidArgument, match="--bits: the block-by-block engine stores float factors"):
-        compress_sequential(str(tmp_path / "nowhere"), lmshrink.Plan(method="svd", ratio=0.5, bits=4), "pydoc", tmp_path / "out")
-    assert not (tmp_path / "out").exists()

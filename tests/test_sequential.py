@@ -214,6 +214,29 @@ def test_bf16_round_trip_and_half_the_bytes(checkpoint, corpus, tmp_path):
     assert lmshrink.load(tmp_path / "seq16").model.model.layers[0].mlp.up_proj.left.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_factors_block_by_block_equal_the_whole_model_ones(checkpoint, corpus, tmp_path, dtype):
+    """--bits with --sequential: each block's factors are quantized before the next block is calibrated; for svd
+    (data-free) they are the whole-model path's exactly, and the k-bit scales stay float16 in any working dtype."""
+    from safetensors import safe_open
+
+    plan = _plan("svd", bits=4, group_size=16)
+    report = compress_sequential(checkpoint, plan, corpus, tmp_path / "out", dtype=dtype, device="cpu", progress=False)
+    whole, expected = _whole(checkpoint, plan, corpus)
+    assert report.bytes_after == expected.bytes_after if dtype == "float32" else report.bytes_after < expected.bytes_after
+    assert [r["layer"] for r in report.modules] == ["QuantizedLowRankLinear"] * 14
+    again = lmshrink.load(tmp_path / "out")
+    ours, theirs = again.model.state_dict(), whole.model.state_dict()
+    packed = [k for k in theirs if k.endswith(".packed")]
+    assert len(packed) == 28 and (dtype != "float32" or all(torch.equal(ours[k], theirs[k]) for k in packed))  # bf16: factors rounded first
+    scales = {}
+    for shard in (tmp_path / "out").glob("model-*.safetensors"):
+        with safe_open(str(shard), "pt") as opened:
+            scales.update({k: opened.get_slice(k).get_dtype() for k in opened.keys() if k.endswith(".scales")})
+    assert len(scales) == 28 and set(scales.values()) == {"F16"}
+    assert _ppl(again, corpus) < 1.5 * _ppl(lmshrink.load_model(checkpoint), corpus)
+
+
 def test_auto_dtype_is_the_checkpoint_dtype(tmp_path, corpus):
     folder = _checkpoint(tmp_path / "half", dtype=torch.bfloat16)
     report = compress_sequential(folder, _plan("svdllm"), corpus, tmp_path / "out", progress=False)

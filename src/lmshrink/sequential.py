@@ -42,6 +42,7 @@ from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 from lmshrink.methods import get_method
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.plan import Plan, select_targets
+from lmshrink.quantize_factors import quantize_factors, reconcile_bits
 from lmshrink.refit import refit_block
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
 from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
@@ -352,9 +353,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
                                   "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten), or the whole-model path")
         if calibrate_on not in CALIBRATE_ON:
             raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
-        if getattr(plan, "bits", None) is not None:
-            raise InvalidArgument("--bits", "the block-by-block engine stores float factors",
-                                  "no --bits with --sequential (the whole-model path quantizes factors)")
+        plan = reconcile_bits(plan)
         if plan.allocation == "sensitivity" and plan.energy is not None:
             raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
         if world.main:
@@ -371,7 +370,7 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
     staged = staging_directory(out, overwrite) if world.main else contextlib.nullcontext(None)
     with staged as staging, tempfile.TemporaryDirectory(dir=staging, prefix=".scratch-" if world.main else "lmshrink-scratch-") as scratch:
         engine.scratch, engine.offload_bytes = Path(scratch), offload_bytes
-        writer = ShardWriter(staging, dtype) if world.main else _NoWriter()
+        writer = ShardWriter(staging) if world.main else _NoWriter()  # tensors as held: the working dtype; k-bit scales float16
         writer.add(engine.load_outer())
         writer.end_shard()
         windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs or refit else (None, engine.boundary(), [])
@@ -399,6 +398,8 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             if refit:
                 original_hidden = _refit(engine, index, original, block, block_rows, original_hidden if calibrate_on == "compressed" else hidden,
                                          hidden, calls, calibrate_on == "compressed")
+            if plan.bits is not None:  # after the refit; the next block calibrates on what the stored (quantized) block gives
+                quantize_factors(loaded.model, block_rows, plan.bits, plan.group_size)
             rows += block_rows
             if calibrate_on == "original":
                 hidden = original_outputs
