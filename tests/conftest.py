@@ -107,3 +107,17 @@ def invoke_cli(folder: Path, *args: str):
         return CliRunner().invoke(main, list(args))
     finally:
         os.chdir(old)
+
+
+def tiny_gemma3(folder: Path) -> Path:
+    """A small random Gemma 3 saved as a Hugging Face directory: per-layer attention types (sliding and full, two
+    rotary tables), a scaled word embedding (lookups times sqrt(64)) tied to the head, soft-capped logits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0)
+    Gemma3ForCausalLM(config).save_pretrained(folder, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(folder)
+    return folder

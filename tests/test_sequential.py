@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lmshrink
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_gemma3, tiny_gpt2, tiny_llama
 from lmshrink.errors import CorruptFile, InvalidArgument
 from lmshrink.evaluate import perplexity
 from lmshrink.sequential import compress_sequential, exact_fisher, open_engine
@@ -99,17 +99,7 @@ def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, 
 
 def test_gemma3_fits_the_block_seam(corpus, tmp_path):
     """Per-layer attention types (sliding and full masks, two rotary tables), a scaled embedding, soft-capped logits."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from conftest import byte_tokenizer
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128, sliding_window=8,
-                              layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=30.0)
-    folder = tmp_path / "gemma"
-    Gemma3ForCausalLM(config).save_pretrained(folder, max_shard_size="60KB")
-    byte_tokenizer().save_pretrained(folder)
+    folder = tiny_gemma3(tmp_path / "gemma")
     plan = _plan("fwhiten")
     compress_sequential(folder, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original", progress=False)
     whole, _ = _whole(folder, plan, corpus)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -44,7 +45,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def manifest_of(loaded) -> dict:
     model = loaded.model
-    modules = {name: {"layer": type(m).__name__, "config": m.layer_config()}
+    modules = {name: {"layer": type(m).__name__, "config": m.layer_config(),
+                      **({"output_scale": m.output_scale} if m.output_scale != 1.0 else {})}
                for name, m in model.named_modules() if isinstance(m, FactorizedModule)}
     return {"format": "lmshrink", "format_version": FORMAT_VERSION, "lmshrink_version": _version(),
             "family": loaded.family.name, "source": loaded.source, "modules": modules,
@@ -254,6 +256,8 @@ def _build(directory: Path, manifest: dict, family, stored: dict[str, StoredTens
         try:
             with torch.device("meta"):
                 layer = layer_class.from_config(spec["config"], loaded.model)
+            if "output_scale" in spec:
+                layer.set_output_scale(_output_scale(spec["output_scale"]))
             replace_module(loaded.model, name, layer)
         except CorruptFile as error:
             raise CorruptFile(f"{where}: {error}") from error
@@ -261,6 +265,13 @@ def _build(directory: Path, manifest: dict, family, stored: dict[str, StoredTens
             # Constructors refuse inconsistent sizes (group sizes that do not sum, TT shapes that do not multiply).
             raise CorruptFile(f"{where}: config {str(spec['config'])[:80]} does not describe a layer ({one_line(error)})") from error
     return loaded
+
+
+def _output_scale(value) -> float:
+    """A manifest's ``output_scale`` (untrusted): a finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1e6:
+        raise CorruptFile(f"'output_scale' is {str(value)[:40]!r}; allowed: a finite number in (0, 1e6]")
+    return float(value)
 
 
 def _tensor_groups(model: nn.Module) -> dict[int, list[str]]:

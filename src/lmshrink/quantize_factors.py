@@ -16,7 +16,7 @@ from torch import nn
 from lmshrink.accounting import count_bytes, relative_error
 from lmshrink.decompose.quantize import SUPPORTED_BITS
 from lmshrink.errors import InvalidArgument
-from lmshrink.layers.base import replace_module
+from lmshrink.layers.base import carry_output_scale, replace_module
 from lmshrink.layers.block import _BlockLowRankTable
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead, linear_weight
 from lmshrink.layers.quantized import PackedTensor, QuantizedEmbedding, QuantizedLinear
@@ -103,6 +103,7 @@ def _quantize_dense(model: nn.Module, row: dict, bits: int, group_size: int | No
     weight = module.weight if row["kind"] == "embedding" else linear_weight(module)
     with torch.no_grad():
         row["quantization_error"] = relative_error(weight, new.dense_weight())
+    carry_output_scale(module, new)
     replace_module(model, row["name"], new)
     if row.get("tied_head"):
         head = model.get_submodule(row["tied_head"])
@@ -145,6 +146,7 @@ def quantize_factors(model: nn.Module, rows: list[dict], bits: int, group_size: 
         if new is not layer:
             with torch.no_grad():
                 row["quantization_error"] = relative_error(layer.dense_weight(), new.dense_weight())
+            carry_output_scale(layer, new)
             replace_module(model, row["name"], new)
             for name, module in list(model.named_modules()):
                 if isinstance(module, TiedHead) and module.embedding is layer:

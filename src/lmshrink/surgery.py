@@ -14,7 +14,7 @@ from lmshrink.allocation import allocate, check_amounts
 from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import InvalidArgument
-from lmshrink.layers.base import replace_module
+from lmshrink.layers.base import carry_output_scale, replace_module
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
 from lmshrink.methods import get_method
 from lmshrink.models import LoadedModel, load_model
@@ -166,6 +166,7 @@ def factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, o
 
 def _swap(loaded: LoadedModel, target: Target, new: nn.Module, untie_head: bool = False) -> None:
     model = loaded.model
+    carry_output_scale(target.module, new)
     replace_module(model, target.name, new)
     if target.tied_head is not None and untie_head:
         # The head already holds the original table (the tied Parameter); with the embedding module gone it is

@@ -38,6 +38,25 @@ class FactorizedModule(nn.Module):
         """The dense matrix this layer stands for, in the layout of the module it replaced (for checks)."""
         raise NotImplementedError
 
+    output_scale = 1.0  # what forward's output is multiplied by (set_output_scale); saved in the manifest
+
+    def set_output_scale(self, scale: float) -> None:
+        """Multiply this layer's forward output by ``scale``, but not the logits it gives a tied head: what a scaled
+        word embedding does to its lookups (Gemma's ``embed_scale``, sqrt(hidden size)), kept when it is factorized."""
+        self.output_scale = float(scale)
+        if self.output_scale != 1.0 and getattr(self, "_scale_hook", None) is None:
+            self._scale_hook = self.register_forward_hook(lambda module, args, output: output * module.output_scale)
+
+
+def carry_output_scale(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (a factorized layer replacing ``old``) the scale ``old`` applies to its lookups, if any: a
+    FactorizedModule's ``output_scale`` or a scaled word embedding's ``embed_scale`` buffer (Gemma 3)."""
+    scale = getattr(old, "output_scale", None)
+    if scale is None and getattr(old, "embed_scale", None) is not None:
+        scale = float(old.embed_scale)
+    if scale is not None and float(scale) != 1.0 and isinstance(new, FactorizedModule):
+        new.set_output_scale(float(scale))
+
 
 Layer = TypeVar("Layer", bound=type[FactorizedModule])
 
