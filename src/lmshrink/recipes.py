@@ -484,7 +484,6 @@ def apply_recipe(loaded, recipe, data=None, progress: bool = True, on_stage=None
     loaded = load_model(loaded)
     recipe = load_recipe(recipe)
     stages, solution = check_recipe(loaded, recipe)
-    unit_limit = budget_target(loaded, recipe)
     corpus = data if isinstance(data, Corpus) or data is None else load_corpus(data)
     if corpus is None and any(_needs_data(plan) for plan in stages):
         corpus = load_corpus(None)
@@ -498,20 +497,29 @@ def apply_recipe(loaded, recipe, data=None, progress: bool = True, on_stage=None
         reports.append(report)
         rows += [{**row, "stage": index + 1} for row in report.modules]
     loaded.compression = rows
+    missed = record_recipe(loaded, recipe, stages, solution, original_params)
+    if missed:
+        reports[-1].notes.append(missed)
+    return reports
+
+
+def record_recipe(loaded, recipe: Recipe, stages: list, solution: dict | None, original_params: int) -> str | None:
+    """``loaded.recipe``: the recipe, its stages as run and, under a budget, what was predicted and measured (from the
+    model and ``loaded.compression``'s rows, every stage's). Returns a note when the budget was missed."""
     record = recipe.to_dict()
     record["applied"] = [_stage_dict(plan) for plan in stages]
+    missed = None
     if solution is not None:
-        unit, limit = unit_limit
+        unit, limit = budget_target(loaded, recipe)
         if unit == "bytes":
             measured = model_size(loaded, "bytes")
         else:  # factors counted as values whatever their bits: the rows' float parameter counts
-            measured = original_params - sum(r["params_before"] - r["params_after"] for r in rows)
+            measured = original_params - sum(r["params_before"] - r["params_after"] for r in loaded.compression)
         record["budget"] = {**solution, "measured": measured, "met": measured <= limit}
         if measured > limit:
-            reports[-1].notes.append(f"budget missed: {measured:,} {unit} against {limit:,} (the prediction said "
-                                     f"{solution['predicted']:,})")
+            missed = f"budget missed: {measured:,} {unit} against {limit:,} (the prediction said {solution['predicted']:,})"
     loaded.recipe = record
-    return reports
+    return missed
 
 
 def _needs_data(plan) -> bool:

@@ -43,11 +43,12 @@ from lmshrink.methods import get_method
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.plan import Plan, select_targets
 from lmshrink.quantize_factors import quantize_factors, reconcile_bits
+from lmshrink.recipes import record_recipe
 from lmshrink.refit import refit_block
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
 from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
 from lmshrink.io import check_out, staging_directory, write_manifest
-from lmshrink.surgery import CompressionReport, check_plan, factorize_target
+from lmshrink.surgery import CompressionReport, check_plan, compress, factorize_target
 from lmshrink.version import __version__
 
 CALIBRATE_ON = ("compressed", "original")
@@ -181,14 +182,21 @@ class Engine:
         self.scratch: Path | None = None  # where activations beyond ``offload_bytes`` go
         self.offload_bytes: int | None = None
         self.by_block = [[t for t in targets if t.name.startswith(stack.prefix(i))] for i in range(len(stack))]
+        # The stage compressing the blocks (open_engine sets them): its Plan and index; stages outside the blocks as
+        # (index, Plan); the Recipe and its budget solution (None for a single Plan).
+        self.plan, self.stage, self.outer_stages, self.recipe, self.solution = None, 0, [], None, None
 
     def load_outer(self) -> dict[str, torch.Tensor]:
         """Materialize and fill embedding, final norm, head (and the rest outside the blocks); returns their state."""
-        outer = self.stack.blocks_name + "."
         made = {}  # one memo: the embedding and a head tied to it stay one tensor
         for module in self.stack.outer_modules():
             materialize(module, self.device, recurse=False, made=made)
-        fill(self.loaded.model, self.source, exclude=(outer,))
+        fill(self.loaded.model, self.source, exclude=(self.stack.blocks_name + ".",))
+        return self.outer_state()
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """The state of everything outside the blocks, as it is now (after any stage on the embedding or head)."""
+        outer = self.stack.blocks_name + "."
         return {k: v for k, v in self.loaded.model.state_dict().items() if not k.startswith(outer)}
 
     def calibrate(self, corpus: Corpus | str | None, windows: int, window: int):
@@ -217,9 +225,11 @@ class Engine:
         return tqdm(range(len(self.stack)), desc=desc, unit="block", disable=not self.progress)
 
 
-def open_engine(source, plan: Plan, dtype="auto", device="auto", progress: bool = True, world: World = SINGLE) -> Engine:
-    """The skeleton of ``source`` on the meta device, its targets under ``plan`` checked, nothing read yet.
-    ``world``: several processes each use their own device (cuda:LOCAL_RANK for "cuda")."""
+def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True, world: World = SINGLE) -> Engine:
+    """The skeleton of ``source`` on the meta device, ``plan`` (a Plan, or a Recipe: see ``_split_stages``) checked
+    against it, nothing read yet. ``world``: several processes each use their own device (cuda:LOCAL_RANK for "cuda")."""
+    from lmshrink.recipes import Recipe, check_recipe
+
     from transformers import AutoConfig, AutoTokenizer
 
     from lmshrink.models import LoadedModel
@@ -233,14 +243,65 @@ def open_engine(source, plan: Plan, dtype="auto", device="auto", progress: bool 
     stack = DecoderStack(model)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder, **checkpoint.pretrained_kwargs)
     loaded = LoadedModel(model, HF_CAUSAL, tokenizer, str(source))
+    recipe, solution = (plan, None) if isinstance(plan, Recipe) else (None, None)
+    stages = [plan] if recipe is None else None
+    if recipe is not None:
+        stages, solution = check_recipe(loaded, recipe)  # overlaps, keys, the budget solved on the skeleton's shapes
+    (index, plan), outer = _split_stages(loaded, stack, stages, recipe is not None)
+    _check_block_stage(plan)
     targets = select_targets(loaded.candidates(), plan.targets)
-    outside = [t.name for t in targets if not t.name.startswith(stack.blocks_name + ".")]
-    if outside:
-        raise InvalidArgument("--targets", f"{outside[:3]} lie outside the decoder blocks, which the block-by-block engine "
-                              "does not compress yet", "linears, attention, mlp, or globs inside the blocks")
     # An energy plan's ranks need the weights (allocated per block, later); check everything else with a stand-in ratio.
     check_plan(loaded, replace(plan, energy=None, ratio=0.5) if plan.energy is not None else plan)
-    return Engine(checkpoint, loaded, stack, targets, device, dtype, progress, world)
+    engine = Engine(checkpoint, loaded, stack, targets, device, dtype, progress, world)
+    engine.plan, engine.stage, engine.outer_stages, engine.recipe, engine.solution = plan, index, outer, recipe, solution
+    return engine
+
+
+def _check_block_stage(plan: Plan) -> None:
+    method = get_method(plan.method)
+    method.resolve_options(plan.options)
+    if method.kind != "lowrank":
+        raise InvalidArgument("--method", f"{plan.method!r} builds its own modules; the block-by-block engine runs low-rank methods "
+                              "in the blocks", "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten), or the whole-model path")
+    if plan.allocation == "sensitivity" and plan.energy is not None:
+        raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
+
+
+def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool):
+    """(index, the one stage inside the decoder blocks), [(index, stage) outside them: embedding, head].
+
+    Stages outside the blocks run first, on the outer modules, with methods that need no activations (data-free, or
+    token counts such as GroupReduce's): every block then calibrates on what the compressed embedding gives it."""
+    from lmshrink.calibration import TOKEN_STATS
+
+    inside, outside = [], []
+    for index, stage in enumerate(stages):
+        names = [t.name for t in select_targets(loaded.candidates(), stage.targets)]
+        within = [name.startswith(stack.blocks_name + ".") for name in names]
+        what = f"recipe stage {index + 1} ({stage.method})"
+        if all(within):
+            inside.append((index, stage))
+            continue
+        if not recipe:
+            raise InvalidArgument("--targets", f"{[n for n, w in zip(names, within) if not w][:3]} lie outside the decoder "
+                                  "blocks; one plan block by block compresses matrices inside them",
+                                  "linears, attention, mlp, or globs inside the blocks; a recipe with a separate stage for the "
+                                  "embedding or head (--recipe); or the whole-model path")
+        if any(within):
+            raise InvalidArgument(what, "mixes matrices inside the decoder blocks with ones outside them (embedding, head)",
+                                  "one stage for the blocks' linears and separate stages for the embedding and head")
+        needs = set(get_method(stage.method).needs) - TOKEN_STATS
+        if needs:
+            raise InvalidArgument(what, f"compresses {names[0]} outside the decoder blocks with {stage.method}, which needs "
+                                  f"activation statistics ({', '.join(sorted(needs))})",
+                                  "a data-free or token-count method there (svd, rsvd, groupreduce, tt, tt-matrix, quantize), "
+                                  "or the whole-model path")
+        outside.append((index, stage))
+    if len(inside) != 1:
+        raise InvalidArgument("--recipe", f"{len(inside)} stages compress matrices inside the decoder blocks; the block-by-block engine runs "
+                              "exactly one there", "one stage on the blocks' linears (plus any on the embedding and head), "
+                              "or the whole-model path")
+    return inside[0], outside
 
 
 def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scratch: Path) -> Path:
@@ -322,12 +383,17 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
     return ranks_from_spectra(engine.targets, plan, {}, spectra, units)
 
 
-def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str | Path, dtype: str = "auto",
+def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path, dtype: str = "auto",
                         device: str = "auto", calibrate_on: str = "compressed", progress: bool = True,
                         overwrite: bool = False, offload_bytes: int | None = None, world: World | None = None,
                         refit: bool = False) -> CompressionReport:
     """Compress a Hugging Face causal decoder (a safetensors directory, one or many shards; a .gguf file; a built-in
     name) block by block into ``out`` (sharded safetensors + index + lmshrink.json). See the module docstring.
+
+    ``plan``: a Plan on matrices inside the decoder blocks, or a Recipe (lmshrink.recipes) with exactly one stage
+    inside the blocks and any stages on the embedding and head; those run first, with data-free or token-count
+    methods, so the blocks calibrate on what the compressed embedding gives them. Budgets are solved as on the
+    whole-model path. Rows of a recipe's report say their stage.
 
     ``dtype``: "auto" (the checkpoint's declared dtype; a GGUF: bfloat16), "float32", "bfloat16" or "float16":
     weights are held and saved in it, each factorization runs in float32 (float64 where the method does).
@@ -346,16 +412,8 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
     world = current_world() if world is None else world
     failure = None
     try:  # checks that may fail on one process only (the output, the device) end the run on every process
-        method = get_method(plan.method)
-        options = method.resolve_options(plan.options)
-        if method.kind != "lowrank":
-            raise InvalidArgument("--method", f"{plan.method!r} builds its own modules; the block-by-block engine runs low-rank methods",
-                                  "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten), or the whole-model path")
         if calibrate_on not in CALIBRATE_ON:
             raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
-        plan = reconcile_bits(plan)
-        if plan.allocation == "sensitivity" and plan.energy is not None:
-            raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
         if world.main:
             check_out(out, overwrite)  # before minutes of work
         engine = open_engine(source, plan, dtype, device, progress, world)
@@ -363,15 +421,21 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
         failure = error
     agree(world, _fingerprint(source, plan, dtype, device, calibrate_on, offload_bytes, refit), failure)
     loaded, model, dtype, device = engine.loaded, engine.loaded.model, engine.dtype, engine.device
-    plan = plan.for_targets(engine.targets)
+    plan = reconcile_bits(engine.plan).for_targets(engine.targets)
+    method = get_method(plan.method)
+    options = method.resolve_options(plan.options)
     params_before, bytes_before = count_params(model), count_bytes(model)
-    rows = []
+    rows, outer_reports = [], []
     # Rank 0 writes the output (staged beside it, swapped in at the end); the others only need scratch space.
     staged = staging_directory(out, overwrite) if world.main else contextlib.nullcontext(None)
     with staged as staging, tempfile.TemporaryDirectory(dir=staging, prefix=".scratch-" if world.main else "lmshrink-scratch-") as scratch:
         engine.scratch, engine.offload_bytes = Path(scratch), offload_bytes
         writer = ShardWriter(staging) if world.main else _NoWriter()  # tensors as held: the working dtype; k-bit scales float16
-        writer.add(engine.load_outer())
+        engine.load_outer()
+        for index, stage in engine.outer_stages:  # embedding / head stages: before the blocks calibrate on their output
+            outer_reports.append(compress(loaded, stage, data=data, progress=False))
+            outer_reports[-1].plan["stage"] = index + 1
+        writer.add(engine.outer_state())
         writer.end_shard()
         windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs or refit else (None, engine.boundary(), [])
         stats_start = time.perf_counter()
@@ -413,14 +477,22 @@ def compress_sequential(source, plan: Plan, data: Corpus | str | None, out: str 
             del stats
         release(model)
         writer.close()
+        missed = None
+        if engine.recipe is not None:  # every row says its stage (1-based, as the recipe lists them)
+            rows = sorted([{**row, "stage": report.plan["stage"]} for report in outer_reports for row in report.modules]
+                          + [{**row, "stage": engine.stage + 1} for row in rows], key=lambda row: row["stage"])
+            loaded.compression = rows
+            stages = [stage for _, stage in sorted([*engine.outer_stages, (engine.stage, engine.plan)], key=lambda pair: pair[0])]
+            missed = record_recipe(loaded, engine.recipe, stages, engine.solution, params_before)
         loaded.compression = rows
         plan_dict = {**plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "refit": refit, "dtype": dtype_name(dtype),
-                     "device": str(device), "processes": world.size}
+                     "device": str(device), "processes": world.size, **({"stage": engine.stage + 1} if engine.recipe else {})}
         if world.main:
             write_manifest(loaded, staging, dtype, run={"processes": world.size, "executor": "sequential"})
     barrier(world, "finishing (rank 0 writes the output)")  # the others return once the output is in place
     report = CompressionReport(plan_dict, rows, params_before, count_params(model), bytes_before, count_bytes(model),
                                time.perf_counter() - start, stats_seconds)
+    report.notes += [note for outer in outer_reports for note in outer.notes] + ([missed] if missed else [])
     if not report.compressed:
         report.notes.append("no target became smaller: every matrix stays dense at this amount")
     return report
