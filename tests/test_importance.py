@@ -108,6 +108,11 @@ def test_output_grad_gram_is_the_mean_outer_product_of_output_gradients(cache, c
         patch.setattr(calibration, "_measure", lambda *a: pytest.fail("measured again instead of read from the cache"))
         again = collect_stats(loaded, targets, corpus, {"output_grad_gram"}, windows=3, window_len=32, progress=False)
     assert all(torch.equal(again[t.name]["output_grad_gram"], stats[t.name]["output_grad_gram"]) for t in targets)
+    # An embedding's output is not indexed by its matrix's rows (tokens): it gets none, the linears beside it do.
+    mixed = select_targets(loaded.candidates(), ("embedding", "mlp"))
+    got = collect_stats(loaded, mixed, corpus, {"output_grad_gram"}, windows=1, window_len=16, progress=False, cache=False)
+    assert {t.kind for t in mixed} == {"embedding", "linear"}
+    assert all(("output_grad_gram" in got[t.name]) == (t.kind == "linear") for t in mixed)
     # A matrix outside the loss is named, as for the Fisher.
     loaded.model.unused = torch.nn.Linear(8, 8)
     orphan = Target("unused", loaded.model.unused, "linear", "other")

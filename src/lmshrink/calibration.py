@@ -9,6 +9,7 @@
   sign projection of the outputs per window: E[(d (r . h) / dw)^2] = diag(J^T J) for r of random signs.
 - ``output_grad_gram``: mean over tokens of g g^T (out x out, float64), g the gradient of that same loss with
   respect to the target's output at the token (KFAC's output-side factor; measured in the Fisher's backward pass).
+  Linear targets only (an embedding's output is not indexed by its matrix's rows).
   Its size is out^2 per target: 1536^2 float64 = 19 MB for SmolLM2's MLP, 28672^2 = 6.6 GB for a 70B model's.
 
 Memory stays bounded: one float32 accumulator per target weight (no per-window copies), input statistics
@@ -130,8 +131,9 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
     stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
     input_needs = needs & INPUT_STATS
     hooks = [t.module.register_forward_hook(input_hook(stats[t.name], input_needs)) for t in targets] if input_needs else []
-    if "output_grad_gram" in needs:
-        hooks += [t.module.register_forward_hook(output_grad_hook(stats[t.name])) for t in targets]
+    # An embedding's output is indexed by its columns, not by its matrix's rows (tokens): it gets no output_grad_gram.
+    grad_names = {t.name for t in targets if t.kind != "embedding"} if "output_grad_gram" in needs else set()
+    hooks += [t.module.register_forward_hook(output_grad_hook(stats[t.name])) for t in targets if t.name in grad_names]
     model = loaded.model
     fisher = "fisher" in needs
     backward = bool(needs & GRADIENT_STATS)
@@ -186,7 +188,7 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
         if fisher:
             mean = accumulators[t.name] / len(batches)
             entry["fisher"] = _as_out_in(t, mean)
-        if "output_grad_gram" in needs:
+        if t.name in grad_names:
             entry["output_grad_gram"] = output_grad_mean(t.name, entry)
     return stats
 
