@@ -110,17 +110,18 @@ def test_two_processes_svd_equal_one_process_exactly(checkpoint, tmp_path, one_t
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir() if p.name != ".pytest_cache")
 
 
-def test_two_processes_fwhiten_match_one_process(checkpoint, tmp_path, one_thread):
-    """fwhiten (exact Fisher + input Gram), closed loop, 3 windows over 2 processes (2 + 1), and targets that leave
+@pytest.mark.parametrize("method", ["fwhiten", "kfac"])
+def test_two_processes_fwhiten_match_one_process(checkpoint, tmp_path, one_thread, method):
+    """fwhiten (exact Fisher + input Gram) and kfac (exact output-gradient Gram + input Gram), closed loop, 3 windows over 2 processes (2 + 1), and targets that leave
     block 1 one matrix (rank 1 idle there). The statistics are sums over windows added across processes, so they
     differ from one process's only in summation order (float32 Fisher: ~1e-7 relative); the factors then agree to
     1e-4 relative (the SVD amplifies that by the conditioning of the whitened matrix)."""
     targets = ["--targets", "model.layers.0.*", "--targets", "*.q_proj"]
-    done = _torchrun(["compress", checkpoint, "--method", "fwhiten", *COMMON, *targets, "--calibration-windows", "3",
+    done = _torchrun(["compress", checkpoint, "--method", method, *COMMON, *targets, "--calibration-windows", "3",
                       "--tokens", "192", "--json", "--out", tmp_path / "two"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    plan = lmshrink.Plan(method="fwhiten", ratio=0.5, window=48, calibration_windows=3, targets=("model.layers.0.*", "*.q_proj"))
+    plan = lmshrink.Plan(method=method, ratio=0.5, window=48, calibration_windows=3, targets=("model.layers.0.*", "*.q_proj"))
     one = compress_sequential(checkpoint, plan, "pydoc", tmp_path / "one", dtype="float32", device="cpu", progress=False)
     ours, theirs = _weights(tmp_path / "two"), _weights(tmp_path / "one")
     assert set(ours) == set(theirs) and sum(k.endswith(".left") for k in ours) == 8

@@ -13,7 +13,7 @@ from lmshrink.analysis.svd_risk import model_svd_risk, rank_correlation, svd_ris
 from lmshrink.budget import allocate_budget, allocated_params
 from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus
-from lmshrink.decompose.weighted import fisher_output_weights, safe_weights
+from lmshrink.decompose.weighted import fisher_output_weights, kronecker_error, safe_weights
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.methods import get_method
 from lmshrink.plan import Plan, Target, select_targets
@@ -34,7 +34,7 @@ def calibrated(tmp_path_factory, prose):
         patch.setenv("LMSHRINK_CACHE", str(tmp_path_factory.mktemp("shared-cache")))
         dense = tiny_llama()
         targets = select_targets(dense.candidates(), ("linears",))
-        stats = collect_stats(dense, targets, corpus, {"fisher", "input_gram", "input_sq_mean", "input_abs_mean"},
+        stats = collect_stats(dense, targets, corpus, {"fisher", "input_gram", "input_sq_mean", "input_abs_mean", "output_grad_gram"},
                               windows=4, window_len=32, progress=False)
         yield dense, targets, stats, corpus
 
@@ -75,6 +75,52 @@ def test_fisher_is_the_mean_squared_gradient(cache, corpus):
     assert stats[name]["input_gram"].shape == (128, 128)
     # Gram diagonal / tokens = mean x^2.
     assert torch.allclose(stats[name]["input_gram"].diagonal() / 96, stats[name]["input_sq_mean"].double(), rtol=1e-5)
+
+
+def test_output_grad_gram_is_the_mean_outer_product_of_output_gradients(cache, corpus, monkeypatch):
+    loaded = tiny_llama()
+    targets = select_targets(loaded.candidates(), ("linears",))
+    stats = collect_stats(loaded, targets, corpus, {"output_grad_gram"}, windows=3, window_len=32, progress=False, cache=True)
+    assert all(p.grad is None and p.requires_grad for p in loaded.model.parameters())
+    # By hand: the gradient of the same next-token loss at each linear's output, g g^T summed over the 3 x 32 tokens.
+    windows = lmshrink.data.calibration_windows(loaded, corpus, 3, 32)
+    names = ["model.layers.1.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.k_proj"]
+    outputs, expected = {}, {name: 0 for name in names}
+    handles = [loaded.model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+               for name in names]
+    for ids in windows:
+        logits = loaded.logits(ids[None])
+        seen = [outputs[name] for name in names]
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:]), seen)
+        for name, grad in zip(names, grads):
+            g = grad[0].double()
+            expected[name] = expected[name] + g.T @ g
+    for handle in handles:
+        handle.remove()
+    for name, (rows, _) in zip(names, [(64, 128), (128, 64), (32, 64)]):
+        value = stats[name]["output_grad_gram"]
+        assert value.shape == (rows, rows) and value.dtype == torch.float64 and float(value.diagonal().min()) > 0
+        assert torch.allclose(value, expected[name] / 96, rtol=1e-5, atol=1e-6 * float(value.abs().max())), name
+        assert torch.allclose(value, value.T) and float(torch.linalg.eigvalsh(value).min()) > -1e-9 * float(value.diagonal().max())
+    # Keyed in the statistics cache like the others: written (cache=True), then read back instead of measured.
+    assert len(list(cache.glob("stats/output_grad_gram-*.safetensors"))) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(calibration, "_measure", lambda *a: pytest.fail("measured again instead of read from the cache"))
+        again = collect_stats(loaded, targets, corpus, {"output_grad_gram"}, windows=3, window_len=32, progress=False)
+    assert all(torch.equal(again[t.name]["output_grad_gram"], stats[t.name]["output_grad_gram"]) for t in targets)
+    # An embedding's output is not indexed by its matrix's rows (tokens): it gets none, the linears beside it do.
+    mixed = select_targets(loaded.candidates(), ("embedding", "mlp"))
+    got = collect_stats(loaded, mixed, corpus, {"output_grad_gram"}, windows=1, window_len=16, progress=False, cache=False)
+    assert {t.kind for t in mixed} == {"embedding", "linear"}
+    assert all(("output_grad_gram" in got[t.name]) == (t.kind == "linear") for t in mixed)
+    # A matrix outside the loss is named, as for the Fisher.
+    loaded.model.unused = torch.nn.Linear(8, 8)
+    orphan = Target("unused", loaded.model.unused, "linear", "other")
+    with pytest.raises(DataError, match="unused: its output got no gradient"):
+        collect_stats(loaded, targets + [orphan], corpus, {"output_grad_gram"}, windows=1, window_len=16, progress=False, cache=False)
+    with pytest.raises(DataError, match="unused: no target gets a gradient"):
+        collect_stats(loaded, [orphan], corpus, {"output_grad_gram"}, windows=1, window_len=16, progress=False, cache=False)
+    assert all(p.grad is None and p.requires_grad for p in loaded.model.parameters())
 
 
 def test_statistics_are_cached_and_keyed(cache, corpus, monkeypatch):
@@ -139,7 +185,7 @@ def test_encoder_fisher_uses_output_matching_curvature(cache, corpus):
         assert fisher.shape == target.shape and (fisher >= 0).all() and fisher.sum() > 0
 
 
-@pytest.mark.parametrize("method", ["fwsvd", "tfwsvd", "asvd", "svdllm", "fwhiten"])
+@pytest.mark.parametrize("method", ["fwsvd", "tfwsvd", "asvd", "svdllm", "fwhiten", "kfac"])
 def test_methods_compress_and_beat_svd_on_their_objective(calibrated, method):
     dense, targets, stats, corpus = calibrated
     originals = {t.name: t.weight().detach().clone() for t in targets}
@@ -151,7 +197,7 @@ def test_methods_compress_and_beat_svd_on_their_objective(calibrated, method):
         report = lmshrink.compress(loaded, plan, data=corpus, progress=False)
         assert len(report.compressed) == len(targets)
         assert report.params_after < report.params_before
-        errors = {"fisher": 0.0, "output": 0.0, "kronecker": 0.0}
+        errors = {"fisher": 0.0, "output": 0.0, "kronecker": 0.0, "kfac": 0.0}
         for row in report.compressed:
             approx = loaded.model.get_submodule(row["name"]).dense_weight().detach().double()
             diff = originals[row["name"]].double() - approx
@@ -161,9 +207,36 @@ def test_methods_compress_and_beat_svd_on_their_objective(calibrated, method):
             # fwhiten's own loss model: tr(dW^T G dW A), G the Fisher's output-side scale, A the input Gram.
             rows = safe_weights(fisher_output_weights(entry["fisher"], entry["input_sq_mean"])).double()
             errors["kronecker"] += float(((diff @ entry["input_gram"] @ diff.T).diagonal() * rows).sum())
+            errors["kfac"] += kronecker_error(originals[row["name"]], approx, entry["output_grad_gram"], entry["input_gram"])
         results[name] = errors
-    objective = {"svdllm": "output", "asvd": "output", "fwhiten": "kronecker"}.get(method, "fisher")
+    objective = {"svdllm": "output", "asvd": "output", "fwhiten": "kronecker", "kfac": "kfac"}.get(method, "fisher")
     assert results[method][objective] < 0.95 * results["svd"][objective]
+
+
+def test_kfac_beats_fwhiten_on_the_kronecker_loss_model_and_meets_a_sensitivity_budget(calibrated):
+    """fwhiten is kfac with G restricted to a diagonal: with the same statistics, kfac's tr(dW^T G dW A) is never larger."""
+    dense, targets, stats, corpus = calibrated
+    originals = {t.name: t.weight().detach().clone() for t in targets}
+    errors = {}
+    for name in ("fwhiten", "kfac"):
+        loaded = _copy(dense)
+        report = lmshrink.compress(loaded, Plan(method=name, ratio=0.5, calibration_windows=4, window=32), data=corpus, progress=False)
+        errors[name] = {row["name"]: kronecker_error(originals[row["name"]], loaded.model.get_submodule(row["name"]).dense_weight().detach(),
+                                                     stats[row["name"]]["output_grad_gram"], stats[row["name"]]["input_gram"])
+                        for row in report.compressed}
+    assert len(errors["kfac"]) == len(targets) == 14
+    for name, value in errors["kfac"].items():
+        assert value <= errors["fwhiten"][name] * (1 + 1e-6), name
+    assert sum(errors["kfac"].values()) < 0.95 * sum(errors["fwhiten"].values())
+    # The sensitivity allocation spends one global budget on kfac's loss-unit spectra.
+    loaded = _copy(dense)
+    plan = Plan(method="kfac", ratio=0.5, calibration_windows=4, window=32, allocation="sensitivity")
+    report = lmshrink.compress(loaded, plan, data=corpus, progress=False)
+    budget = int(0.5 * sum(t.shape[0] * t.shape[1] for t in targets))
+    ranks = [row["rank"] for row in report.modules]
+    assert sum(row["params_after"] for row in report.modules) <= budget and len(set(ranks)) > 2
+    values, in_loss = lmshrink.methods.get_method("kfac").error_spectrum(originals[targets[0].name], stats[targets[0].name])
+    assert in_loss and values.shape == (min(targets[0].shape),) and bool((values[:-1] >= values[1:]).all())
 
 
 def test_methods_name_missing_statistics():
@@ -173,6 +246,13 @@ def test_methods_name_missing_statistics():
         get_method("fwsvd").function(torch.randn(8, 6), 2, {}, {})
     with pytest.raises(InvalidArgument, match="input_gram.*shape"):
         get_method("svdllm").function(torch.randn(8, 6), 2, {"input_gram": torch.eye(5)}, {"whiten_damping": 0.0})
+    kfac = get_method("kfac")
+    with pytest.raises(InvalidArgument, match="kfac.*'output_grad_gram'"):
+        kfac.function(torch.randn(8, 6), 2, {"input_gram": torch.eye(6)}, kfac.resolve_options({}))
+    with pytest.raises(InvalidArgument, match="output_grad_gram.*shape"):
+        kfac.function(torch.randn(8, 6), 2, {"output_grad_gram": torch.eye(6), "input_gram": torch.eye(6)}, kfac.resolve_options({}))
+    with pytest.raises(InvalidArgument, match="--grad-damping"):
+        kfac.resolve_options({"grad_damping": -1.0})
 
 
 def _fake_targets(shapes):

@@ -82,7 +82,7 @@ def test_energy_plan_allocates_per_block_like_the_whole_model(checkpoint, corpus
     assert any(r["rank"] for r in report.modules)
 
 
-@pytest.mark.parametrize("method", ["svdllm", "fwhiten"])
+@pytest.mark.parametrize("method", ["svdllm", "fwhiten", "kfac"])
 def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, method):
     plan = _plan(method)
     compress_sequential(checkpoint, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original",
@@ -137,6 +137,32 @@ def test_exact_fisher_equals_in_memory_fisher(checkpoint, corpus, tmp_path):
         assert torch.allclose(value, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max())), name
 
 
+def test_exact_output_grad_gram_equals_in_memory_one(checkpoint, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmshrink.calibration import collect_stats
+    from lmshrink.plan import select_targets
+
+    plan = _plan("kfac")
+    engine = open_engine(checkpoint, plan, "float32", "cpu", progress=False)
+    engine.load_outer()
+    windows, first_inputs, calls = engine.calibrate(corpus, WINDOWS, WINDOW)
+    exact_fisher(engine, windows, first_inputs, calls, tmp_path, needs={"output_grad_gram"})
+    assert not list(tmp_path.glob("fisher-*")) and not list(tmp_path.glob("inputs-*"))  # only what was asked for is kept
+    ours = {}
+    for index in range(len(engine.stack)):
+        ours.update(load_file(str(tmp_path / f"output_grad_gram-{index}.safetensors")))
+    whole = lmshrink.load_model(checkpoint)
+    targets = select_targets(whole.candidates(), plan.targets)
+    theirs = collect_stats(whole, targets, corpus, {"output_grad_gram"}, WINDOWS, WINDOW, progress=False, cache=False)
+    assert set(ours) == {t.name for t in targets} and len(ours) == 14
+    for target in targets:
+        value, reference = ours[target.name], theirs[target.name]["output_grad_gram"]
+        assert value.shape == (target.shape[0], target.shape[0]) and value.dtype == torch.float64
+        assert float(reference.diagonal().min()) > 0
+        assert torch.allclose(value, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max())), target.name
+
+
 def test_closed_loop_calibrates_on_compressed_activations(checkpoint, corpus, tmp_path):
     plan = _plan("svdllm", ratio=0.3)
     compress_sequential(checkpoint, plan, corpus, tmp_path / "open", dtype="float32", device="cpu", calibrate_on="original", progress=False)
@@ -170,8 +196,9 @@ def test_offloaded_activations_give_the_same_result(checkpoint, corpus, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sensitivity_allocation_meets_the_budget_like_the_whole_model(checkpoint, corpus, tmp_path):
-    plan = _plan("fwhiten", ratio=0.6, allocation="sensitivity")
+@pytest.mark.parametrize("method", ["fwhiten", "kfac"])
+def test_sensitivity_allocation_meets_the_budget_like_the_whole_model(checkpoint, corpus, tmp_path, method):
+    plan = _plan(method, ratio=0.6, allocation="sensitivity")
     report = compress_sequential(checkpoint, plan, corpus, tmp_path / "seq", dtype="float32", device="cpu",
                                  calibrate_on="original", progress=False)
     _, whole_report = _whole(checkpoint, plan, corpus)
@@ -373,6 +400,22 @@ def test_cli_sequential_writes_a_model_that_loads_and_reports_it(checkpoint, cor
     assert sum(m["status"] == "factorized" for m in result["modules"]) == 14
     assert result["params"]["after"] < result["params"]["before"] and 1 < result["perplexity"]["after"] < 1e4
     assert result["on_disk"]["saved"] < result["on_disk"]["source"]  # bf16 factors vs float32 dense shards
+
+
+@pytest.mark.parametrize("path", [[], ["--sequential"]])
+def test_cli_kfac_with_sensitivity_meets_the_budget_on_both_paths(checkpoint, corpus, tmp_path, path):
+    text = tmp_path / "text.txt"
+    text.write_text(corpus.train[:60_000])
+    done = _cli("compress", checkpoint, *path, "--method", "kfac", "--ratio", "0.5", "--allocation", "sensitivity", "--grad-damping", "0.01",
+                "--data", text, "--calibration-windows", 2, "--window", 32, "--tokens", 128, "--out", tmp_path / "out", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["plan"]["method"] == "kfac" and result["plan"]["options"]["grad_damping"] == 0.01
+    modules = result["modules"]
+    assert sum(m["status"] == "factorized" for m in modules) >= 10 and len({m["rank"] for m in modules}) > 2
+    assert sum(m["params_after"] for m in modules) <= int(0.5 * sum(m["shape"][0] * m["shape"][1] for m in modules))
+    assert 1 < result["perplexity"]["after"] < 1e4
+    assert lmshrink.load(tmp_path / "out").manifest["compression"][0]["rank"] == modules[0]["rank"]
 
 
 @pytest.mark.parametrize("args,flag", [(["--calibrate-on", "original"], "--calibrate-on"),

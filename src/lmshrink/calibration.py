@@ -7,9 +7,13 @@
   the original model's outputs, 1/2 mean_t ||h_t - h_t^orig||^2; its gradient is zero at the original
   weights, so what is estimated is its curvature diag(J^T J) (the Gauss-Newton Fisher), with one random
   sign projection of the outputs per window: E[(d (r . h) / dw)^2] = diag(J^T J) for r of random signs.
+- ``output_grad_gram``: mean over tokens of g g^T (out x out, float64), g the gradient of that same loss with
+  respect to the target's output at the token (KFAC's output-side factor; measured in the Fisher's backward pass).
+  Linear targets only (an embedding's output is not indexed by its matrix's rows).
+  Its size is out^2 per target: 1536^2 float64 = 19 MB for SmolLM2's MLP, 28672^2 = 6.6 GB for a 70B model's.
 
 Memory stays bounded: one float32 accumulator per target weight (no per-window copies), input statistics
-of size in x in, and only the targeted weights require gradients while the Fisher is measured.
+of size in x in (output_grad_gram: out x out), and only the targeted weights require gradients while the Fisher is measured.
 Results are cached on disk (safetensors) under ``cache_dir()/stats``, keyed by a fingerprint of the
 targeted weights, the calibration token ids, the window count and length, and the statistic; a later
 call with the same key loads them instead of running the model. Only statistics that cost more to measure
@@ -35,7 +39,8 @@ from lmshrink.plan import Target
 
 INPUT_STATS = {"input_gram", "input_abs_mean", "input_sq_mean"}
 TOKEN_STATS = {"token_counts"}  # lmshrink.frequencies.Frequencies of the calibration text (no forward pass)
-KNOWN_STATS = INPUT_STATS | {"fisher"} | TOKEN_STATS
+GRADIENT_STATS = {"fisher", "output_grad_gram"}  # measured by a backward pass of the calibration loss
+KNOWN_STATS = INPUT_STATS | GRADIENT_STATS | TOKEN_STATS
 CACHE_FORMAT = 1
 # A statistic is stored only when measuring it took at least this long, and this long per GB it takes on disk:
 # reading back runs at hundreds of MB/s, so a stored entry always loads several times faster than it was
@@ -99,8 +104,8 @@ def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows:
         if cache:
             for stat in missing:
                 tensors = {name: entry[stat] for name, entry in fresh.items() if stat in entry}
-                # Input statistics ride along a Fisher pass (its backward is about twice the forward they need).
-                cost = seconds / 3 if stat in INPUT_STATS and "fisher" in missing else seconds
+                # Input statistics ride along a backward pass (about twice the forward they need).
+                cost = seconds / 3 if stat in INPUT_STATS and missing & GRADIENT_STATS else seconds
                 if write_all or worth_caching(cost, sum(t.numel() * t.element_size() for t in tensors.values())):
                     _write_cache(keys[stat], tensors, stat, {"model": str(loaded.source), "corpus": corpus.name,
                                                              "windows": f"{len(batches)}x{batches.shape[1]}", "seconds": f"{cost:.1f}"})
@@ -126,10 +131,14 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
     stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
     input_needs = needs & INPUT_STATS
     hooks = [t.module.register_forward_hook(input_hook(stats[t.name], input_needs)) for t in targets] if input_needs else []
+    # An embedding's output is indexed by its columns, not by its matrix's rows (tokens): it gets no output_grad_gram.
+    grad_names = {t.name for t in targets if t.kind != "embedding"} if "output_grad_gram" in needs else set()
+    hooks += [t.module.register_forward_hook(output_grad_hook(stats[t.name])) for t in targets if t.name in grad_names]
     model = loaded.model
     fisher = "fisher" in needs
+    backward = bool(needs & GRADIENT_STATS)
     saved_flags = {}
-    if fisher:
+    if backward:
         # Only the targeted weights need gradients: cheaper backward, no gradient buffers for the rest.
         target_params = {id(t.module.weight) for t in targets}
         for param in model.parameters():
@@ -141,13 +150,16 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
     was_training = model.training
     model.eval()
     try:
-        for index, ids in enumerate(tqdm(batches, desc="calibrating" + (" (fisher)" if fisher else ""), unit="window", disable=not progress)):
+        for index, ids in enumerate(tqdm(batches, desc="calibrating" + (" (gradients)" if backward else ""), unit="window", disable=not progress)):
             ids = ids[None]
-            if fisher:
+            if backward:
                 model.zero_grad(set_to_none=True)
                 loss = _fisher_loss(loaded, ids, generator)
+                if not loss.requires_grad:
+                    raise DataError(f"{', '.join(t.name for t in targets[:3])}: no target gets a gradient from the calibration "
+                                    "loss; they take no part in the model's output (leave them out of --targets)")
                 loss.backward()
-                for t in targets:
+                for t in targets if fisher else ():
                     grad = t.module.weight.grad
                     if grad is None:
                         raise DataError(f"{t.name}: its weight got no gradient from the calibration loss; it does not take "
@@ -162,7 +174,7 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
     finally:
         for hook in hooks:
             hook.remove()
-        if fisher:
+        if backward:
             model.zero_grad(set_to_none=True)
             for param, flag in saved_flags.items():
                 param.requires_grad_(flag)
@@ -176,6 +188,8 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
         if fisher:
             mean = accumulators[t.name] / len(batches)
             entry["fisher"] = _as_out_in(t, mean)
+        if t.name in grad_names:
+            entry["output_grad_gram"] = output_grad_mean(t.name, entry)
     return stats
 
 
@@ -213,6 +227,36 @@ def input_hook(entry: dict, needs: set):
             entry["input_sq_mean"] = entry.get("input_sq_mean", 0) + (x * x).sum(0)
 
     return hook
+
+
+def output_grad_hook(entry: dict):
+    """A forward hook that hooks the module's output tensor, so the backward pass adds sum_t g_t g_t^T (float64) into
+    ``entry["output_grad_gram"]`` and the token count into ``entry["_grad_tokens"]`` (``output_grad_mean`` divides).
+    Only outputs that take part in a backward pass (something before them requires grad) are seen."""
+    def save(grad):
+        g = grad.detach().reshape(-1, grad.shape[-1]).double()
+        entry["_grad_tokens"] = entry.get("_grad_tokens", 0) + g.shape[0]
+        entry["output_grad_gram"] = entry.get("output_grad_gram", 0) + g.T @ g
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(save)
+
+    return hook
+
+
+def output_grad_mean(name: str, entry: dict) -> torch.Tensor:
+    """The running sum of ``output_grad_hook`` in ``entry`` as a per-token mean (float64); a target no gradient reached,
+    or one whose gradients overflowed, is a DataError naming it."""
+    count = entry.pop("_grad_tokens", 0)
+    total = entry.get("output_grad_gram")
+    if not count or total is None:
+        raise DataError(f"{name}: its output got no gradient from the calibration loss; it does not take part in the "
+                        "model's output, so it has no output-gradient statistics (leave it out of --targets)")
+    if not torch.isfinite(total).all():
+        raise DataError(f"{name}: NaN or inf output gradients in calibration; the model overflows on this text, "
+                        "check its dtype or the data")
+    return total / count
 
 
 def _cache_key_parts(loaded, targets, batches) -> dict:

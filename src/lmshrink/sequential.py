@@ -11,9 +11,9 @@
 
 Closed loop (``calibrate_on="compressed"``) calibrates each block on what the already-compressed blocks
 before it produce; open loop (``"original"``) on the original model's activations, which is what the
-whole-model ``lmshrink.compress`` does. The Fisher (``fwhiten``, ``fwsvd``, ``tfwsvd``) is exact: the
-original model's block inputs are stored (on disk) in a first pass, the loss gradient is taken at the
-head, and a backward pass goes block by block from the last (``exact_fisher``). ``--allocation
+whole-model ``lmshrink.compress`` does. The Fisher (``fwhiten``, ``fwsvd``, ``tfwsvd``) and the output-gradient
+Gram (``kfac``) are exact: the original model's block inputs are stored (on disk) in a first pass, the loss
+gradient is taken at the head, and a backward pass goes block by block from the last (``exact_fisher``). ``--allocation
 sensitivity`` streams the blocks once more first, for every target's weighted spectrum, then allocates
 the one global budget (lmshrink.budget) and factorizes in the main pass.
 """
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from lmshrink.accounting import count_bytes, count_params
 from lmshrink.allocation import allocate
-from lmshrink.calibration import INPUT_STATS, input_hook
+from lmshrink.calibration import GRADIENT_STATS, INPUT_STATS, input_hook, output_grad_hook, output_grad_mean
 from lmshrink.data import Corpus, calibration_windows, load_corpus
 from lmshrink.distributed import (SINGLE, World, agree, all_reduce_sum, barrier, current_world, matrix_cost, pack_by_cost,
                                   share_tensor)
@@ -262,7 +262,7 @@ def _check_block_stage(plan: Plan) -> None:
     method.resolve_options(plan.options)
     if method.kind != "lowrank":
         raise InvalidArgument("--method", f"{plan.method!r} builds its own modules; the block-by-block engine runs low-rank methods "
-                              "in the blocks", "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten), or the whole-model path")
+                              "in the blocks", "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten, kfac), or the whole-model path")
     if plan.allocation == "sensitivity" and plan.energy is not None:
         raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
 
@@ -304,11 +304,13 @@ def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool)
     return inside[0], outside
 
 
-def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scratch: Path) -> Path:
+def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scratch: Path, needs=("fisher",)) -> Path:
     """Per target, the mean over windows of the squared gradient of the next-token loss (what collect_stats measures),
     by a forward pass storing every block's inputs on disk and a backward pass block by block.
 
-    Returns the folder holding ``fisher-{block}.safetensors``, one float32 (out, in) tensor per target. Several
+    Returns the folder holding ``fisher-{block}.safetensors``, one float32 (out, in) tensor per target, and with
+    "output_grad_gram" in ``needs`` ``output_grad_gram-{block}.safetensors`` (out, out) float64 (the mean over tokens
+    of g g^T, g the loss gradient at the target's output); without "fisher" in ``needs`` no Fisher is kept. Several
     processes: each runs its share of the windows and the sums are added across them (every process gets the total).
     """
     from safetensors.torch import load_file, save_file
@@ -331,8 +333,10 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
         block = engine.load_block(index)
         stored = load_file(str(scratch / f"inputs-{index}.safetensors"))
         targets = engine.by_block[index]
-        weights = [t.module.weight for t in targets]
+        weights = [t.module.weight for t in targets] if "fisher" in needs else []
         sums = [torch.zeros(w.shape, dtype=torch.float32, device=engine.device) for w in weights]
+        grams = {t.name: {} for t in targets} if "output_grad_gram" in needs else {}
+        hooks = [t.module.register_forward_hook(output_grad_hook(grams[t.name])) for t in targets] if grams else []
         previous = engine.boundary()
         for w, incoming in enumerate(grads):
             h = stored[f"w{w}"].to(engine.device).requires_grad_(True)
@@ -348,18 +352,48 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
                     raise DataError(f"{target.name}: NaN or inf gradient in calibration window {w} of {len(grads)}; "
                                     "the model overflows on this text, check its dtype or the data")
                 total.add_(grad.float().square())
-        all_reduce_sum(engine.world, sums, "adding Fisher sums")
-        save_file({t.name: (total / total_windows).cpu() for t, total in zip(targets, sums)}, str(scratch / f"fisher-{index}.safetensors"))
+        for hook in hooks:
+            hook.remove()
+        if grams:
+            _save_output_grad_grams(engine, targets, grams, scratch / f"output_grad_gram-{index}.safetensors")
+        if weights:
+            all_reduce_sum(engine.world, sums, "adding Fisher sums")
+            save_file({t.name: (total / total_windows).cpu() for t, total in zip(targets, sums)}, str(scratch / f"fisher-{index}.safetensors"))
         (scratch / f"inputs-{index}.safetensors").unlink()
         grads = previous
         release(block)
     return scratch
 
 
-def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, calls, fisher_dir):
-    """One open-loop streamed pass for every target's weighted spectrum, then the global budget (lmshrink.budget)."""
+def _save_output_grad_grams(engine: Engine, targets, grams: dict, path: Path) -> None:
+    # Sums and token counts added across processes (a process with no windows adds zeros), then per-token means.
+    from safetensors.torch import save_file
+
+    tensors = []
+    for target in targets:
+        entry, m = grams[target.name], target.shape[0]
+        entry["_grad_tokens"] = torch.as_tensor(entry.get("_grad_tokens", 0), dtype=torch.float64, device=engine.device)
+        entry.setdefault("output_grad_gram", torch.zeros((m, m), dtype=torch.float64, device=engine.device))
+        tensors += [entry["_grad_tokens"], entry["output_grad_gram"]]
+    all_reduce_sum(engine.world, tensors, "adding output-gradient Grams")
+    save_file({t.name: output_grad_mean(t.name, grams[t.name]).cpu() for t in targets}, str(path))
+
+
+def _gradient_stats(folder: Path | None, index: int, device) -> dict[str, dict[str, torch.Tensor]]:
+    """{target: {"fisher" / "output_grad_gram": tensor}} of block ``index`` from what ``exact_fisher`` wrote."""
     from safetensors.torch import load_file
 
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for stat in sorted(GRADIENT_STATS) if folder is not None else ():
+        path = folder / f"{stat}-{index}.safetensors"
+        if path.is_file():
+            for name, tensor in load_file(str(path)).items():
+                found.setdefault(name, {})[stat] = tensor.to(device)
+    return found
+
+
+def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, calls, fisher_dir):
+    """One open-loop streamed pass for every target's weighted spectrum, then the global budget (lmshrink.budget)."""
     from lmshrink.budget import ranks_from_spectra
 
     spectra, units = {}, set()
@@ -368,13 +402,13 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
         block = engine.load_block(index)
         stats, hidden = _block_pass(block, hidden, calls, index, engine.by_block[index], method.needs & INPUT_STATS, engine.boundary(),
                                     world)
-        fisher = load_file(str(fisher_dir / f"fisher-{index}.safetensors")) if fisher_dir else {}
+        gradient_stats = _gradient_stats(fisher_dir, index, engine.device)
         targets = engine.by_block[index]
         owners = pack_by_cost([matrix_cost(t.shape) for t in targets], world.size)  # each spectrum is an SVD: split them
         for target, owner in zip(targets, owners):
             values = in_loss = None
             if owner == world.rank:
-                entry = {**stats[target.name], **({"fisher": fisher[target.name].to(engine.device)} if fisher else {})}
+                entry = {**stats[target.name], **gradient_stats.get(target.name, {})}
                 values, in_loss = method.error_spectrum(target.weight().float(), entry, options)
                 values, in_loss = values.cpu(), torch.tensor([bool(in_loss)])
             spectra[target.name] = share_tensor(world, values, owner, torch.device("cpu"), "sharing spectra")
@@ -406,8 +440,6 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
     processes split the calibration windows and each block's matrices; only rank 0 writes ``out``. Every process
     must call this with the same arguments (checked: a mismatch is refused on every process before any work).
     """
-    from safetensors.torch import load_file
-
     start = time.perf_counter()
     world = current_world() if world is None else world
     failure = None
@@ -439,7 +471,8 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
         writer.end_shard()
         windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs or refit else (None, engine.boundary(), [])
         stats_start = time.perf_counter()
-        fisher_dir = exact_fisher(engine, windows, first_inputs, calls, Path(scratch)) if "fisher" in method.needs else None
+        fisher_dir = (exact_fisher(engine, windows, first_inputs, calls, Path(scratch), method.needs & GRADIENT_STATS)
+                      if method.needs & GRADIENT_STATS else None)
         ranks = (_sensitivity_ranks(engine, plan, method, options, first_inputs, calls, fisher_dir)
                  if plan.allocation == "sensitivity" else None)
         stats_seconds = time.perf_counter() - stats_start
@@ -453,9 +486,8 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             if needs or calibrate_on == "original":
                 stats, original_outputs = _block_pass(block, hidden, calls, index, block_targets, needs,
                                                       engine.boundary() if calibrate_on == "original" else None, world)
-            if fisher_dir is not None:
-                for name, tensor in load_file(str(fisher_dir / f"fisher-{index}.safetensors")).items():
-                    stats[name]["fisher"] = tensor.to(device)
+            for name, entry in _gradient_stats(fisher_dir, index, device).items():
+                stats[name].update(entry)
             block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
             original = copy.deepcopy(block) if refit else None
             block_rows = _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)

@@ -18,7 +18,10 @@ R (a diagonal of clamped positive weights) is ever inverted. Special cases:
 - SVD-LLM (Wang et al. 2024) truncation-aware whitening: R = I, C C^T = X X^T (input Gram);
 - Fisher-whitened ("fwhiten"): R from the output-gradient scale implied by the Fisher, C from the
   Gram. This is the Kronecker (K-FAC-like) second-order model of the loss change,
-  dL ~ 1/2 tr(dW^T G dW A), in the same closed form.
+  dL ~ 1/2 tr(dW^T G dW A), in the same closed form, with G restricted to a diagonal.
+- KFAC ("kfac", ``kronecker_lowrank``): the same model with G the full output-gradient second moment
+  E[g g^T]. In G's eigenbasis G = Q diag(l) Q^T the problem is the row-weighted one for Q^T W with row
+  weights l (zeros lifted like ``safe_weights``), so it reuses ``two_sided_lowrank`` and rotates back.
 
 TFWSVD (Hua et al. 2022) has no closed form: the element-wise objective sum_ij I_ij (W - L R)_ij^2 is
 minimized numerically from the FWSVD start (``elementwise_weighted_lowrank``).
@@ -135,6 +138,65 @@ def two_sided_lowrank(
     left_basis = u if row_weights is None else u / row_weights.sqrt()[:, None]
     left, right = _balanced(left_basis, right)
     return left.to(out_dtype), right.to(out_dtype)
+
+
+def output_eigenbasis(output_gram: Tensor, damping: float = 0.0, floor: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(Q (out, out), weights (out,)) with G ~ Q diag(weights) Q^T for a symmetric PSD output-side matrix G.
+
+    ``damping`` adds that fraction of G's mean diagonal first (Tikhonov, as ``psd_sqrt`` does for the input side);
+    eigenvalues are then clamped at zero and lifted to ``floor`` x their mean (``safe_weights``), so directions the
+    loss never saw stay in the problem with negligible weight and the back-rotation needs no pseudo-inverse.
+    """
+    if output_gram.dim() != 2 or output_gram.shape[0] != output_gram.shape[1]:
+        raise InvalidArgument("output_gram", f"has shape {tuple(output_gram.shape)}", "a square (out, out) matrix")
+    if not torch.isfinite(output_gram).all():
+        raise InvalidArgument("output_gram", "contains NaN or inf", "a finite symmetric PSD matrix")
+    if damping < 0 or not math.isfinite(damping):
+        raise InvalidArgument("damping", f"{damping} is not a finite non-negative number", "damping >= 0")
+    gram = output_gram.double()
+    gram = (gram + gram.T) / 2
+    if damping > 0:
+        gram = gram + damping * gram.diagonal().mean().clamp_min(0) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    values, vectors = torch.linalg.eigh(gram)
+    return vectors, safe_weights(values.clamp_min(0), floor)
+
+
+def _check_output_side(weight: Tensor, output_gram: Tensor) -> None:
+    if tuple(output_gram.shape) != (weight.shape[0], weight.shape[0]):
+        raise InvalidArgument("output_gram", f"has shape {tuple(output_gram.shape)}", f"({weight.shape[0]}, {weight.shape[0]})")
+
+
+def kronecker_lowrank(weight: Tensor, rank: int, output_gram: Tensor, input_sqrt: Tensor | None = None,
+                      damping: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Best rank-k (left, right) for tr((W - W')^T G (W - W') A), G = ``output_gram`` (out, out) PSD, A = C C^T.
+
+    The SVD of G^1/2 W C in G's eigenbasis (``output_eigenbasis``): the row-weighted problem for Q^T W, whose
+    left factor is rotated back by Q (orthogonal, so the balanced split is kept). Neither side is pseudo-inverted:
+    C never is (``two_sided_lowrank``), and G's eigenvalues are lifted above ``floor`` x their mean.
+    Float64 inside; returned in float32 (float64 stays float64).
+    """
+    _check_matrix(weight)
+    check_rank(rank, tuple(weight.shape))
+    _check_output_side(weight, output_gram)
+    out_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    basis, weights = output_eigenbasis(output_gram.to(weight.device), damping)
+    left, right = two_sided_lowrank(basis.T @ weight.double(), rank, row_weights=weights, input_sqrt=input_sqrt)
+    return (basis @ left).to(out_dtype), right.to(out_dtype)
+
+
+def kronecker_spectrum(weight: Tensor, output_gram: Tensor, input_sqrt: Tensor | None = None, damping: float = 0.0) -> Tensor:
+    """Singular values s of G^1/2 W C (G lifted as in ``kronecker_lowrank``): dropping component i costs s_i^2 in
+    tr(dW^T G dW A), i.e. 0.5 s_i^2 in the second-order loss model when G and A are per-token means."""
+    _check_matrix(weight)
+    _check_output_side(weight, output_gram)
+    basis, weights = output_eigenbasis(output_gram.to(weight.device), damping)
+    return weighted_spectrum(basis.T @ weight.double(), weights, input_sqrt)
+
+
+def kronecker_error(weight: Tensor, approx: Tensor, output_gram: Tensor, input_gram: Tensor) -> float:
+    """tr((W - W')^T G (W - W') A): the Kronecker second-order loss model's error (twice the loss estimate)."""
+    difference = weight.double() - approx.double().to(weight.device)
+    return float(torch.trace(difference.T @ output_gram.double().to(weight.device) @ difference @ input_gram.double().to(weight.device)))
 
 
 def row_weighted_svd(weight: Tensor, rank: int, row_importance: Tensor) -> tuple[Tensor, Tensor]:
