@@ -203,7 +203,7 @@ def test_stages_apply_in_order_and_the_result_sums_them(llama_dir, text, tmp_pat
     assert result.to_dict()["method"] == "svd+svd" and [p["targets"] for p in result.to_dict()["plan"]] == [["mlp"], ["attention"]]
     assert result.after["params"] < result.before["params"] and result.saved_to is None
     assert [s for s in seen if s.startswith("factorizing")] == ["factorizing 6 matrices (svd)", "factorizing 8 matrices (svd)"]
-    with pytest.raises(InvalidArgument, match="the block-by-block executor applies one plan"):
+    with pytest.raises(InvalidArgument, match="stages given as a list; block by block, stages come as a Recipe"):
         lmshrink.run_compress(str(llama_dir), stages, str(text), sequential=True, out=tmp_path / "seq")
 
 

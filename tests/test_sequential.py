@@ -456,3 +456,68 @@ def test_damaged_sharded_save_is_refused_in_one_line(checkpoint, tmp_path, damag
     assert "\n" not in str(error.value)
     with pytest.raises(CorruptFile):
         lmshrink.load(folder)
+
+
+def test_a_recipe_block_by_block_compresses_the_embedding_first_and_meets_its_budget(corpus, tmp_path):
+    """Embedding stage (groupreduce, 8-bit) outside the blocks, linears (svdllm, refit) inside them; a byte budget.
+    The blocks calibrate on the compressed embedding; the rows say their stage; the budget is met."""
+    from conftest import tiny_gemma3
+    from lmshrink.recipes import parse_recipe
+
+    folder = tiny_gemma3(tmp_path / "gemma")
+    original = lmshrink.load_model(folder)
+    dense_bytes = sum(p.numel() * p.element_size() for p in original.model.parameters())
+    recipe = parse_recipe({"stages": [{"targets": ["linears"], "method": "svdllm", "ratio": 0.6, "calibration_windows": WINDOWS,
+                                       "window": WINDOW},
+                                      {"targets": ["embedding"], "method": "groupreduce", "ratio": 0.5, "bits": 8}],
+                           "bytes": int(0.55 * dense_bytes)})
+    report = compress_sequential(folder, recipe, corpus, tmp_path / "out", dtype="float32", device="cpu", progress=False, refit=True)
+    assert [row["stage"] for row in report.modules] == [1] * 21 + [2]
+    assert report.modules[-1]["layer"].startswith("BlockLowRankEmbedding") or "GroupReduce" in report.modules[-1]["layer"]
+    saved = lmshrink.load(tmp_path / "out")
+    budget = saved.manifest["recipe"]["budget"]
+    assert budget["met"] and budget["measured"] <= int(0.55 * dense_bytes)
+    assert [s["method"] for s in saved.manifest["recipe"]["applied"]] == ["svdllm", "groupreduce"]
+    layer = saved.model.model.embed_tokens
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(layer(ids), layer.dense_weight()[ids] * 8.0, atol=1e-5)  # Gemma's embedding scale kept
+    assert _ppl(saved, corpus) < 3 * _ppl(original, corpus)
+
+    # The same recipe on the whole-model path picks the same stages and ranks (open loop: the same first block).
+    whole = lmshrink.load_model(folder)
+    from lmshrink.recipes import apply_recipe
+
+    reports = apply_recipe(whole, recipe, corpus, progress=False)
+    assert [r["rank"] for r in reports[0].modules] == [r["rank"] for r in report.modules[:21]]
+
+
+def test_recipes_block_by_block_refuse_what_they_cannot_run(checkpoint, corpus, tmp_path):
+    from lmshrink.recipes import parse_recipe
+
+    two_inside = parse_recipe({"stages": [{"targets": ["attention"], "method": "svd", "ratio": 0.5},
+                                          {"targets": ["mlp"], "method": "svd", "ratio": 0.5}]})
+    with pytest.raises(InvalidArgument, match="--recipe: 2 stages compress matrices inside the decoder blocks"):
+        compress_sequential(checkpoint, two_inside, corpus, tmp_path / "out", device="cpu", progress=False)
+    calibrated_outside = parse_recipe({"stages": [{"targets": ["linears"], "method": "svd", "ratio": 0.5},
+                                                  {"targets": ["lm_head"], "method": "svdllm", "ratio": 0.5}]})
+    with pytest.raises(InvalidArgument, match=r"recipe stage 2 \(svdllm\): compresses lm_head outside .* needs activation"):
+        compress_sequential(checkpoint, calibrated_outside, corpus, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_recipe_block_by_block(checkpoint, corpus, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - {targets: [embedding], method: svd, ratio: 0.5}\n"
+                      "  - {targets: [linears], method: svdllm, ratio: 0.5, bits: 8, calibration_windows: 2, window: 32}\n")
+    text = tmp_path / "text.txt"
+    text.write_text(corpus.train[:60_000])
+    done = _cli("compress", checkpoint, "--recipe", recipe, "--sequential", "--refit", "--dtype", "float32", "--data", text,
+                "--window", 32, "--tokens", 128, "--out", tmp_path / "out", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["method"] == "recipe-recipe" and result["plan"]["refit"] is True  # the file's stem names it and result["plan"]["stage"] == 2
+    assert [m["stage"] for m in result["modules"]] == [1] + [2] * 14
+    assert {m["layer"] for m in result["modules"][1:]} == {"QuantizedLowRankLinear"}
+    assert [s["method"] for s in result["recipe"]["applied"]] == ["svd", "svdllm"]
+    assert 1 < result["perplexity"]["after"] < 1e4

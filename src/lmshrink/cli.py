@@ -388,7 +388,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
         from lmshrink.recipes import load_recipe
 
         clashing = [flag for flag, value in (("--ratio", ratio), ("--rank", rank), ("--energy", energy), ("--params", params),
-                                             ("--bits", bits), ("--sequential", sequential)) if value] + [f"--{k.replace('_', '-')}" for k in given]
+                                             ("--bits", bits)) if value] + [f"--{k.replace('_', '-')}" for k in given]
         if clashing:
             raise InvalidArgument("--recipe", f"given with {', '.join(clashing)}", "the recipe's stages say what and how much; "
                                   "either --recipe or --method with its amount")
@@ -408,7 +408,8 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                          window=window, untie_head=untie_head, bits=bits, group_size=group_size)
     _check_window_and_data(tokens, window, data)
     finetune = FinetuneOptions(finetune_steps, finetune_lr, finetune_distill) if finetune_steps else None
-    check_options([plan], sequential=sequential, calibrate_on=calibrate_on, saving=not no_save, finetune=finetune, refit=refit)
+    check_options(list(recipe_spec.stages) if recipe_spec else [plan], sequential=sequential, calibrate_on=calibrate_on,
+                  saving=not no_save, finetune=finetune, refit=refit, recipe=recipe_spec is not None)
     if device is not None or dtype is not None:
         _check_device_and_dtype(device, dtype)
     world = _join_run(ctx, sequential, device)  # lmshrink.distributed.SINGLE unless torchrun started several processes

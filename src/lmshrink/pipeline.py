@@ -92,7 +92,7 @@ class CompressResult:
         if len(self.reports) == 1 and self.recipe is None:
             return list(self.reports[0].modules)
         # Several stages: each row says which (1-based; a recipe's reports carry their own numbers).
-        return [{**row, "stage": report.plan.get("stage", number)} for number, report in enumerate(self.reports, 1)
+        return [{"stage": report.plan.get("stage", number), **row} for number, report in enumerate(self.reports, 1)
                 for row in report.modules]
 
     @property
@@ -181,12 +181,11 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
 
     recipe = plan if isinstance(plan, Recipe) else None
     plans = list(recipe.stages) if recipe is not None else [plan] if isinstance(plan, Plan) else list(plan)
-    if recipe is not None and sequential:
-        raise InvalidArgument("sequential", "a recipe runs on the whole-model path only in this version", "sequential=False")
     if not plans or not all(isinstance(p, Plan) for p in plans):
         raise InvalidArgument("plan", f"{plan!r} is not a Plan or a non-empty sequence of Plans", "lmshrink.Plan(...) or [Plan, ...]")
     stages = on_stage if isinstance(on_stage, Stages) else _CallbackStages(on_stage, progress)
-    check_options(plans, sequential=sequential, calibrate_on=calibrate_on, saving=out is not None, finetune=finetune, refit=refit)
+    check_options(plans, sequential=sequential, calibrate_on=calibrate_on, saving=out is not None, finetune=finetune, refit=refit,
+                  recipe=recipe is not None)
     world = world or current_world()
     if world.distributed and not sequential:
         raise InvalidArgument("sequential", f"{world.size} processes run this, but only block-by-block compression runs distributed "
@@ -197,7 +196,7 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
         check_out(out, overwrite, inputs=[model] if isinstance(model, (str, Path)) else [])  # before minutes of work
     corpus = data if isinstance(data, Corpus) else load_corpus(data)
     if sequential:
-        return _run_block_by_block(model, plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed", refit,
+        return _run_block_by_block(model, recipe or plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed", refit,
                                    evaluate or EvalOptions(samples=False, speed=False), stages, world)
     return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe)
 
@@ -252,6 +251,7 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
     calibration, factorization and evaluation; rank 0 writes, samples and returns the result (the others: None)."""
     from lmshrink.distributed import SINGLE, all_gather_json
     from lmshrink.evaluate import corpus_perplexity, greedy_sample
+    from lmshrink.recipes import Recipe
     from lmshrink.sequential import compress_sequential
 
     with stages.stage(f"compressing block by block ({calibrate_on} activations{', refit' if refit else ''})", has_bar=True):
@@ -274,13 +274,14 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
     stages.note("done")
     source = builtin_or_path(model)
     on_disk = {"source": size_on_disk(source) if source else None, "saved": size_on_disk(out)}
-    return CompressResult(str(model), [plan], corpus.source, "sequential", [report], {"params": report.params_before}, after,
+    plans = list(plan.stages) if isinstance(plan, Recipe) else [plan]
+    return CompressResult(str(model), plans, corpus.source, "sequential", [report], {"params": report.params_before}, after,
                           evaluate.window, None, samples, on_disk, None, str(Path(out).expanduser().resolve()), loaded,
-                          processes=world.size)
+                          processes=world.size, recipe=loaded.manifest.get("recipe") if isinstance(plan, Recipe) else None)
 
 
 def check_options(plans: list[Plan], *, sequential: bool, calibrate_on: str | None, saving: bool,
-                  finetune: FinetuneOptions | None, refit: bool = False) -> None:
+                  finetune: FinetuneOptions | None, refit: bool = False, recipe: bool = False) -> None:
     """Refuse combinations an executor does not run, before any work (the CLI calls this before reserving --out)."""
     if not sequential:
         if calibrate_on is not None:
@@ -290,13 +291,13 @@ def check_options(plans: list[Plan], *, sequential: bool, calibrate_on: str | No
             raise InvalidArgument("--refit", "applies to block-by-block compression only (it refits each block on the "
                                   "activations the compressed blocks before it produce)", "--sequential with it, or leave it out")
         return
-    if len(plans) > 1:
-        raise InvalidArgument("plan", f"{len(plans)} stages given; the block-by-block executor applies one plan",
-                              "one Plan with sequential=True, or the whole-model path for a recipe")
+    if len(plans) > 1 and not recipe:
+        raise InvalidArgument("plan", f"{len(plans)} stages given as a list; block by block, stages come as a Recipe",
+                              "one Plan, or a lmshrink.recipes.Recipe (one stage inside the decoder blocks), with sequential=True")
     if calibrate_on is not None and calibrate_on not in CALIBRATE_ON:
         raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
     for flag, given in (("--no-save", not saving), ("--finetune-steps", finetune is not None and finetune.steps),
-                        ("--untie-head", plans[0].untie_head)):
+                        ("--untie-head", any(plan.untie_head for plan in plans))):
         if given:
             raise InvalidArgument(flag, "is not available with --sequential", "the whole-model path (no --sequential) for it")
 

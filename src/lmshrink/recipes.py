@@ -484,6 +484,7 @@ def apply_recipe(loaded, recipe, data=None, progress: bool = True, on_stage=None
     loaded = load_model(loaded)
     recipe = load_recipe(recipe)
     stages, solution = check_recipe(loaded, recipe)
+    limit = budget_target(loaded, recipe)  # of the original model: before any stage runs
     corpus = data if isinstance(data, Corpus) or data is None else load_corpus(data)
     if corpus is None and any(_needs_data(plan) for plan in stages):
         corpus = load_corpus(None)
@@ -497,20 +498,22 @@ def apply_recipe(loaded, recipe, data=None, progress: bool = True, on_stage=None
         reports.append(report)
         rows += [{**row, "stage": index + 1} for row in report.modules]
     loaded.compression = rows
-    missed = record_recipe(loaded, recipe, stages, solution, original_params)
+    missed = record_recipe(loaded, recipe, stages, solution, limit, original_params)
     if missed:
         reports[-1].notes.append(missed)
     return reports
 
 
-def record_recipe(loaded, recipe: Recipe, stages: list, solution: dict | None, original_params: int) -> str | None:
-    """``loaded.recipe``: the recipe, its stages as run and, under a budget, what was predicted and measured (from the
-    model and ``loaded.compression``'s rows, every stage's). Returns a note when the budget was missed."""
+def record_recipe(loaded, recipe: Recipe, stages: list, solution: dict | None, limit: tuple[str, int] | None,
+                  original_params: int) -> str | None:
+    """``loaded.recipe``: the recipe, its stages as run and, under a budget (``limit``: budget_target of the original
+    model), what was predicted and measured (from the model and every stage's rows in ``loaded.compression``).
+    Returns a note when the budget was missed."""
     record = recipe.to_dict()
     record["applied"] = [_stage_dict(plan) for plan in stages]
     missed = None
     if solution is not None:
-        unit, limit = budget_target(loaded, recipe)
+        unit, limit = limit
         if unit == "bytes":
             measured = model_size(loaded, "bytes")
         else:  # factors counted as values whatever their bits: the rows' float parameter counts

@@ -185,6 +185,7 @@ class Engine:
         # The stage compressing the blocks (open_engine sets them): its Plan and index; stages outside the blocks as
         # (index, Plan); the Recipe and its budget solution (None for a single Plan).
         self.plan, self.stage, self.outer_stages, self.recipe, self.solution = None, 0, [], None, None
+        self.budget_limit: tuple[str, int] | None = None  # (unit, limit) of a recipe's budget, from the original model
 
     def load_outer(self) -> dict[str, torch.Tensor]:
         """Materialize and fill embedding, final norm, head (and the rest outside the blocks); returns their state."""
@@ -228,7 +229,7 @@ class Engine:
 def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True, world: World = SINGLE) -> Engine:
     """The skeleton of ``source`` on the meta device, ``plan`` (a Plan, or a Recipe: see ``_split_stages``) checked
     against it, nothing read yet. ``world``: several processes each use their own device (cuda:LOCAL_RANK for "cuda")."""
-    from lmshrink.recipes import Recipe, check_recipe
+    from lmshrink.recipes import Recipe, budget_target, check_recipe
 
     from transformers import AutoConfig, AutoTokenizer
 
@@ -254,6 +255,7 @@ def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True
     check_plan(loaded, replace(plan, energy=None, ratio=0.5) if plan.energy is not None else plan)
     engine = Engine(checkpoint, loaded, stack, targets, device, dtype, progress, world)
     engine.plan, engine.stage, engine.outer_stages, engine.recipe, engine.solution = plan, index, outer, recipe, solution
+    engine.budget_limit = budget_target(loaded, recipe) if recipe is not None else None  # of the original: before any stage
     return engine
 
 
@@ -515,7 +517,7 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
                           + [{**row, "stage": engine.stage + 1} for row in rows], key=lambda row: row["stage"])
             loaded.compression = rows
             stages = [stage for _, stage in sorted([*engine.outer_stages, (engine.stage, engine.plan)], key=lambda pair: pair[0])]
-            missed = record_recipe(loaded, engine.recipe, stages, engine.solution, params_before)
+            missed = record_recipe(loaded, engine.recipe, stages, engine.solution, engine.budget_limit, params_before)
         loaded.compression = rows
         plan_dict = {**plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "refit": refit, "dtype": dtype_name(dtype),
                      "device": str(device), "processes": world.size, **({"stage": engine.stage + 1} if engine.recipe else {})}
