@@ -91,3 +91,41 @@ def test_linears_are_grouped_by_the_input_they_read_in_call_order():
     groups = input_groups(block, names, hidden, call)
     assert [sorted(g) for g in groups] == [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                                            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_whole_model_run_with_refit_compresses_with_the_block_engine_and_measures_both(checkpoint, corpus, tmp_path):
+    """--refit without --sequential: the block engine's model, measured beside the original like any whole-model run."""
+    from lmshrink.evaluate import corpus_perplexity
+    from lmshrink.pipeline import EvalOptions, run
+
+    plan = _plan("svd")
+    evaluate = EvalOptions(tokens=256, window=WINDOW, samples=False, speed=True)
+    result = run(checkpoint, plan, corpus, refit=True, evaluate=evaluate, out=tmp_path / "whole")
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "blocks", dtype="float32", device="cpu", progress=False, refit=True)
+    ours, theirs = (lmshrink.load(tmp_path / name) for name in ("whole", "blocks"))
+    mine, reference = ours.model.state_dict(), theirs.model.state_dict()
+    assert set(mine) == set(reference) and all(torch.equal(mine[k], reference[k]) for k in mine)
+    summary = result.to_dict()
+    assert summary["plan"]["refit"] is True and summary["plan"]["calibrate_on"] == "compressed"
+    assert summary["params"]["after"] < summary["params"]["before"]
+    assert summary["perplexity"]["before"] == pytest.approx(corpus_perplexity(lmshrink.load_model(checkpoint), corpus, tokens=256,
+                                                                              window=WINDOW, progress=False)["perplexity"], rel=1e-5)
+    assert summary["perplexity"]["after"] == pytest.approx(corpus_perplexity(theirs, corpus, tokens=256, window=WINDOW,
+                                                                             progress=False)["perplexity"], rel=1e-5)
+    assert summary["tokens_per_s"]["before"] > 0 and summary["tokens_per_s"]["after"] > 0
+    assert all(m["output_error"] <= m["output_error_before_refit"] + 1e-9 for m in summary["modules"])
+
+
+def test_refit_without_sequential_distills_from_the_original_and_refuses_a_module(checkpoint, corpus, tmp_path):
+    from lmshrink.errors import InvalidArgument
+    from lmshrink.pipeline import EvalOptions, FinetuneOptions, run
+
+    evaluate = EvalOptions(tokens=128, window=WINDOW, samples=False, speed=False)
+    result = run(checkpoint, _plan("svd"), corpus, refit=True, evaluate=evaluate, finetune=FinetuneOptions(3, lr=1e-3, distill=True))
+    assert result.finetune is not None and result.finetune["steps"] == 3
+    fitted = {k: v for k, v in result.loaded.model.state_dict().items() if k.endswith(".left")}
+    compress_sequential(checkpoint, _plan("svd"), corpus, tmp_path / "b", dtype="float32", device="cpu", progress=False, refit=True)
+    untouched = lmshrink.load(tmp_path / "b").model.state_dict()
+    assert any(not torch.equal(fitted[k], untouched[k]) for k in fitted)  # the training moved the refitted factors
+    with pytest.raises(InvalidArgument, match="^model: .*checkpoint path or a built-in name"):
+        run(lmshrink.load_model(checkpoint), _plan("svd"), corpus, refit=True, evaluate=evaluate)

@@ -398,11 +398,11 @@ def test_cli_kfac_with_sensitivity_meets_the_budget_on_both_paths(checkpoint, co
     assert lmshrink.load(tmp_path / "out").manifest["compression"][0]["rank"] == modules[0]["rank"]
 
 
-@pytest.mark.parametrize("args,flag", [(["--calibrate-on", "original"], "--calibrate-on"),
-                                       (["--sequential", "--no-save"], "--no-save"),
+@pytest.mark.parametrize("args,flag", [(["--sequential", "--no-save"], "--no-save"),
                                        (["--sequential", "--finetune-steps", "2"], "--finetune-steps"),
-                                       (["--refit"], "--refit")])
-def test_cli_flags_of_the_block_by_block_path_are_refused_elsewhere(checkpoint, tmp_path, args, flag):
+                                       (["--refit", "--untie-head"], "--untie-head"),
+                                       (["--calibrate-on", "original", "--untie-head"], "--untie-head")])
+def test_cli_flags_the_block_engine_does_not_run_are_refused(checkpoint, tmp_path, args, flag):
     done = _cli("compress", checkpoint, "--method", "svd", "--ratio", "0.5", *args, "--out", tmp_path / "out", cwd=tmp_path)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag}:"), done.stderr

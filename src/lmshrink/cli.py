@@ -358,11 +358,13 @@ def _with(options):
                    "safetensors (Hugging Face causal decoders such as LLaMA and Gemma 3; low-rank methods; targets in the blocks).")
 @_with(device_options)
 @click.option("--calibrate-on", type=click.Choice(["compressed", "original"]), default=None,
-              help="--sequential: calibrate each block on what the compressed blocks before it produce (compressed, the "
-                   "default: closed loop) or on the original model's activations (original).")
+              help="Compress with the block engine, each block calibrated on what the compressed blocks before it produce "
+                   "(compressed, the default with --sequential: closed loop) or on the original model's activations "
+                   "(original). Without --sequential the rest of the run is the whole-model one's.")
 @click.option("--refit", is_flag=True,
-              help="--sequential: after each block is factorized, refit its factors so the block reproduces the original "
-                   "model's outputs on the compressed inputs (error compensation; one more pass over the windows per block).")
+              help="Compress with the block engine (closed loop) and, after each block is factorized, refit its factors so "
+                   "the block reproduces the original model's outputs on the compressed inputs (error compensation; one more "
+                   "pass over the windows per block). Without --sequential the rest of the run is the whole-model one's.")
 @_with(common_eval)
 @_method_options
 def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, untie_head, finetune_steps,
@@ -468,6 +470,9 @@ def _print_whole_model(result, targets, allocation, recipe=None) -> None:
                        + "; ".join(f"{s['method']} {s.get('ratio', s.get('rank'))}" for s in result.recipe["applied"]))
     else:
         click.echo(f"model: {result.model}   method: {result.method} ({amounts}, targets {', '.join(targets)}, allocation {allocation})")
+    engine = result.reports[0].plan
+    if engine.get("executor") == "sequential":
+        click.echo(f"compressed by the block engine: {engine['calibrate_on']} activations{', refit' if engine.get('refit') else ''}")
     click.echo(f"data: {result.data}")
     click.echo(f"{factorized} of {len(result.modules)} targeted matrices factorized in {result.compression_seconds:.1f} s"
                + (f"; {len(result.modules) - factorized} stay dense (factorized form not smaller)" if factorized < len(result.modules) else ""))

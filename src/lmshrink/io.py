@@ -50,7 +50,7 @@ def manifest_of(loaded) -> dict:
                for name, m in model.named_modules() if isinstance(m, FactorizedModule)}
     return {"format": "lmshrink", "format_version": FORMAT_VERSION, "lmshrink_version": _version(),
             "family": loaded.family.name, "source": loaded.source, "modules": modules,
-            "compression": loaded.compression, **({"recipe": loaded.recipe} if getattr(loaded, "recipe", None) else {})}
+            "compression": loaded.compression, **({"recipe": loaded.recipe} if loaded.recipe else {})}
 
 
 def check_out(directory: str | Path, overwrite: bool = False, inputs=()) -> Path:
@@ -229,6 +229,7 @@ def load(directory: str | Path, verify: bool = True, device=None, dtype=None):
     loaded.model.eval()
     loaded.manifest, loaded.source = manifest, str(directory)
     loaded.compression = manifest.get("compression", [])
+    loaded.recipe = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else None
     return place(loaded, device, model_dtype(loaded.model) if dtype == "auto" else dtype)  # auto: as saved
 
 

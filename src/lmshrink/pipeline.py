@@ -16,7 +16,9 @@ one CompressionReport per stage and sums them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +111,7 @@ class CompressResult:
 
     def plan_dict(self) -> dict | list[dict]:
         """The plan as reported: one plan's dict, or a list of them (one per stage). Block by block: the executor's."""
-        if self.executor == "sequential":
+        if self.reports[0].plan.get("executor") == "sequential":  # block by block, or its compress step was
             return self.reports[0].plan
         if self.recipe is not None:
             return None  # the recipe says it (to_dict's "recipe")
@@ -166,9 +168,12 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     ``device``: "auto" (CUDA when present), "cpu", "cuda"; None: the CPU (block by block: auto). ``dtype``: "auto"
     (what the checkpoint declares; a GGUF: bfloat16), "float32", "bfloat16", "float16"; None: as loaded (float32;
     block by block: auto). Weights are held and saved in it; each matrix's factorization runs in float32.
-    ``calibrate_on``: block by block only, "compressed" (closed loop, the default) or "original".
-    ``refit``: block by block only: after each block is factorized, refit the factors so the block reproduces the
-    original model's outputs on the compressed inputs (error compensation; lmshrink.refit).
+    ``calibrate_on``: "compressed" (closed loop, the default block by block) or "original": each block calibrates on
+    what the compressed blocks before it produce, or on the original's activations. ``refit``: after each block is
+    factorized, refit its factors so the block reproduces the original model's outputs on the compressed inputs
+    (error compensation; lmshrink.refit). Either one without ``sequential``: the block engine does the compress step
+    (``model`` a checkpoint path or built-in name), the rest of the run (the original measured and timed beside
+    the result, fine-tuning) is the whole-model one's.
     ``evaluate``: what to measure (None: parameters and bytes only). ``on_stage``: a callback told each stage's
     name as it starts, or a lmshrink.progress.Stages (the CLI's). ``progress``: progress bars (with a callback).
     ``world``: a lmshrink.distributed.World when several processes run it (torchrun; block by block only); None: this
@@ -190,6 +195,9 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     if world.distributed and not sequential:
         raise InvalidArgument("sequential", f"{world.size} processes run this, but only block-by-block compression runs distributed "
                               "in this version", "sequential=True, or one process")
+    if (calibrate_on or refit) and not isinstance(model, (str, Path)):
+        raise InvalidArgument("model", f"a {type(model).__name__} was given, but the block engine (refit, calibrate_on) reads "
+                              "its model block by block from a checkpoint", "a checkpoint path or a built-in name")
     if out is not None and world.main:
         from lmshrink.io import check_out
 
@@ -198,50 +206,76 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     if sequential:
         return _run_block_by_block(model, recipe or plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed", refit,
                                    evaluate or EvalOptions(samples=False, speed=False), stages, world)
-    return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe)
+    blocks = (calibrate_on or "compressed", refit) if calibrate_on or refit else None
+    return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe, blocks)
 
 
-def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe=None) -> CompressResult:
+def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe=None,
+                     blocks=None) -> CompressResult:
+    """``blocks``: None (compress in memory), or (calibrate_on, refit): the compress step is the block engine's, run
+    first from the source into a scratch folder; the original is then loaded beside it to be measured, timed and,
+    with distillation, used as the teacher (no second copy)."""
     from lmshrink.recipes import apply_recipe, check_recipe
     from lmshrink.surgery import check_plan
 
-    loaded, source_path = load_with_stages(model, stages, device, dtype)
-    window = evaluate.window if evaluate else plans[0].window
-    if evaluate:
-        check_positions(loaded, evaluate.window)
-    if finetune and finetune.steps and not loaded.causal:
-        raise InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model", "0 for encoders (refinement training uses next-token loss)")
-    if recipe is not None:
-        check_recipe(loaded, recipe)  # overlapping stages, bad keys, an unreachable budget: now, before any work
-    else:
-        check_plan(loaded, plans[0])  # bad targets or ranks fail now, not after minutes of evaluation (later stages: when applied)
-    samples = _sample(loaded, stages, f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)", None) if evaluate and evaluate.samples and loaded.causal else None
-    texts = fidelity_sentences(corpus) if evaluate and not loaded.causal else None
-    before = _measure(loaded, corpus, evaluate, stages, "evaluating the original", texts)
-    teacher = _copy(loaded) if finetune and finetune.steps and finetune.distill else None
-    original = teacher if teacher is not None or not (evaluate and evaluate.speed) or before["bytes"] > SPEED_COPY_LIMIT else _copy(loaded)
-    speed_before = _time_alone(loaded, stages, "timing the original (tokens/s)") if evaluate and evaluate.speed and original is None else None
-    reports = (apply_recipe(loaded, recipe, corpus, progress=stages.bars, on_stage=stages.note) if recipe is not None else
-               [compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note) for stage in plans])
-    tuned = _finetune(loaded, corpus, finetune, window, teacher, stages) if finetune and finetune.steps else None
-    del teacher
-    check_finite(loaded, "--finetune-lr" if tuned else "--method", "+".join(p.method for p in plans))
-    after = _measure(loaded, corpus, evaluate, stages, "evaluating the compressed model", texts, before.get("reference"))
-    speed = _time_both(original, loaded, speed_before, stages) if evaluate and evaluate.speed else None
-    del original
-    if samples is not None:
-        samples = _sample(loaded, stages, "sampling the compressed model", samples)
-    saved = None
-    if out is not None:
-        with stages.stage(f"saving to {out}"):
-            saved = str(save(loaded, out, overwrite=overwrite))
+    with tempfile.TemporaryDirectory(prefix="lmshrink-blocks-") if blocks else contextlib.nullcontext() as scratch:
+        compressed = None
+        if blocks:
+            report = _compress_block_by_block(model, recipe or plans[0], corpus, Path(scratch) / "model", device or "cpu",
+                                              dtype or "float32", *blocks, stages)
+            with stages.stage("loading the compressed model"):
+                compressed = load(Path(scratch) / "model", device=report.plan["device"])
+        loaded, source_path = load_with_stages(model, stages, device, dtype)
+        window = evaluate.window if evaluate else plans[0].window
+        if evaluate:
+            check_positions(loaded, evaluate.window)
+        if finetune and finetune.steps and not loaded.causal:
+            raise InvalidArgument("--finetune-steps", f"{model!r} is not a causal language model", "0 for encoders (refinement training uses next-token loss)")
+        if compressed is None and recipe is not None:  # (the block engine checked its plan before any work)
+            check_recipe(loaded, recipe)  # overlapping stages, bad keys, an unreachable budget: now, before any work
+        elif compressed is None:
+            check_plan(loaded, plans[0])  # bad targets or ranks fail now, not after minutes of evaluation (later stages: when applied)
+        samples = _sample(loaded, stages, f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)", None) if evaluate and evaluate.samples and loaded.causal else None
+        texts = fidelity_sentences(corpus) if evaluate and not loaded.causal else None
+        before = _measure(loaded, corpus, evaluate, stages, "evaluating the original", texts)
+        if compressed is not None:  # the original, loaded for the measures, is the teacher and the timing reference
+            original, loaded, reports = loaded, compressed, [report]
+            teacher = original if finetune and finetune.steps and finetune.distill else None
+        else:
+            teacher = _copy(loaded) if finetune and finetune.steps and finetune.distill else None
+            original = teacher if teacher is not None or not (evaluate and evaluate.speed) or before["bytes"] > SPEED_COPY_LIMIT else _copy(loaded)
+        speed_before = _time_alone(loaded, stages, "timing the original (tokens/s)") if evaluate and evaluate.speed and original is None else None
+        if compressed is None:
+            reports = (apply_recipe(loaded, recipe, corpus, progress=stages.bars, on_stage=stages.note) if recipe is not None else
+                       [compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note) for stage in plans])
+        tuned = _finetune(loaded, corpus, finetune, window, teacher, stages) if finetune and finetune.steps else None
+        del teacher
+        check_finite(loaded, "--finetune-lr" if tuned else "--method", "+".join(p.method for p in plans))
+        after = _measure(loaded, corpus, evaluate, stages, "evaluating the compressed model", texts, before.get("reference"))
+        speed = _time_both(original, loaded, speed_before, stages) if evaluate and evaluate.speed else None
+        del original
+        if samples is not None:
+            samples = _sample(loaded, stages, "sampling the compressed model", samples)
+        saved = None
+        if out is not None:
+            with stages.stage(f"saving to {out}"):
+                saved = str(save(loaded, out, overwrite=overwrite))
     stages.note("done")
     on_disk = {"source": size_on_disk(source_path) if source_path is not None else None,
                "source_path": str(source_path) if source_path is not None else None,
                "saved": size_on_disk(saved) if saved else None}
     before.pop("reference", None)
     return CompressResult(str(model), plans, corpus.source, "whole-model", reports, before, after, window, speed, samples,
-                          on_disk, tuned, saved, loaded, recipe=getattr(loaded, "recipe", None) if recipe is not None else None)
+                          on_disk, tuned, saved, loaded, recipe=loaded.recipe if recipe is not None else None)
+
+
+def _compress_block_by_block(model, plan, corpus, folder, device, dtype, calibrate_on, refit, stages, overwrite=False,
+                             world=None) -> CompressionReport:
+    from lmshrink.sequential import compress_sequential
+
+    with stages.stage(f"compressing block by block ({calibrate_on} activations{', refit' if refit else ''})", has_bar=True):
+        return compress_sequential(model, plan, corpus, folder, dtype=dtype, device=device, calibrate_on=calibrate_on,
+                                   progress=stages.bars, overwrite=overwrite, world=world, refit=refit)
 
 
 def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, calibrate_on, refit, evaluate, stages,
@@ -252,11 +286,9 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
     from lmshrink.distributed import SINGLE, all_gather_json
     from lmshrink.evaluate import corpus_perplexity, greedy_sample
     from lmshrink.recipes import Recipe
-    from lmshrink.sequential import compress_sequential
 
-    with stages.stage(f"compressing block by block ({calibrate_on} activations{', refit' if refit else ''})", has_bar=True):
-        report = compress_sequential(model, plan, corpus, out, dtype=dtype or "auto", device=device or "auto", calibrate_on=calibrate_on,
-                                     progress=stages.bars, overwrite=overwrite, world=world, refit=refit)
+    report = _compress_block_by_block(model, plan, corpus, out, device or "auto", dtype or "auto", calibrate_on, refit, stages,
+                                      overwrite, world)
     after = {"params": report.params_after}
     with stages.stage(f"evaluating the compressed model (perplexity on {evaluate.tokens:,} tokens, windows of {evaluate.window})", has_bar=True):
         # Every process scores its share of the windows when all of them see the output (one node, a shared file
@@ -277,28 +309,23 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
     plans = list(plan.stages) if isinstance(plan, Recipe) else [plan]
     return CompressResult(str(model), plans, corpus.source, "sequential", [report], {"params": report.params_before}, after,
                           evaluate.window, None, samples, on_disk, None, str(Path(out).expanduser().resolve()), loaded,
-                          processes=world.size, recipe=loaded.manifest.get("recipe") if isinstance(plan, Recipe) else None)
+                          processes=world.size, recipe=loaded.recipe if isinstance(plan, Recipe) else None)
 
 
 def check_options(plans: list[Plan], *, sequential: bool, calibrate_on: str | None, saving: bool,
                   finetune: FinetuneOptions | None, refit: bool = False, recipe: bool = False) -> None:
     """Refuse combinations an executor does not run, before any work (the CLI calls this before reserving --out)."""
-    if not sequential:
-        if calibrate_on is not None:
-            raise InvalidArgument("--calibrate-on", "applies to block-by-block compression only (the whole-model path "
-                                  "calibrates on the original model's activations)", "--sequential with it, or leave it out")
-        if refit:
-            raise InvalidArgument("--refit", "applies to block-by-block compression only (it refits each block on the "
-                                  "activations the compressed blocks before it produce)", "--sequential with it, or leave it out")
-        return
-    if len(plans) > 1 and not recipe:
-        raise InvalidArgument("plan", f"{len(plans)} stages given as a list; block by block, stages come as a Recipe",
-                              "one Plan, or a lmshrink.recipes.Recipe (one stage inside the decoder blocks), with sequential=True")
+    engine = sequential or calibrate_on is not None or refit  # the block engine compresses
     if calibrate_on is not None and calibrate_on not in CALIBRATE_ON:
         raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
-    for flag, given in (("--no-save", not saving), ("--finetune-steps", finetune is not None and finetune.steps),
-                        ("--untie-head", any(plan.untie_head for plan in plans))):
-        if given:
+    if engine and len(plans) > 1 and not recipe:
+        raise InvalidArgument("plan", f"{len(plans)} stages given as a list; block by block, stages come as a Recipe",
+                              "one Plan, or a lmshrink.recipes.Recipe (one stage inside the decoder blocks), with sequential=True")
+    if engine and any(plan.untie_head for plan in plans):
+        raise InvalidArgument("--untie-head", "is not available when the block engine compresses (--sequential, --refit, "
+                              "--calibrate-on)", "the whole-model path without those flags for it")
+    for flag, given in (("--no-save", not saving), ("--finetune-steps", finetune is not None and finetune.steps)):
+        if sequential and given:
             raise InvalidArgument(flag, "is not available with --sequential", "the whole-model path (no --sequential) for it")
 
 

@@ -87,6 +87,7 @@ class LoadedModel:
     source: str = "<in-memory>"
     manifest: dict | None = None  # set when loaded from an lmshrink directory
     compression: list[dict] = field(default_factory=list)  # per-module report of the last compress()
+    recipe: dict | None = None  # a recipe's record (lmshrink.recipes.record_recipe), kept through save and load
 
     @property
     def causal(self) -> bool:
