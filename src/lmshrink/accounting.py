@@ -18,8 +18,13 @@ def _unique(tensors):
 
 
 def count_params(module: nn.Module) -> int:
-    """Distinct parameters (a tied embedding/LM head counts once)."""
-    return sum(p.numel() for p in _unique(module.parameters()))
+    """Distinct parameters (a tied embedding/LM head counts once) plus the values held packed in buffers (a quantized
+    matrix's ``stored_values``: its rows x columns integers, which stand for parameters; scales are not counted)."""
+    return sum(p.numel() for p in _unique(module.parameters())) + _packed_values(module)
+
+
+def _packed_values(module: nn.Module) -> int:
+    return sum(int(m.stored_values) for m in module.modules() if isinstance(getattr(m, "stored_values", None), int))
 
 
 def count_bytes(module: nn.Module) -> int:
@@ -28,7 +33,8 @@ def count_bytes(module: nn.Module) -> int:
 
 
 def module_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """One module's parameters and packed values (as count_params counts them, without sharing)."""
+    return sum(p.numel() for p in module.parameters()) + _packed_values(module)
 
 
 # The one rule for "stays dense": a replacement is made only when it stores fewer parameters than the dense matrix

@@ -39,6 +39,11 @@ class PackedTensor(nn.Module):
         packed.packed, packed.scales, packed.minimums = quantized.packed, quantized.scales, quantized.minimums
         return packed
 
+    @property
+    def stored_values(self) -> int:
+        """How many matrix entries the packed integers hold (accounting.count_params counts them as parameters)."""
+        return self.shape[0] * self.shape[1]
+
     def clear_cache(self) -> None:
         self._cache = None
 
