@@ -6,8 +6,9 @@ Variants (all fwhiten + sensitivity allocation unless --method says otherwise):
   whole   the whole-model path (lmshrink.compress), float32: the pipeline before this issue
   open    block by block, each block calibrated on the original model's activations
   closed  block by block, each block calibrated on what the compressed blocks before it produce
-  refit   closed, then every factorized matrix's left factor refitted (lmshrink.refit) so its block's linears
-          reproduce the original's outputs on the compressed inputs
+  refit   closed, then every factorized matrix refitted (lmshrink.refit) so its block's linears reproduce the
+          original's outputs on the compressed inputs
+--joint: linears that read one input (q/k/v; gate/up) share one right factor (Plan.joint)
 Every run is a child process; its result is merged into benchmarks/results/<name>.json by (variant, method, ratio,
 calibration text), so runs made at different times land in one table. Perplexity is WikiText-2 test.
 """
@@ -43,7 +44,7 @@ def child(spec: dict) -> dict:
     path, calibrate_on, refit = VARIANTS[spec["variant"]] if spec["variant"] != "dense" else ("dense", None, False)
     start = time.perf_counter()
     plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], allocation=spec["allocation"], calibration_windows=spec["windows"],
-                         window=spec["window"]) if path != "dense" else None
+                         window=spec["window"], joint=spec.get("joint", False)) if path != "dense" else None
     if path == "dense":
         loaded = lmshrink.load_model(spec["model"])
     elif path == "whole":
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--joint", action="store_true", help="Plan.joint: linears of one input share one right factor.")
     parser.add_argument("--name", default="closer")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,19 +85,21 @@ def main() -> None:
         return
     previous = RESULTS / f"{args.name}.json"
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
+    for run in runs:
+        run.setdefault("joint", False)  # rows from before --joint
     env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"}
     todo = [(variant, float(ratio)) for ratio in args.ratios.split(",") for variant in args.variants.split(",")]
     with tempfile.TemporaryDirectory(prefix="lmshrink-closer-") as scratch:
         for number, (variant, ratio) in enumerate(todo):
             spec = {"model": args.model, "variant": variant, "method": args.method, "ratio": ratio, "allocation": args.allocation,
                     "calib": args.calib, "data": args.data, "windows": args.windows, "window": args.window, "tokens": args.tokens,
-                    "out": str(Path(scratch) / f"run{number}")}
+                    "out": str(Path(scratch) / f"run{number}"), "joint": args.joint}
             if variant == "dense":
-                spec.update(method=None, ratio=None, calib=args.data)
+                spec.update(method=None, ratio=None, calib=args.data, joint=False)
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            key = ("model", "variant", "method", "ratio", "calib", "windows", "tokens")
+            key = ("model", "variant", "method", "ratio", "calib", "windows", "tokens", "joint")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
@@ -111,7 +115,7 @@ def _write(name: str, runs: list[dict], write_results) -> None:
     order = {v: i for i, v in enumerate(["dense", *VARIANTS])}
     runs = sorted(runs, key=lambda r: (r["model"], r["calib"], -(r["ratio"] or 2), order.get(r["variant"], 9)))
     dense = {r["model"]: r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
-    rows = [[r["model"], r["variant"], r["method"] or "-", r["ratio"], r["calib"], r["windows"], r.get("perplexity"),
+    rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else ""), r["method"] or "-", r["ratio"], r["calib"], r["windows"], r.get("perplexity"),
              (r["perplexity"] / dense[r["model"]]) if r.get("perplexity") and r["model"] in dense else None,
              r.get("seconds"), r.get("error")] for r in runs]
     write_results(name, {"runs": runs},

@@ -339,6 +339,9 @@ def _with(options):
 @click.option("--max-shift", type=_Number(float, Bounds(0, 100)), default=0.25, show_default=True,
               help="--allocation sensitivity: each rank stays within +-this fraction of its uniform rank (0: uniform).")
 @click.option("--calibration-windows", type=_integer(1, 65536), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
+@click.option("--joint", is_flag=True,
+              help="Factorize the linears that read one input (q/k/v; gate/up) together: one right factor shared by them, "
+                   "so a rank costs in + their outs summed instead of in + out for each (low-rank methods; not with --bits).")
 @click.option("--untie-head", is_flag=True,
               help="A token embedding tied to the output layer: compress the input side only, the output layer keeps the "
                    "original table (the model grows by V x d; for analysis).")
@@ -367,7 +370,7 @@ def _with(options):
                    "pass over the windows per block). Without --sequential the rest of the run is the whole-model one's.")
 @_with(common_eval)
 @_method_options
-def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, untie_head, finetune_steps,
+def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, joint, untie_head, finetune_steps,
              finetune_lr, finetune_distill, recipe, out, overwrite, no_save, sequential, device, dtype, calibrate_on, refit, data, tokens, window,
              as_json, **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
@@ -407,7 +410,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                                               ", ".join(f"--{o.name.replace('_', '-')}" for o in method_spec.options) or "none")
     plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, params=params, multiple_of=multiple_of,
                          allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
-                         window=window, untie_head=untie_head, bits=bits, group_size=group_size)
+                         window=window, untie_head=untie_head, bits=bits, group_size=group_size, joint=joint)
     _check_window_and_data(tokens, window, data)
     finetune = FinetuneOptions(finetune_steps, finetune_lr, finetune_distill) if finetune_steps else None
     check_options(list(recipe_spec.stages) if recipe_spec else [plan], sequential=sequential, calibrate_on=calibrate_on,

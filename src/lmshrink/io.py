@@ -45,9 +45,15 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def manifest_of(loaded) -> dict:
     model = loaded.model
-    modules = {name: {"layer": type(m).__name__, "config": m.layer_config(),
-                      **({"output_scale": m.output_scale} if m.output_scale != 1.0 else {})}
-               for name, m in model.named_modules() if isinstance(m, FactorizedModule)}
+    modules, owners = {}, {}  # owners: id(parameter) -> the first factorized module holding it
+    for name, m in model.named_modules():
+        if not isinstance(m, FactorizedModule):
+            continue
+        shared = {attribute: owners[id(p)] for attribute, p in m._parameters.items() if p is not None and id(p) in owners}
+        owners.update({id(p): name for p in m._parameters.values() if p is not None and id(p) not in owners})
+        modules[name] = {"layer": type(m).__name__, "config": m.layer_config(),
+                         **({"output_scale": m.output_scale} if m.output_scale != 1.0 else {}),
+                         **({"shared": shared} if shared else {})}  # --joint: one right factor for linears of one input
     return {"format": "lmshrink", "format_version": FORMAT_VERSION, "lmshrink_version": _version(),
             "family": loaded.family.name, "source": loaded.source, "modules": modules,
             "compression": loaded.compression, **({"recipe": loaded.recipe} if loaded.recipe else {})}
@@ -265,7 +271,28 @@ def _build(directory: Path, manifest: dict, family, stored: dict[str, StoredTens
         except (ValueError, TypeError, RuntimeError, KeyError, IndexError, AttributeError, OverflowError) as error:
             # Constructors refuse inconsistent sizes (group sizes that do not sum, TT shapes that do not multiply).
             raise CorruptFile(f"{where}: config {str(spec['config'])[:80]} does not describe a layer ({one_line(error)})") from error
+    for name, spec in manifest["modules"].items():
+        if "shared" in spec:
+            _share(loaded.model, name, spec, manifest["modules"], f"MODEL: manifest {str(directory / MANIFEST)!r}: module {name!r}")
     return loaded
+
+
+def _share(model: nn.Module, name: str, spec: dict, modules: dict, where: str) -> None:
+    """Make ``name``'s parameters listed in its spec's "shared" ({attribute: owner module}) the owner's own (untrusted:
+    the owner must be another factorized module of the manifest that shares nothing itself, the shapes equal)."""
+    shared = spec["shared"]
+    if not isinstance(shared, dict) or not shared or len(shared) > 8:
+        raise CorruptFile(f"{where}: 'shared' is {str(shared)[:60]!r}; allowed: a mapping of a few parameter names to modules")
+    layer = model.get_submodule(name)
+    for attribute, owner in shared.items():
+        if not isinstance(owner, str) or owner == name or owner not in modules or "shared" in modules[owner]:
+            raise CorruptFile(f"{where}: shares {str(attribute)[:40]!r} with {str(owner)[:80]!r}; allowed: another factorized "
+                              "module of the manifest that shares nothing itself")
+        mine, theirs = layer._parameters.get(attribute), model.get_submodule(owner)._parameters.get(attribute)
+        if not isinstance(attribute, str) or mine is None or theirs is None or mine.shape != theirs.shape:
+            raise CorruptFile(f"{where}: shares {str(attribute)[:40]!r} with {owner!r}, but the two layers have no such "
+                              "parameter of one shape")
+        layer._parameters[attribute] = theirs
 
 
 def _output_scale(value) -> float:

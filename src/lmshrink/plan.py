@@ -69,6 +69,9 @@ class Plan:
 
     ``bits`` B: the factors this plan produces are stored as B-bit packed integers (lmshrink.quantize_factors), with
     a float16 scale and minimum per row, or per ``group_size`` consecutive columns of a row. None: float factors.
+
+    ``joint``: linears that read one input (q/k/v; gate/up) are factorized together, one right factor shared by
+    them (lmshrink.joint): a rank costs in + sum(out) instead of in + out for each. Low-rank methods only.
     """
 
     method: str = "svd"
@@ -86,6 +89,7 @@ class Plan:
     untie_head: bool = False
     bits: int | None = None
     group_size: int | None = None
+    joint: bool = False
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -117,6 +121,11 @@ class Plan:
                                             or not 1 <= self.group_size <= 1 << 20):
             raise InvalidArgument("--group-size", f"{self.group_size!r} is not a positive integer",
                                   "an integer 1 .. 1048576 (columns sharing one scale), or none for one scale per row")
+        if not isinstance(self.joint, bool):
+            raise InvalidArgument("--joint", f"{self.joint!r} is not true or false", "true (shared right factors) or false")
+        if self.joint and self.bits is not None:
+            raise InvalidArgument("--joint", "cannot be combined with --bits in this version (each member would quantize the "
+                                  "shared factor on its own)", "--joint with float factors, or --bits without --joint")
         if self.calibration_windows < 1:
             raise InvalidArgument("--calibration-windows", f"{self.calibration_windows} is below 1", "an integer >= 1")
         if self.window < 2:
@@ -145,7 +154,7 @@ class Plan:
         return {"method": self.method, "targets": list(self.targets), "ratio": self.ratio, "rank": self.rank,
                 "energy": self.energy, "params": self.params, "multiple_of": self.multiple_of, "allocation": self.allocation,
                 "max_shift": self.max_shift, "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window,
-                "untie_head": self.untie_head, "bits": self.bits, "group_size": self.group_size}
+                "untie_head": self.untie_head, "bits": self.bits, "group_size": self.group_size, "joint": self.joint}
 
 
 class Candidates(list):

@@ -24,9 +24,10 @@ from lmshrink.errors import InvalidArgument
 
 # Keys of a stage that are Plan fields (``options`` holds method options; they may also stand at the stage's top level).
 PLAN_KEYS = ("targets", "method", "ratio", "rank", "energy", "params", "bits", "group_size", "allocation", "max_shift",
-             "multiple_of", "calibration_windows", "window", "untie_head", "options")
+             "multiple_of", "calibration_windows", "window", "untie_head", "joint", "options")
 # Plan fields a saved stage lists only when they differ from the Plan defaults.
-OPTIONAL_PLAN_KEYS = ("bits", "group_size", "allocation", "max_shift", "multiple_of", "calibration_windows", "window", "untie_head")
+OPTIONAL_PLAN_KEYS = ("bits", "group_size", "allocation", "max_shift", "multiple_of", "calibration_windows", "window", "untie_head",
+                      "joint")
 BUDGET_KEYS = ("bytes", "params", "bf16_fraction")
 RECIPE_KEYS = ("stages", "name", "description") + BUDGET_KEYS
 

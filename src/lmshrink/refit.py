@@ -25,6 +25,7 @@ from torch import nn
 from lmshrink.accounting import relative_error
 from lmshrink.decompose.refit import compensated_weight, output_error, refit_left
 from lmshrink.distributed import SINGLE, World, all_reduce_sum, share_tensor
+from lmshrink.joint import call_order_groups
 from lmshrink.layers.lowrank import linear_weight
 from lmshrink.models.blocks import run_block
 
@@ -60,36 +61,16 @@ def _inputs(block: nn.Module, names: list[str], hidden: torch.Tensor, call) -> d
 def input_groups(block: nn.Module, names: list[str], hidden: torch.Tensor | None, call, world: World = SINGLE) -> list[list[str]]:
     """``names`` split into groups that read the same input tensor, in the order the block calls them (one forward
     on ``hidden``). Several processes: rank 0's grouping (it always holds a window) is everyone's."""
-    order: list[tuple[str, torch.Tensor]] = []  # the tensors themselves: kept alive, no address is reused meanwhile
-    if hidden is not None:
-        def hook(name):
-            def record(module, args):
-                order.append((name, args[0]))
-
-            return record
-
-        handles = [block.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
-        try:
-            with torch.no_grad():
-                run_block(block, hidden, call)
-        finally:
-            for handle in handles:
-                handle.remove()
-    # One group number per name (order of first call, a group per distinct input tensor), shared from rank 0.
-    first = {name: tensor for name, tensor in reversed(order)}
-    called = list(dict.fromkeys(name for name, _ in order))
-    inputs: list[torch.Tensor] = []
-    for name in called:
-        if not any(first[name] is seen for seen in inputs):
-            inputs.append(first[name])
-    numbers = torch.tensor([next(i for i, seen in enumerate(inputs) if first[name] is seen) for name in called], dtype=torch.int64)
-    position = torch.tensor([names.index(name) for name in called], dtype=torch.int64)
+    groups = call_order_groups(block, names, lambda: run_block(block, hidden, call)) if hidden is not None else []
+    # One group number per name, shared from rank 0.
+    numbers = torch.tensor([number for number, group in enumerate(groups) for _ in group], dtype=torch.int64)
+    position = torch.tensor([names.index(name) for group in groups for name in group], dtype=torch.int64)
     numbers = share_tensor(world, numbers if world.rank == 0 else None, 0, torch.device("cpu"), "sharing refit groups")
     position = share_tensor(world, position if world.rank == 0 else None, 0, torch.device("cpu"), "sharing refit groups")
-    groups: dict[int, list[str]] = {}
+    everyones: dict[int, list[str]] = {}
     for number, index in zip(numbers.tolist(), position.tolist()):
-        groups.setdefault(number, []).append(names[index])
-    return [groups[number] for number in sorted(groups)]
+        everyones.setdefault(number, []).append(names[index])
+    return [everyones[number] for number in sorted(everyones)]
 
 
 # refactor(name, compensated weight W*, the compressed inputs' statistics under lmshrink.calibration's names:
@@ -127,7 +108,10 @@ def refit_block(original: nn.Module, block: nn.Module, names: list[str], origina
                 original_gram += (x_o[name].T @ x_o[name]).double()
         all_reduce_sum(world, [t for name in group for t in sums[name]] + [tokens], "adding refit statistics")
         for name in group:
-            results[name] = _refit_layer(name, layers[name], weights[name].float(), *sums[name], float(tokens), refactor)
+            # A right factor shared with other members (--joint) stays: only the left factor is refitted.
+            shared = any(layers[other].right is layers[name].right for other in group if other != name)
+            results[name] = _refit_layer(name, layers[name], weights[name].float(), *sums[name], float(tokens),
+                                         None if shared else refactor)
     return results
 
 

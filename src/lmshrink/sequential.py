@@ -41,7 +41,8 @@ from lmshrink.distributed import (SINGLE, World, agree, all_reduce_sum, barrier,
 from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 from lmshrink.methods import get_method
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
-from lmshrink.plan import Plan, select_targets
+from lmshrink.joint import call_order_groups, joint_targets, merged_stats
+from lmshrink.plan import Plan, Target, select_targets
 from lmshrink.quantize_factors import quantize_factors, reconcile_bits
 from lmshrink.recipes import record_recipe
 from lmshrink.refit import refit_block
@@ -186,6 +187,7 @@ class Engine:
         # (index, Plan); the Recipe and its budget solution (None for a single Plan).
         self.plan, self.stage, self.outer_stages, self.recipe, self.solution = None, 0, [], None, None
         self.budget_limit: tuple[str, int] | None = None  # (unit, limit) of a recipe's budget, from the original model
+        self._probe = None  # (first hidden, calls) of a short input: what block_targets runs a block on to group its linears
 
     def load_outer(self) -> dict[str, torch.Tensor]:
         """Materialize and fill embedding, final norm, head (and the rest outside the blocks); returns their state."""
@@ -221,6 +223,19 @@ class Engine:
         materialize(block, self.device)
         fill(block, self.source, prefix=self.stack.prefix(index))
         return block
+
+    def block_targets(self, index: int, block) -> list[Target]:
+        """Block ``index``'s targets; with a joint plan, the linears that read one input as one JointTarget each
+        (found by running the block once on a short probe: eight tokens through the embedding)."""
+        targets = self.by_block[index]
+        if not self.plan.joint:
+            return targets
+        if self._probe is None:
+            self._probe = self.stack.capture(torch.arange(8)[None].to(self.device))
+        prefix = self.stack.prefix(index)
+        hidden, calls = self._probe
+        groups = call_order_groups(block, [t.name[len(prefix):] for t in targets], lambda: run_block(block, hidden, calls[index]))
+        return joint_targets(targets, [[prefix + name for name in group] for group in groups])
 
     def blocks(self, desc: str):
         return tqdm(range(len(self.stack)), desc=desc, unit="block", disable=not self.progress)
@@ -398,25 +413,26 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
     """One open-loop streamed pass for every target's weighted spectrum, then the global budget (lmshrink.budget)."""
     from lmshrink.budget import ranks_from_spectra
 
-    spectra, units = {}, set()
+    spectra, units, everything = {}, set(), []
     hidden, world = first_inputs, engine.world
     for index in engine.blocks("spectra"):
         block = engine.load_block(index)
         stats, hidden = _block_pass(block, hidden, calls, index, engine.by_block[index], method.needs & INPUT_STATS, engine.boundary(),
                                     world)
         gradient_stats = _gradient_stats(fisher_dir, index, engine.device)
-        targets = engine.by_block[index]
+        targets = engine.block_targets(index, block)
+        everything += targets
         owners = pack_by_cost([matrix_cost(t.shape) for t in targets], world.size)  # each spectrum is an SVD: split them
         for target, owner in zip(targets, owners):
             values = in_loss = None
             if owner == world.rank:
-                entry = {**stats[target.name], **gradient_stats.get(target.name, {})}
+                entry = merged_stats(target, {name: {**found, **gradient_stats.get(name, {})} for name, found in stats.items()})
                 values, in_loss = method.error_spectrum(target.weight().float(), entry, options)
                 values, in_loss = values.cpu(), torch.tensor([bool(in_loss)])
             spectra[target.name] = share_tensor(world, values, owner, torch.device("cpu"), "sharing spectra")
             units.add(bool(share_tensor(world, in_loss, owner, torch.device("cpu"), "sharing spectra")))
         release(block)
-    return ranks_from_spectra(engine.targets, plan, {}, spectra, units)
+    return ranks_from_spectra(everything, plan, {}, spectra, units)
 
 
 def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path, dtype: str = "auto",
@@ -482,14 +498,16 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
         hidden = original_hidden = first_inputs  # the compressed and the original model's activations (closed loop + refit)
         for index in engine.blocks(f"{method.name} ({calibrate_on} activations{', refit' if refit else ''})"):
             block = engine.load_block(index)
-            block_targets = engine.by_block[index]
+            matrices = engine.by_block[index]
             needs = method.needs & INPUT_STATS
-            stats, original_outputs = {t.name: {} for t in block_targets}, None
+            stats, original_outputs = {t.name: {} for t in matrices}, None
             if needs or calibrate_on == "original":
-                stats, original_outputs = _block_pass(block, hidden, calls, index, block_targets, needs,
+                stats, original_outputs = _block_pass(block, hidden, calls, index, matrices, needs,
                                                       engine.boundary() if calibrate_on == "original" else None, world)
             for name, entry in _gradient_stats(fisher_dir, index, device).items():
                 stats[name].update(entry)
+            block_targets = engine.block_targets(index, block)  # --joint: linears of one input stacked, their stats merged
+            stats = {t.name: merged_stats(t, stats) for t in block_targets}
             block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
             original = copy.deepcopy(block) if refit else None
             block_rows = _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)
@@ -571,7 +589,7 @@ def _factorize_block(loaded, world: World, targets, ranks, method, stats, option
     """Factorize one block's targets: each process the ones packed to it by cost, then every process receives every
     factor from its owner (all of them run the compressed block; rank 0 writes it) and swaps the layers in."""
     if not world.distributed:
-        return [factorize_target(loaded, t, ranks[t.name], method, stats[t.name], options, False) for t in targets]
+        return [row for t in targets for row in factorize_target(loaded, t, ranks[t.name], method, stats[t.name], options, False)]
     owners = pack_by_cost([matrix_cost(t.shape) for t in targets], world.size)
     mine = {t.name: method.function(t.weight().detach().float(), ranks[t.name], stats[t.name], options)
             for t, owner in zip(targets, owners) if owner == world.rank and ranks[t.name] is not None}  # all at once, then share
@@ -579,10 +597,10 @@ def _factorize_block(loaded, world: World, targets, ranks, method, stats, option
     for target, owner in zip(targets, owners):
         rank = ranks[target.name]
         if rank is None:
-            rows.append(factorize_target(loaded, target, rank, method, {}, options, False))
+            rows += factorize_target(loaded, target, rank, method, {}, options, False)
             continue
         left, right = mine.get(target.name, (None, None))
         device = target.module.weight.device
         factors = (share_tensor(world, left, owner, device), share_tensor(world, right, owner, device))
-        rows.append(factorize_target(loaded, target, rank, _Replay(method, factors), {}, options, False))
+        rows += factorize_target(loaded, target, rank, _Replay(method, factors), {}, options, False)
     return rows

@@ -14,6 +14,7 @@ from lmshrink.allocation import allocate, check_amounts
 from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus, load_corpus
 from lmshrink.errors import InvalidArgument
+from lmshrink.joint import JointTarget, merged_stats, model_groups, joint_targets, split_rows
 from lmshrink.layers.base import carry_output_scale, replace_module
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
 from lmshrink.methods import get_method
@@ -72,6 +73,9 @@ def check_plan(model, plan: Plan) -> list[Target]:
         raise InvalidArgument("--untie-head", "no targeted embedding shares its weight with an output layer",
                               "targets that include a tied token embedding (--targets embedding on a model with tied embeddings), "
                               "or no --untie-head")
+    if plan.joint and method.kind != "lowrank":
+        raise InvalidArgument("--joint", f"method {method.name!r} is not a low-rank method (it has no right factor to share)",
+                              "a low-rank method (svd, rsvd, fwsvd, asvd, svdllm, fwhiten, kfac), or no --joint")
     check_quantizable(method, targets, plan)
     plan = plan.for_targets(targets)
     if method.kind == "lowrank":
@@ -107,10 +111,13 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     rows = []
     on_stage(f"factorizing {len(targets)} matrices ({method.name})")
     if method.kind == "lowrank":
+        if plan.joint:  # linears that read one input become one stacked target with merged statistics
+            targets = joint_targets(targets, model_groups(loaded, targets))
+            stats = {target.name: merged_stats(target, stats) for target in targets}
         ranks = allocate(targets, plan, stats)
         for target in tqdm(targets, desc=f"{method.name}", unit="matrix", disable=not progress):
-            rows.append(factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options,
-                                         plan.untie_head))
+            rows += factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options,
+                                     plan.untie_head)
     else:
         for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
             before = module_params(target.module)
@@ -148,12 +155,15 @@ def _row(target: Target, params_before: int) -> dict:
             "params_after": params_before, "relative_error": 0.0, "tied_head": target.tied_head}
 
 
-def factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, options, untie_head: bool) -> dict:
-    """Factorize one target at ``rank`` (None: it stays dense) with a low-rank method and swap it in; its report row."""
+def factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, options, untie_head: bool) -> list[dict]:
+    """Factorize one target at ``rank`` (None: it stays dense) with a low-rank method and swap it in; its report rows
+    (one; a JointTarget: one per member)."""
+    if isinstance(target, JointTarget):
+        return _factorize_joint(loaded, target, rank, method, stats, options)
     row = _row(target, module_params(target.module))
     if rank is None:
         row["status"] = "dense (not smaller)"
-        return row
+        return [row]
     weight = target.weight().detach()
     left, right = method.function(weight.float(), rank, stats, options)
     layer = lowrank_layer(target, left, right)
@@ -161,7 +171,29 @@ def factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, o
     with torch.no_grad():
         row.update(status="factorized", rank=rank, params_after=module_params(layer), layer=type(layer).__name__,
                    relative_error=relative_error(weight, left @ right))
-    return row
+    return [row]
+
+
+def _factorize_joint(loaded: LoadedModel, target: JointTarget, rank, method, stats, options) -> list[dict]:
+    """The stacked members factorized once; each member a LowRankLinear with its rows of the left factor and the one
+    right factor, shared (the first member's row counts it; the others' count their left factor only)."""
+    rows = [_row(member, module_params(member.module)) for member in target.members]
+    if rank is None:
+        return [{**row, "status": "dense (not smaller)", "joint": target.name} for row in rows]
+    weights = [member.weight().detach() for member in target.members]
+    left, right = method.function(torch.cat(weights).float(), rank, stats, options)
+    shared = None
+    for member, row, piece, weight in zip(target.members, rows, split_rows(target, left), weights):
+        layer = lowrank_layer(member, piece, right)
+        if shared is None:
+            shared = layer.right
+        else:
+            layer.right = shared
+        _swap(loaded, member, layer)
+        with torch.no_grad():
+            row.update(status="factorized", rank=rank, params_after=module_params(layer) - (0 if member is target.members[0] else shared.numel()),
+                       layer=type(layer).__name__, relative_error=relative_error(weight, piece @ right), joint=target.name)
+    return rows
 
 
 def _swap(loaded: LoadedModel, target: Target, new: nn.Module, untie_head: bool = False) -> None:
