@@ -99,7 +99,7 @@ def main() -> None:
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            key = ("model", "variant", "method", "ratio", "calib", "windows", "tokens", "joint")
+            key = ("model", "variant", "method", "allocation", "ratio", "calib", "windows", "tokens", "joint")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
@@ -114,15 +114,17 @@ def _command() -> str:
 def _write(name: str, runs: list[dict], write_results) -> None:
     order = {v: i for i, v in enumerate(["dense", *VARIANTS])}
     runs = sorted(runs, key=lambda r: (r["model"], r["calib"], -(r["ratio"] or 2), order.get(r["variant"], 9)))
-    dense = {r["model"]: r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
-    rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else ""), r["method"] or "-", r["ratio"], r["calib"], r["windows"], r.get("perplexity"),
-             (r["perplexity"] / dense[r["model"]]) if r.get("perplexity") and r["model"] in dense else None,
+    dense = {(r["model"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
+    rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else ""), r["method"] or "-", r["allocation"] if r["method"] else "-",
+             r["ratio"], r["calib"], r["windows"], r["tokens"], r.get("perplexity"),
+             (r["perplexity"] / dense[r["model"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["tokens"]) in dense else None,
              r.get("seconds"), r.get("error")] for r in runs]
     write_results(name, {"runs": runs},
-                  ["model", "variant", "method", "ratio", "calibration text", "windows", "perplexity (WikiText-2 test)", "x dense",
+                  ["model", "variant", "method", "allocation", "ratio", "calibration text", "windows", "eval tokens", "perplexity (WikiText-2 test)", "x dense",
                    "wall s (compress, incl. load)", "error"], rows,
                   notes=["Each row's own command is in the JSON (rows from several invocations are merged).",
-                         "Allocation: sensitivity (one global budget over the linears); window 512; first 16k test tokens.",
+                         "Sensitivity: one global budget over the linears; uniform: every matrix at the ratio; window 512.",
+                         "x dense: against the dense row of the same model and evaluation tokens.",
                          "Calibration windows come from the calibration text's train split (standard-library source has none).",
                          "Wall times: 2 shared CPU cores, OMP_WAIT_POLICY=PASSIVE; compare within similar load only."])
 
