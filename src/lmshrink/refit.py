@@ -8,22 +8,17 @@ block's linears reproduce what the original model's did.
                     compressed activations), each forward stopped once the group's inputs are seen
         sums Coc = x_o x_c^T, Ccc = x_c x_c^T, Coo = x_o x_o^T (added across processes)
         L = argmin sum ||W x_o - L R x_c||^2   (R, the right factor, kept)
-        a whitening method (one that reads the input Gram): also the method itself on W* = W Coc Ccc^-1 with Ccc
-        as the Gram, both factors new (the reduced-rank regression optimum; lmshrink.decompose.refit); the
-        factors with the lower output error are kept, never worse than before
 
 Going group by group in forward order lets a later group compensate what the earlier, refitted ones changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from lmshrink.accounting import relative_error
-from lmshrink.decompose.refit import compensated_weight, output_error, refit_left
+from lmshrink.decompose.refit import output_error, refit_left
 from lmshrink.distributed import SINGLE, World, all_reduce_sum, share_tensor
 from lmshrink.joint import call_order_groups
 from lmshrink.layers.lowrank import linear_weight
@@ -73,21 +68,14 @@ def input_groups(block: nn.Module, names: list[str], hidden: torch.Tensor | None
     return [everyones[number] for number in sorted(everyones)]
 
 
-# refactor(name, compensated weight W*, the compressed inputs' statistics under lmshrink.calibration's names:
-# input_gram (a sum over tokens), input_sq_mean) -> (left, right): the method run again on them
-Refactor = Callable[[str, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
-
-
-def refit_block(original: nn.Module, block: nn.Module, names: list[str], original_inputs, compressed_inputs, calls, index: int,
-                world: World = SINGLE, refactor: Refactor | None = None) -> dict[str, dict]:
-    """Refit the factors of each factorized linear ``names`` (relative to ``block``) in place.
+def refit_block(original: nn.Module, block: nn.Module, names: list[str], original_inputs, compressed_inputs, calls, index: int, world: World = SINGLE) -> dict[str, dict]:
+    """Refit the left factor of each factorized linear ``names`` (relative to ``block``) in place.
 
     ``original``: the block before factorization (a copy: its linears hold the original matrices);
     ``original_inputs`` / ``compressed_inputs``: the block's inputs per window in the original and in the compressed
     model (the same list in the open loop); ``calls[w][index]``: the block's call arguments for window ``w``.
-    ``refactor``: the method again, for whitening methods (see the module docstring); None: left factors only.
-    Returns per name its relative output error on the calibration windows before and after the refit, which
-    refit won ("left" or "refactored") and the refitted matrix's relative (Frobenius) distance to the original.
+    Returns per name its relative output error on the calibration windows before and after the refit, and the
+    refitted matrix's relative (Frobenius) distance to the original.
     """
     results: dict[str, dict] = {}
     weights = {name: linear_weight(original.get_submodule(name)).detach() for name in names}
@@ -96,41 +84,24 @@ def refit_block(original: nn.Module, block: nn.Module, names: list[str], origina
         layers = {name: block.get_submodule(name) for name in group}
         sums = {name: [torch.zeros(n, n, dtype=torch.float64, device=weights[name].device) for _ in range(3)]
                 for name in group for n in [weights[name].shape[1]]}
-        tokens = torch.zeros((), dtype=torch.float64)
         for window, (hidden_o, hidden_c) in enumerate(zip(original_inputs, compressed_inputs)):
             call = calls[window][index]
             x_o, x_c = _inputs(original, group, hidden_o, call), _inputs(block, group, hidden_c, call)
-            tokens += x_c[group[0]].shape[0]
             for name in group:
                 cross, gram, original_gram = sums[name]
                 cross += (x_o[name].T @ x_c[name]).double()
                 gram += (x_c[name].T @ x_c[name]).double()
                 original_gram += (x_o[name].T @ x_o[name]).double()
-        all_reduce_sum(world, [t for name in group for t in sums[name]] + [tokens], "adding refit statistics")
+        all_reduce_sum(world, [t for name in group for t in sums[name]], "adding refit statistics")
         for name in group:
-            # A right factor shared with other members (--joint) stays: only the left factor is refitted.
-            shared = any(layers[other].right is layers[name].right for other in group if other != name)
-            results[name] = _refit_layer(name, layers[name], weights[name].float(), *sums[name], float(tokens),
-                                         None if shared else refactor)
+            layer, weight, (cross, gram, original_gram) = layers[name], weights[name].float(), sums[name]
+            right, before = layer.right.detach().float(), layer.left.detach().float()
+            after = refit_left(weight, right, cross, gram)
+            error_before = output_error(weight, before, right, cross, gram, original_gram)
+            error_after = output_error(weight, after, right, cross, gram, original_gram)
+            if error_after <= error_before:  # the least-squares optimum cannot be worse; guard against round-off
+                with torch.no_grad():
+                    layer.left.copy_(after)
+            results[name] = {"output_error_before_refit": error_before, "output_error": min(error_after, error_before),
+                             "relative_error": relative_error(weight, layer.dense_weight())}
     return results
-
-
-def _refit_layer(name, layer, weight, cross, gram, original_gram, tokens: float, refactor: Refactor | None) -> dict:
-    right, left = layer.right.detach().float(), layer.left.detach().float()
-    error_before = output_error(weight, left, right, cross, gram, original_gram)
-    candidates = [("left", refit_left(weight, right, cross, gram), right)]
-    if refactor is not None:
-        seen = {"input_gram": gram.float(), "input_sq_mean": (gram.diagonal() / max(tokens, 1.0)).float()}
-        _, new_right = refactor(name, compensated_weight(weight, cross, gram), seen)
-        new_right = new_right.float()
-        candidates.append(("refactored", refit_left(weight, new_right, cross, gram), new_right))
-    errors = [output_error(weight, l, r, cross, gram, original_gram) for _, l, r in candidates]
-    best = min(range(len(candidates)), key=errors.__getitem__)
-    won = "none"
-    if errors[best] <= error_before:  # a least-squares optimum cannot be worse; guard against round-off
-        won, new_left, new_right = candidates[best]
-        with torch.no_grad():
-            layer.left.copy_(new_left)
-            layer.right.copy_(new_right)
-    return {"output_error_before_refit": error_before, "output_error": min(errors[best], error_before), "refit": won,
-            "relative_error": relative_error(weight, layer.dense_weight())}

@@ -512,9 +512,8 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             original = copy.deepcopy(block) if refit else None
             block_rows = _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)
             if refit:
-                refactor = _refactor(method, options, stats, engine.stack.prefix(index), block_rows)
                 original_hidden = _refit(engine, index, original, block, block_rows, original_hidden if calibrate_on == "compressed" else hidden,
-                                         hidden, calls, calibrate_on == "compressed", refactor)
+                                         hidden, calls, calibrate_on == "compressed")
             if plan.bits is not None:  # after the refit; the next block calibrates on what the stored (quantized) block gives
                 quantize_factors(loaded.model, block_rows, plan.bits, plan.group_size)
             rows += block_rows
@@ -558,26 +557,12 @@ def _fingerprint(source, plan: Plan, dtype, device, calibrate_on, offload_bytes,
             "calibrate_on": calibrate_on, "offload_bytes": offload_bytes, "refit": refit}
 
 
-def _refactor(method, options, stats: dict, prefix: str, rows: list[dict]):
-    """For a whitening method (it reads the input Gram): the refit's second candidate, the method run again on the
-    compensated matrix and the compressed inputs' statistics (lmshrink.refit). Other methods: None."""
-    if "input_gram" not in method.needs:
-        return None
-    ranks = {row["name"]: row["rank"] for row in rows}
-
-    def refactor(name: str, weight, seen: dict):
-        return method.function(weight, ranks[prefix + name], {**stats[prefix + name], **seen}, options)
-
-    return refactor
-
-
-def _refit(engine: Engine, index: int, original, block, rows: list[dict], original_inputs, compressed_inputs, calls, closed: bool,
-           refactor=None):
+def _refit(engine: Engine, index: int, original, block, rows: list[dict], original_inputs, compressed_inputs, calls, closed: bool):
     """Refit block ``index``'s factorized matrices (lmshrink.refit) and record it in their rows; frees ``original``.
     Returns the original model's activations after this block (closed loop: the next block's refit needs them)."""
     prefix = engine.stack.prefix(index)
     names = [row["name"][len(prefix):] for row in rows if row["status"] == "factorized"]
-    outcome = refit_block(original, block, names, original_inputs, compressed_inputs, calls, index, engine.world, refactor)
+    outcome = refit_block(original, block, names, original_inputs, compressed_inputs, calls, index, engine.world)
     for row in rows:
         row.update(outcome.get(row["name"][len(prefix):], {}))
     outputs = _block_pass(original, original_inputs, calls, index, [], set(), engine.boundary())[1] if closed else original_inputs

@@ -9,11 +9,6 @@ layers before it are compressed, and the right factor R (k, in) kept, the left f
 in closed form from three sums over tokens: Coc = sum x_o x_c^T, Ccc = sum x_c x_c^T (and Coo = sum x_o x_o^T for
 the error itself). The problem separates by output row, so the answer is the same under any per-row weighting:
 the Fisher row weights of fwsvd/fwhiten do not change it.
-
-When the right factor may change too, the problem is a reduced-rank regression: with the compensated matrix
-W* = W Coc Ccc^-1 (the best full-rank map from compressed to original outputs), sum ||W x_o - M x_c||^2 equals
-sum ||W* x_c - M x_c||^2 plus a constant, so the best rank-k M is the input-Gram-whitened truncation of W* under
-Ccc: what a whitening method (svdllm, fwhiten, kfac) computes when given W* and Ccc instead of W and the Gram.
 """
 
 from __future__ import annotations
@@ -35,17 +30,6 @@ def refit_left(weight: Tensor, right: Tensor, cross: Tensor, gram: Tensor, damp:
     factor, info = torch.linalg.cholesky_ex(system)
     left = torch.cholesky_solve(rhs.T, factor).T if int(info) == 0 else torch.linalg.lstsq(system, rhs.T).solution.T
     return left.to(weight.dtype)
-
-
-def compensated_weight(weight: Tensor, cross: Tensor, gram: Tensor, damp: float = 1e-6) -> Tensor:
-    """W* = W Coc Ccc^-1 (float64 solve, ``damp`` as in refit_left): the full-rank matrix that best reproduces the
-    original outputs W x_o from the compressed inputs x_c. Returns it in ``weight``'s dtype."""
-    system = gram.double().clone()
-    system.diagonal().add_(damp * float(system.diagonal().mean().clamp_min(1e-30)))
-    rhs = weight.double() @ cross.double()  # W Coc; M Ccc = W Coc, Ccc symmetric
-    factor, info = torch.linalg.cholesky_ex(system)
-    solved = torch.cholesky_solve(rhs.T, factor).T if int(info) == 0 else torch.linalg.lstsq(system, rhs.T).solution.T
-    return solved.to(weight.dtype)
 
 
 def output_error(weight: Tensor, left: Tensor, right: Tensor, cross: Tensor, gram: Tensor, original_gram: Tensor) -> float:
