@@ -125,6 +125,8 @@ def _write(name: str, runs: list[dict], write_results) -> None:
                   notes=["Each row's own command is in the JSON (rows from several invocations are merged).",
                          "Sensitivity: one global budget over the linears; uniform: every matrix at the ratio; window 512.",
                          "x dense: against the dense row of the same model and evaluation tokens.",
+                         "refit-refactored: the refit as it was at commit a648ac0 (also the method run again on W Coc Ccc^-1, "
+                         "both factors new); dropped after this row. The refit row is made by the same left-factor refit as now.",
                          "Calibration windows come from the calibration text's train split (standard-library source has none).",
                          "Wall times: 2 shared CPU cores, OMP_WAIT_POLICY=PASSIVE; compare within similar load only."])
 
