@@ -39,9 +39,12 @@ def vm_data():
     return status("VmData")
 def peak():  # VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's peak across fork + exec)
     return status("VmHWM") / 2**20
+if spec["device"] != "cpu" and torch.cuda.is_available():  # the CUDA context's own mappings are not the model's memory
+    torch.zeros(1, device="cuda")
 limit = vm_data() + spec["headroom"]
 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], calibration_windows=spec["windows"], window=spec["window"])
+plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], calibration_windows=spec["windows"], window=spec["window"],
+                     allocation=spec["allocation"])
 block_starts = []
 load_block = sequential.Engine.load_block
 def timed_load_block(self, index):  # the benchmark's own probe: when each block starts
@@ -62,9 +65,30 @@ except Exception as error:  # any failure is a result here: what failed, after h
     sys.exit(0)
 end = time.perf_counter()
 blocks = [b - a for a, b in zip(block_starts, block_starts[1:] + [end])]
+gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 print("RESULT " + json.dumps({"seconds": end - start, "before_first_block_seconds": block_starts[0] - start if block_starts else None,
-                              "block_seconds": blocks, "peak_rss_mib": peak(),
+                              "block_seconds": blocks, "peak_rss_mib": peak(), "gpu_peak_mib": gpu_peak,
                               "limit_bytes": limit, "params_before": report.params_before, "params_after": report.params_after}))
+"""
+
+# Tokens/s of the original and the compressed model on the device, alternated (evaluate.compare_throughput), in a child
+# of its own without a memory limit: one token (a decode step's weight reads, without a KV cache), one and 16 windows.
+_SPEED = r"""
+import json, sys
+import torch
+import lmshrink
+from lmshrink.evaluate import compare_throughput
+
+spec = json.loads(sys.argv[1])
+original = lmshrink.load_model(spec["model"], device=spec["device"], dtype="bfloat16")
+compressed = lmshrink.load(spec["out"], device=spec["device"])
+result = {}
+for batch, tokens in ((1, 1), (1, 512), (16, 512)):
+    speed = compare_throughput(original, compressed, tokens=tokens, batch_size=batch, rounds=15)
+    result[f"{batch}x{tokens}"] = {"before": speed["before"]["tokens_per_s"], "after": speed["after"]["tokens_per_s"],
+                                   "speedup": speed["speedup"], "spread": speed["speedup_spread"], "noisy": speed["noisy"]}
+result["device_name"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print("RESULT " + json.dumps(result))
 """
 
 
@@ -107,6 +131,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--method", default="svdllm")
     parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--allocation", default="uniform", choices=["uniform", "sensitivity"])
+    parser.add_argument("--speed", action="store_true", help="Also time the original and the compressed model on --device.")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--data", default="pydoc")
@@ -130,32 +156,48 @@ def main() -> None:
         headroom = int(weight_bytes * args.limit_fraction)
         # glibc's adaptive mmap threshold keeps freed blocks in the heap; a fixed one returns big buffers to the OS.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        runs = {}
+        runs, speed = {}, None
         for path in ("sequential", "whole"):
             spec = {"model": str(model), "path": path, "method": args.method, "ratio": args.ratio, "windows": args.windows,
                     "window": args.window, "data": args.data, "threads": args.threads, "headroom": headroom, "device": args.device,
+                    "allocation": args.allocation,
                     "out": str(Path(scratch) / f"out-{path}")}
             done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             runs[path] = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
             print(path, runs[path], flush=True)
+            if path == "sequential" and args.speed and "error" not in runs[path]:
+                done = subprocess.run([sys.executable, "-c", _SPEED, json.dumps(spec)], capture_output=True, text=True)
+                line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+                speed = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                print("speed", speed, flush=True)
     sequential = runs["sequential"]
     blocks = sorted(sequential.get("block_seconds") or [])
-    rows = [[path, f"{weight_bytes / 2**20:.0f}", f"{headroom / 2**20:.0f}", run.get("peak_rss_mib"), run.get("seconds"),
-             blocks[len(blocks) // 2] if path == "sequential" and blocks else None, run.get("error")] for path, run in runs.items()]
+    rows = [[path, f"{weight_bytes / 2**20:.0f}", f"{headroom / 2**20:.0f}", run.get("peak_rss_mib"), run.get("gpu_peak_mib"),
+             run.get("seconds"), blocks[len(blocks) // 2] if path == "sequential" and blocks else None, run.get("error")]
+            for path, run in runs.items()]
+    machine = f"{os.cpu_count()} CPU cores" + (f", {speed['device_name']}" if speed and "device_name" in speed else "")
+    speed_notes = [f"Forward tokens/s on {args.device}, original (bf16) vs compressed, 15 alternated rounds, medians: " +
+                   "; ".join(f"{shape}: {v['before']:,.0f} -> {v['after']:,.0f} (x{v['speedup']:.2f} +- {100 * v['spread']:.0f}%)"
+                             for shape, v in speed.items() if isinstance(v, dict))] if speed and "error" not in speed else []
     write_results(args.name, {"parameters": params, "weights_bf16_bytes": weight_bytes, "limit_headroom_bytes": headroom,
-                              "write_seconds": written, "args": vars(args), "runs": runs},
-                  ["path", "bf16 weights MiB", "allowed growth MiB (RLIMIT_DATA)", "peak RSS MiB", "wall s", "median s per block", "error"],
+                              "write_seconds": written, "args": vars(args), "runs": runs, "speed": speed, "machine": machine},
+                  ["path", "bf16 weights MiB", "allowed growth MiB (RLIMIT_DATA)", "peak RSS MiB", "peak GPU MiB", "wall s",
+                   "median s per block", "error"],
                   rows,
                   notes=[f"Random LLaMA: {params / 1e9:.2f}B parameters, {args.layers} blocks, hidden {args.hidden}, MLP {args.intermediate}, "
                          f"vocab {args.vocab}, untied; sharded bf16 safetensors written by the benchmark ({written:.0f} s).",
-                         f"{args.method} at ratio {args.ratio} on all attention/MLP linears, block by block in bfloat16 on {args.device}, "
+                         f"{args.method} ({args.allocation} allocation) at ratio {args.ratio} on all attention/MLP linears, block by "
+                         f"block in bfloat16 on {args.device}, "
                          f"closed loop, {args.windows} calibration windows of {args.window} tokens ({args.data} text, byte tokenizer).",
                          "The child's data segment may grow by the allowed amount above what it holds after importing torch and "
                          "transformers (RLIMIT_DATA; file-backed mappings such as the safetensors shards being read are not counted); "
                          "peak RSS is the child's VmHWM, which includes the imported libraries' code and the pages of mapped shards.",
-                         "Per-block time: from one block's load to the next (read, calibrate, factorize, propagate, write).",
-                         "2 shared CPU cores: wall times are noisy."])
+                         "Per-block time: from one block's load to the next (read, calibrate, factorize, propagate, write); "
+                         f"{len(sequential.get('block_seconds') or [])} block loads for {args.layers} blocks (sensitivity allocation "
+                         "reads each block once per pass).",
+                         *speed_notes,
+                         f"Machine: {machine}; shared machines: wall times are noisy."])
 
 
 if __name__ == "__main__":

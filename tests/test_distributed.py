@@ -235,6 +235,24 @@ def test_cuda_with_fewer_gpus_than_processes_is_refused_on_rank_0(checkpoint, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torchrun_on_one_gpu_joins_nccl_and_matches_one_process(checkpoint, tmp_path):
+    """One process per GPU under torchrun (the nccl + gloo group is set up and torn down) writes what a plain
+    process on the same GPU writes."""
+    args = ["--method", "fwhiten", "--sequential", "--device", "cuda", "--dtype", "float32", "--data", "pydoc", "--ratio", "0.5",
+            "--window", "48", "--tokens", "48"]
+    done = _torchrun(["compress", checkpoint, *args, "--out", tmp_path / "run"], tmp_path, nproc=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = subprocess.run([sys.executable, "-m", "lmshrink", "--threads", "1", "compress", checkpoint, *args, "--out", tmp_path / "alone"],
+                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "LMSHRINK_NO_STATS_CACHE": "1",
+                           "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ours, theirs = _weights(tmp_path / "run"), _weights(tmp_path / "alone")
+    assert set(ours) == set(theirs) and any(k.endswith(".left") for k in ours)
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-6) for k in ours)
+
+
 def test_a_rendezvous_that_times_out_is_one_clear_error(checkpoint, tmp_path):
     """Rank 0 of 2 started alone (as when a node never comes up): the rendezvous gives up after LMSHRINK_DIST_TIMEOUT."""
     import socket

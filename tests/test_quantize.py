@@ -43,6 +43,22 @@ def test_quantization_error_is_within_half_a_step(bits, group_size):
     assert quantized.nbytes() == quantized_nbytes((40, 50), bits, group_size)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_quantize_on_cuda_equals_cpu(bits):
+    """Quantizing and packing on the GPU give the CPU's integers; dequantizing (as a quantized layer does in every
+    forward pass there) its values to rounding."""
+    matrix = torch.randn(40, 50, generator=torch.Generator().manual_seed(bits))
+    for group_size in (None, 16):
+        here, there = quantize(matrix, bits, group_size), quantize(matrix.cuda(), bits, group_size)
+        assert there.packed.is_cuda and torch.equal(there.packed.cpu(), here.packed)
+        assert torch.allclose(dequantize(there).cpu(), dequantize(here), rtol=1e-6, atol=1e-7)  # the GPU fuses multiply-add
+    layer, x = QuantizedLinear.from_linear(torch.nn.Linear(50, 40), bits), torch.randn(3, 50)
+    expected = layer(x)
+    assert torch.allclose(layer.cuda()(x.cuda()).cpu(), expected, atol=1e-5)
+
+
 def test_more_bits_less_error():
     matrix = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
     errors = [float((dequantize(quantize(matrix, b)) - matrix).norm()) for b in SUPPORTED_BITS]

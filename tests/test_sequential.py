@@ -252,6 +252,11 @@ _CHILD = textwrap.dedent("""
     path, mode, out, headroom = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     def vm_data():
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1]) * 1024
+    if torch.cuda.is_available():  # the CUDA context's own mappings (made at its first use) are not the model's memory
+        torch.zeros(1, device="cuda")
+    # Nor are the thread pool's stacks (8 MiB each, counted by RLIMIT_DATA): two threads, started before measuring.
+    torch.set_num_threads(2)
+    torch.ones(256, 256) @ torch.ones(256, 256)
     limit = vm_data() + headroom
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     plan = lmshrink.Plan(method="rsvd", rank=16)

@@ -49,13 +49,13 @@ class BlockFactors:
 
     def assignment(self) -> Tensor:
         """(V,) group id of every token."""
-        owner = torch.empty(self.vocab_size, dtype=torch.long)
+        owner = torch.empty(self.vocab_size, dtype=torch.long, device=self.rights[0].device)
         for g, ids in enumerate(self.groups):
             owner[ids] = g
         return owner
 
     def reconstruct(self) -> Tensor:
-        out = torch.empty(self.vocab_size, self.dim, dtype=self.rights[0].dtype)
+        out = self.rights[0].new_empty(self.vocab_size, self.dim)
         for ids, left, right in zip(self.groups, self.lefts, self.rights):
             out[ids] = left @ right
         return out
@@ -304,7 +304,7 @@ def groupreduce(
             history.append(state)
             break
         owner = _reassign(work, weights, bases, [b.shape[0] for b in bases], budget)
-        previous = torch.empty(vocab, dtype=torch.long)
+        previous = torch.empty(vocab, dtype=torch.long, device=owner.device)
         for g, ids in enumerate(members):
             previous[ids] = g
         moved = int((owner != previous).sum())

@@ -41,13 +41,13 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
         return values.to(torch.uint8).clone()
     if 8 % bits == 0:
         per_byte = 8 // bits
-        padded = torch.zeros(-(-values.numel() // per_byte) * per_byte, dtype=torch.int32)
+        padded = values.new_zeros(-(-values.numel() // per_byte) * per_byte, dtype=torch.int32)
         padded[: values.numel()] = values.to(torch.int32)
-        shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+        shifts = torch.arange(per_byte, dtype=torch.int32, device=values.device) * bits
         return (padded.view(-1, per_byte) << shifts).sum(1).to(torch.uint8)
     out = []
-    bit_positions = torch.arange(bits, dtype=torch.int32)
-    weights = (1 << torch.arange(8, dtype=torch.int32))
+    bit_positions = torch.arange(bits, dtype=torch.int32, device=values.device)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=values.device))
     # Chunks hold a multiple of 8 values, so each chunk's bit stream ends on a byte boundary.
     for start in range(0, values.numel(), _CHUNK):
         chunk = values[start:start + _CHUNK].to(torch.int32)
@@ -56,7 +56,7 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
         if pad:
             stream = torch.cat([stream, stream.new_zeros(pad)])
         out.append((stream.view(-1, 8) * weights).sum(1).to(torch.uint8))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+    return torch.cat(out) if out else values.new_zeros(0, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
@@ -66,17 +66,17 @@ def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
         return packed[:count].long()
     if 8 % bits == 0:
         per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+        shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
         return ((packed.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)).flatten()[:count].long()
     out = []
     bytes_per_chunk = _CHUNK * bits // 8
-    bit_positions = torch.arange(8, dtype=torch.int32)
-    weights = (1 << torch.arange(bits, dtype=torch.int64))
+    bit_positions = torch.arange(8, dtype=torch.int32, device=packed.device)
+    weights = (1 << torch.arange(bits, dtype=torch.int64, device=packed.device))
     for start in range(0, packed.numel(), bytes_per_chunk):
         stream = ((packed[start:start + bytes_per_chunk].to(torch.int32)[:, None] >> bit_positions) & 1).flatten()
         usable = stream.numel() // bits * bits
         out.append((stream[:usable].view(-1, bits).long() * weights).sum(1))
-    return torch.cat(out)[:count] if out else torch.zeros(0, dtype=torch.long)
+    return torch.cat(out)[:count] if out else packed.new_zeros(0, dtype=torch.long)
 
 
 @dataclass
@@ -114,7 +114,8 @@ def quantize(matrix: Tensor, bits: int, group_size: int | None = None) -> Quanti
     work = matrix.detach().float()
     grouped, _ = _grouped(work, group_size)
     size = grouped.shape[2]
-    valid = torch.arange(size)[None, None, :] + torch.arange(grouped.shape[1])[None, :, None] * size < columns
+    column = torch.arange(size, device=work.device)[None, None, :] + torch.arange(grouped.shape[1], device=work.device)[None, :, None] * size
+    valid = column < columns
     low = torch.where(valid, grouped, torch.inf).amin(2)
     high = torch.where(valid, grouped, -torch.inf).amax(2)
     levels = (1 << bits) - 1
@@ -131,7 +132,7 @@ def dequantize(quantized: QuantizedMatrix, dtype: torch.dtype = torch.float32) -
     rows, columns = quantized.shape
     codes = unpack_bits(quantized.packed, quantized.bits, rows * columns).view(rows, columns).float()
     size = columns if quantized.group_size is None else quantized.group_size
-    group_of_column = torch.arange(columns) // size
+    group_of_column = torch.arange(columns, device=quantized.packed.device) // size
     scales = quantized.scales.float()[:, group_of_column]
     minimums = quantized.minimums.float()[:, group_of_column]
     return (minimums + codes * scales).to(dtype)
