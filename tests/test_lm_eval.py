@@ -4,6 +4,7 @@ a direct computation of the same log-likelihood comparisons."""
 
 import json
 import math
+import os
 import random
 import statistics
 
@@ -141,15 +142,33 @@ def test_registered_lm_eval_model_lmshrink(llama_dir, tasks_dir):
     assert output["results"]["tiny_mc"]["acc,none"] == pytest.approx(accuracy, abs=1e-12)
 
 
-def test_lm_eval_command_line_with_the_lmshrink_model(llama_dir, tasks_dir):
-    # lm-eval's own CLI (what `lmshrink-lm-eval` runs), in a fresh process: the model "lmshrink" is found and scores the task.
+@pytest.mark.parametrize("entry", ["lm_eval", "lmshrink.lm_eval_model"])
+def test_lm_eval_command_line_with_the_lmshrink_model(llama_dir, tasks_dir, entry):
+    """lm-eval's own CLI in a fresh process, as `lm_eval` (the model registered by the installed
+    lmshrink_lm_eval.pth) and as `lmshrink-lm-eval`: the model "lmshrink" is found and scores the task."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "lmshrink.lm_eval_model", "run", "--model", "lmshrink", "--model_args",
+    done = subprocess.run([sys.executable, "-m", entry, "run", "--model", "lmshrink", "--model_args",
                            f"pretrained={llama_dir}", "--tasks", "tiny_mc", "--include_path", str(tasks_dir), "--device", "cpu",
                            "--batch_size", "4"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     accuracy, _ = direct_accuracy(lmshrink.load(llama_dir), _documents())
     row = next(line for line in done.stdout.splitlines() if "tiny_mc" in line and "acc" in line)
     assert f"{accuracy:.4f}" in row, row
+
+
+def test_the_lm_eval_hook_imports_nothing_heavy_and_can_be_turned_off(llama_dir):
+    import subprocess
+    import sys
+
+    probe = "import sys; print(sorted(m for m in ('torch', 'lmshrink', 'lm_eval') if m in sys.modules))"
+    started = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0 and started.stdout.strip() == "[]", started  # interpreter start stays cheap
+    registry = ("from lm_eval.api.registry import get_model; import lm_eval.models\n"
+                "try:\n    print(get_model('lmshrink').__name__)\nexcept ValueError:\n    print('absent')")
+    found = subprocess.run([sys.executable, "-c", registry], capture_output=True, text=True, timeout=600)
+    assert found.stdout.strip() == "LmshrinkLM", found.stderr[-2000:]
+    off = subprocess.run([sys.executable, "-c", registry], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "LMSHRINK_NO_LM_EVAL_HOOK": "1"})
+    assert off.stdout.strip() == "absent", off.stderr[-2000:]

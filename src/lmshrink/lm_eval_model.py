@@ -2,8 +2,8 @@
 
 Importing this module registers the lm-eval model "lmshrink" (lm-eval's ``register_model``), so
 ``lm_eval.simple_evaluate(model="lmshrink", model_args="pretrained=DIR", ...)`` works after
-``import lmshrink.lm_eval_model``; ``python -m lmshrink.lm_eval_model run --model lmshrink --model_args pretrained=DIR
---tasks ...`` is lm-eval's own command line with that model registered. The model is lm-eval's ``HFLM`` given the
+``import lmshrink.lm_eval_model``; lm-eval's own ``lm_eval --model lmshrink`` finds it through the installed hook
+(``_lmshrink_lm_eval``), and ``python -m lmshrink.lm_eval_model run ...`` is that command line without the hook. The model is lm-eval's ``HFLM`` given the
 transformers model that lmshrink.load rebuilt, so every task type HFLM scores works unchanged.
 """
 
