@@ -153,6 +153,28 @@ def test_two_processes_refit_match_one_process(checkpoint, tmp_path, one_thread)
     assert not all(torch.allclose(theirs[k], before[k]) for k in theirs if k.endswith(".left"))  # the refit did move them
 
 
+def test_two_processes_joint_match_one_process(checkpoint, tmp_path, one_thread):
+    """--joint: a stacked group (q/k/v; gate/up) is one matrix for the cost packing; its factors, the shared right one
+    with them, come from the rank that owns it, and the refit of the members' left factors uses the added sums."""
+    done = _torchrun(["compress", checkpoint, "--method", "fwhiten", *COMMON, "--joint", "--refit", "--calibration-windows", "3",
+                      "--tokens", "96", "--json", "--out", tmp_path / "two"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["plan"]["joint"] is True
+    plan = lmshrink.Plan(method="fwhiten", ratio=0.5, window=48, calibration_windows=3, joint=True)
+    compress_sequential(checkpoint, plan, "pydoc", tmp_path / "one", dtype="float32", device="cpu", progress=False, refit=True)
+    ours, theirs = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert set(ours) == set(theirs)
+    modules = json.loads((tmp_path / "two" / "lmshrink.json").read_text())["modules"]
+    assert modules == json.loads((tmp_path / "one" / "lmshrink.json").read_text())["modules"]  # ranks and shares alike
+    assert sum("shared" in entry for entry in modules.values()) == 6  # k, v and up of each of the 2 blocks
+    for name in ours:
+        scale = float(theirs[name].abs().max())
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-4 * scale), name
+    again = lmshrink.load(tmp_path / "two")
+    layer = again.model.model.layers[0]
+    assert layer.self_attn.k_proj.right is layer.self_attn.q_proj.right  # the share survives the distributed save
+
+
 KILLER = """
     import os, signal, sys
     import lmshrink.sequential
