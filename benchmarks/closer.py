@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--joint", action="store_true", help="Plan.joint: linears of one input share one right factor.")
     parser.add_argument("--name", default="closer")
+    parser.add_argument("--replot", action="store_true", help="Only rewrite the table and the PNG from the JSON.")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -87,6 +88,9 @@ def main() -> None:
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
     for run in runs:
         run.setdefault("joint", False)  # rows from before --joint
+    if args.replot:
+        _write(args.name, runs, write_results)
+        return
     env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"}
     todo = [(variant, float(ratio)) for ratio in args.ratios.split(",") for variant in args.variants.split(",")]
     with tempfile.TemporaryDirectory(prefix="lmshrink-closer-") as scratch:
@@ -128,7 +132,46 @@ def _write(name: str, runs: list[dict], write_results) -> None:
                          "refit-refactored: the refit as it was at commit a648ac0 (also the method run again on W Coc Ccc^-1, "
                          "both factors new); dropped after this row. The refit row is made by the same left-factor refit as now.",
                          "Calibration windows come from the calibration text's train split (standard-library source has none).",
-                         "Wall times: 2 shared CPU cores, OMP_WAIT_POLICY=PASSIVE; compare within similar load only."])
+                         "Wall times: 2 shared CPU cores, OMP_WAIT_POLICY=PASSIVE; compare within similar load only.",
+                         f"{name}.png: x dense against the ratio, rows of the reference setup (64 windows, 16k tokens)."])
+    _plot(name, runs, dense)
+
+
+def _plot(name: str, runs: list[dict], dense: dict) -> None:
+    """x dense against the ratio, one line per (model, variant, method, allocation, calibration text)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from _common import RESULTS
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in runs:
+        if r["variant"] == "dense" or not r.get("perplexity") or r["windows"] != 64 or (r["model"], r["tokens"]) not in dense:
+            continue
+        label = (f"{r['model']} {r['variant']}{' +joint' if r.get('joint') else ''} {r['method']} {r['allocation']}, "
+                 f"calibrated on {r['calib']}")
+        lines.setdefault(label, []).append((r["ratio"], r["perplexity"] / dense[r["model"], r["tokens"]]))
+    if not lines:
+        return
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.plot([0.6, 0.8], [2.0, 1.2], "kx", markersize=9, linestyle="none", label="issue 15's goals without training")
+    axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.set_xlabel("ratio (parameters kept in the compressed linears)")
+    axis.set_ylabel("perplexity / dense (WikiText-2 test, first 16k tokens)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"{name}.png", dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":
