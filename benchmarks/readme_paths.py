@@ -124,7 +124,7 @@ def main() -> None:
             elif ok and kind == "logits":
                 line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
                 diff = json.loads(line[len("RESULT "):])
-                figure = f"max |logit difference| {diff['max_abs_logit_diff']:.2e} (logits up to {diff['logit_scale']:.1f})"
+                figure = f"max abs logit difference {diff['max_abs_logit_diff']:.2e} (logits up to {diff['logit_scale']:.1f})"
                 results[label] = diff
             elif ok and kind == "text":
                 figure = " / ".join(line.strip() for line in stdout.strip().splitlines()[:4])[:300]
