@@ -44,7 +44,7 @@ def child(spec: dict) -> dict:
     path, calibrate_on, refit = VARIANTS[spec["variant"]] if spec["variant"] != "dense" else ("dense", None, False)
     start = time.perf_counter()
     plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], allocation=spec["allocation"], calibration_windows=spec["windows"],
-                         window=spec["window"], joint=spec.get("joint", False)) if path != "dense" else None
+                         window=spec["window"], joint=spec.get("joint", False), options=spec.get("options") or {}) if path != "dense" else None
     if path == "dense":
         loaded = lmshrink.load_model(spec["model"])
     elif path == "whole":
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--joint", action="store_true", help="Plan.joint: linears of one input share one right factor.")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="A method option (Plan.options), e.g. whiten_damping=0.1; repeatable.")
     parser.add_argument("--name", default="closer")
     parser.add_argument("--replot", action="store_true", help="Only rewrite the table and the PNG from the JSON.")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -88,6 +90,7 @@ def main() -> None:
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
     for run in runs:
         run.setdefault("joint", False)  # rows from before --joint
+        run.setdefault("options", {})  # rows from before --option
     if args.replot:
         _write(args.name, runs, write_results)
         return
@@ -97,13 +100,14 @@ def main() -> None:
         for number, (variant, ratio) in enumerate(todo):
             spec = {"model": args.model, "variant": variant, "method": args.method, "ratio": ratio, "allocation": args.allocation,
                     "calib": args.calib, "data": args.data, "windows": args.windows, "window": args.window, "tokens": args.tokens,
-                    "out": str(Path(scratch) / f"run{number}"), "joint": args.joint}
+                    "out": str(Path(scratch) / f"run{number}"), "joint": args.joint,
+                    "options": {k: float(v) for k, v in (o.split("=", 1) for o in args.option)}}
             if variant == "dense":
                 spec.update(method=None, ratio=None, calib=args.data, joint=False)
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            key = ("model", "variant", "method", "allocation", "ratio", "calib", "windows", "tokens", "joint")
+            key = ("model", "variant", "method", "allocation", "ratio", "calib", "windows", "tokens", "joint", "options")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
@@ -119,7 +123,8 @@ def _write(name: str, runs: list[dict], write_results) -> None:
     order = {v: i for i, v in enumerate(["dense", *VARIANTS])}
     runs = sorted(runs, key=lambda r: (r["model"], r["calib"], -(r["ratio"] or 2), order.get(r["variant"], 9)))
     dense = {(r["model"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
-    rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else ""), r["method"] or "-", r["allocation"] if r["method"] else "-",
+    rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else "") +
+             "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())), r["method"] or "-", r["allocation"] if r["method"] else "-",
              r["ratio"], r["calib"], r["windows"], r["tokens"], r.get("perplexity"),
              (r["perplexity"] / dense[r["model"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["tokens"]) in dense else None,
              r.get("seconds"), r.get("error")] for r in runs]
@@ -151,7 +156,8 @@ def _plot(name: str, runs: list[dict], dense: dict) -> None:
     for r in runs:
         if r["variant"] == "dense" or not r.get("perplexity") or r["windows"] != 64 or (r["model"], r["tokens"]) not in dense:
             continue
-        label = (f"{r['model']} {r['variant']}{' +joint' if r.get('joint') else ''} {r['method']} {r['allocation']}, "
+        options = "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items()))
+        label = (f"{r['model']} {r['variant']}{' +joint' if r.get('joint') else ''}{options} {r['method']} {r['allocation']}, "
                  f"calibrated on {r['calib']}")
         lines.setdefault(label, []).append((r["ratio"], r["perplexity"] / dense[r["model"], r["tokens"]]))
     if not lines:
