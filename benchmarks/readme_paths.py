@@ -21,23 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The same multiple-choice task format the tests use (lm-eval YAML + JSON lines, offline).
-TASK_YAML = """task: readme_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
 # Logits of lmshrink.load(DIR) against another way of loading the same directory (argv: dir, way).
 COMPARE = r"""
 import json, sys, torch, lmshrink
@@ -66,6 +49,8 @@ def run(command: list[str], cwd: Path, timeout: int = 3600) -> tuple[bool, float
 def main() -> None:
     from _common import write_results
 
+    from lmshrink.lm_eval_model import write_choice_task
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--data", default=None, help="Text for calibration and perplexity (default: lmshrink's default).")
@@ -80,11 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lmshrink-readme-") as scratch:
         work = Path(scratch)
         tasks = work / "tasks"
-        tasks.mkdir()
-        (tasks / "readme_mc.jsonl").write_text("".join(json.dumps(
-            {"question": f"Which word names a colour, item {i}?", "choices": ["table", "green", "river"], "answer": 1}) + "\n"
-            for i in range(20)))
-        (tasks / "readme_mc.yaml").write_text(TASK_YAML.format(data=tasks / "readme_mc.jsonl"))
+        write_choice_task(tasks, "readme_mc", [{"question": f"Which word names a colour, item {i}?",
+                                                "choices": ["table", "green", "river"], "answer": 1} for i in range(20)])
         steps = [
             ("inspect MODEL", [*cli, "inspect", args.model, "--json"], None),
             ("compress --method svd (data-free)", [*cli, "compress", args.model, "--method", "svd", "--ratio", "0.8",
@@ -120,7 +102,7 @@ def main() -> None:
                     figure = f"perplexity {result['perplexity']:.2f}"
                 else:
                     figure = "; ".join(f"{task}: acc {row.get('acc')}" for task, row in result["tasks"].items())
-                results[label] = result
+                results[label] = {k: result.get(k) for k in ("perplexity", "params", "tasks")}
             elif ok and kind == "logits":
                 line = next(l for l in stdout.splitlines() if l.startswith("RESULT "))
                 diff = json.loads(line[len("RESULT "):])

@@ -15,25 +15,10 @@ pytest.importorskip("lm_eval")
 
 import lmshrink  # noqa: E402
 from lmshrink.errors import InvalidArgument  # noqa: E402
-from lmshrink.lm_eval_model import evaluate_tasks, task_manager  # noqa: E402
+from lmshrink.lm_eval_model import evaluate_tasks, task_manager, write_choice_task  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano", "lemon", "candle", "forest", "silver"]
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def _documents(count=30, seed=0):
@@ -49,9 +34,7 @@ def _documents(count=30, seed=0):
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks")
-    data = folder / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in _documents()))
-    (folder / "tiny_mc.yaml").write_text(TASK_YAML.format(name="tiny_mc", data=data))
+    write_choice_task(folder, "tiny_mc", _documents())
     return folder
 
 
@@ -122,8 +105,9 @@ def test_task_checks_name_the_problem(llama_dir, tasks_dir, tmp_path):
         task_manager(["tiny_mcq"], tasks_dir, include_defaults=False)
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "no_target.yaml").write_text(
-        TASK_YAML.format(name="no_target", data=tasks_dir / "tiny_mc.jsonl").replace("doc_to_target: answer\n", ""))
+    whole = write_choice_task(tmp_path / "whole", "no_target", _documents()).read_text()
+    assert "doc_to_target: answer\n" in whole
+    (broken / "no_target.yaml").write_text(whole.replace("doc_to_target: answer\n", ""))
     with pytest.raises(InvalidArgument, match=r"--tasks: task 'no_target' \(.*no_target.yaml\) lacks doc_to_target; allowed: a task YAML"):
         task_manager(["no_target"], broken, include_defaults=False)
     with pytest.raises(InvalidArgument, match="--include-path: .* is not a directory"):

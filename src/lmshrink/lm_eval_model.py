@@ -25,6 +25,38 @@ _TASK_FIELDS_HELP = ("a task YAML with task, dataset_path (or custom_dataset), t
                      "doc_to_target, and doc_to_choice for output_type multiple_choice")
 
 
+_CHOICE_TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_choice_task(folder: str | Path, name: str, documents: list[dict]) -> Path:
+    """A local multiple-choice task for ``--tasks NAME --include-path FOLDER``: ``NAME.jsonl`` (one document per line:
+    "question", "choices" (a list of strings), "answer" (the right choice's index)) and ``NAME.yaml``, lm-eval's
+    task format read offline. Returns the YAML file's path."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in documents))
+    yaml = folder / f"{name}.yaml"
+    yaml.write_text(_CHOICE_TASK_YAML.format(name=name, data=data))
+    return yaml
+
+
 def task_manager(tasks: list[str], include_path: str | Path | None = None, include_defaults: bool = True):
     """lm-eval's TaskManager for ``tasks``, after checking that each name exists and each YAML task has its fields."""
     from lm_eval.tasks import TaskManager
