@@ -66,8 +66,9 @@ except Exception as error:  # any failure is a result here: what failed, after h
 end = time.perf_counter()
 blocks = [b - a for a, b in zip(block_starts, block_starts[1:] + [end])]
 gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+gpu_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
 print("RESULT " + json.dumps({"seconds": end - start, "before_first_block_seconds": block_starts[0] - start if block_starts else None,
-                              "block_seconds": blocks, "peak_rss_mib": peak(), "gpu_peak_mib": gpu_peak,
+                              "block_seconds": blocks, "peak_rss_mib": peak(), "gpu_peak_mib": gpu_peak, "gpu_name": gpu_name,
                               "limit_bytes": limit, "params_before": report.params_before, "params_after": report.params_after}))
 """
 
@@ -176,7 +177,8 @@ def main() -> None:
     rows = [[path, f"{weight_bytes / 2**20:.0f}", f"{headroom / 2**20:.0f}", run.get("peak_rss_mib"), run.get("gpu_peak_mib"),
              run.get("seconds"), blocks[len(blocks) // 2] if path == "sequential" and blocks else None, run.get("error")]
             for path, run in runs.items()]
-    machine = f"{os.cpu_count()} CPU cores" + (f", {speed['device_name']}" if speed and "device_name" in speed else "")
+    gpu = runs["sequential"].get("gpu_name")
+    machine = f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else "")
     speed_notes = [f"Forward tokens/s on {args.device}, original (bf16) vs compressed, 15 alternated rounds, medians: " +
                    "; ".join(f"{shape}: {v['before']:,.0f} -> {v['after']:,.0f} (x{v['speedup']:.2f} +- {100 * v['spread']:.0f}%)"
                              for shape, v in speed.items() if isinstance(v, dict))] if speed and "error" not in speed else []
