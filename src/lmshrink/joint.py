@@ -91,7 +91,7 @@ def joint_targets(targets: list[Target], groups: list[list[str]]) -> list[Target
 
 def model_groups(loaded, targets: list[Target]) -> list[list[str]]:
     """The input groups of ``targets`` in a whole model: one short forward pass (eight tokens) finds them."""
-    ids = (torch.arange(8)[None] % max(2, int(getattr(loaded.model.config, "vocab_size", 8) or 8))).to(loaded.device)
+    ids = torch.arange(8)[None] % max(2, int(getattr(loaded.model.config, "vocab_size", 8) or 8))
     return call_order_groups(loaded.model, [t.name for t in targets], lambda: loaded.logits(ids))
 
 
