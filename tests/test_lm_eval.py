@@ -156,3 +156,19 @@ def test_the_lm_eval_hook_imports_nothing_heavy_and_can_be_turned_off(llama_dir)
     off = subprocess.run([sys.executable, "-c", registry], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "LMSHRINK_NO_LM_EVAL_HOOK": "1"})
     assert off.stdout.strip() == "absent", off.stderr[-2000:]
+
+
+def test_the_pth_line_is_silent_when_its_module_is_gone(tmp_path):
+    """A moved or deleted checkout leaves the installed .pth behind: Python must still start without a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    line = (src / "lmshrink_lm_eval.pth").read_text().strip()
+    assert line.startswith("import ") and "\n" not in line  # site.py executes only one-line "import ..." entries
+    probe = f"{line}\nimport sys; print('_lmshrink_lm_eval' in sys.modules)"
+    for path, expected in ((tmp_path, "False"), (src, "True")):
+        done = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(path)})
+        assert done.returncode == 0 and done.stderr == "" and done.stdout.strip() == expected, done
