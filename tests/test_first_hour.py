@@ -205,6 +205,11 @@ def test_cache_lists_and_clears(tmp_path, monkeypatch):
     cleared = runner.invoke(main, ["cache", "clear"])
     assert cleared.exit_code == 0 and cleared.output.startswith("removed 2 entries") and not list((tmp_path / "stats").iterdir())
     assert (tmp_path / "models" / "fake-model").is_dir()  # the default clears statistics only
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "key.safetensors").write_bytes(b"x" * 10)
+    assert "samples/: calibration text sampled" in runner.invoke(main, ["cache", "list"]).output
+    assert runner.invoke(main, ["cache", "clear", "--samples"]).output.startswith("removed 1 entries (10 B) from samples/")
+    assert not list((tmp_path / "samples").iterdir()) and (tmp_path / "models" / "fake-model").is_dir()
     assert runner.invoke(main, ["cache", "clear", "--all"]).output.startswith("removed 1 entries")
     assert not (tmp_path / "models" / "fake-model").exists()
 

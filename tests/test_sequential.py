@@ -97,6 +97,20 @@ def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, 
     assert abs(a - b) <= 1e-4 * b, (a, b)
 
 
+def test_calibration_sampled_from_the_model_is_the_same_block_by_block(checkpoint, corpus, tmp_path):
+    """'TEXT+self': the engine loads the whole model once to sample, and samples what the whole-model path samples."""
+    mixed = lmshrink.Corpus(corpus.name + "+self", corpus.train, corpus.test, corpus.source, sampled=0.5)
+    plan = _plan("svdllm")
+    compress_sequential(checkpoint, plan, mixed, tmp_path / "seq", dtype="float32", device="cpu", calibrate_on="original",
+                        progress=False)
+    whole, _ = _whole(checkpoint, plan, mixed)
+    text_only, _ = _whole(checkpoint, plan, corpus)
+    ours, theirs, other = lmshrink.load(tmp_path / "seq").model.state_dict(), whole.model.state_dict(), text_only.model.state_dict()
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-5 * float(theirs[name].abs().max())), name
+    assert any(not torch.allclose(theirs[name], other[name]) for name in theirs)  # the samples did change the factors
+
+
 def test_gemma3_fits_the_block_seam(corpus, tmp_path):
     """Per-layer attention types (sliding and full masks, two rotary tables), a scaled embedding, soft-capped logits."""
     folder = tiny_gemma3(tmp_path / "gemma")

@@ -122,6 +122,9 @@ def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
     # tokenizer gets none, and a method that needs them says so (or takes a --frequencies file).
     if getattr(loaded, "tokenizer", None) is None:
         return {t.name: {} for t in targets}
+    if not corpus.train:
+        raise InvalidArgument("--data", f"{corpus.name!r} has no text to count tokens in (token frequencies weigh the rows)",
+                              "a text corpus, or TEXT+self (frequencies from TEXT)")
     from lmshrink.frequencies import corpus_frequencies
 
     return {t.name: {"token_counts": corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)} for t in targets}

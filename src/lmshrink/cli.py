@@ -13,6 +13,7 @@ import click
 import torch
 
 from lmshrink.bounds import Bounds
+from lmshrink.data import DATA_CHOICES
 from lmshrink.errors import DistributedError, InvalidArgument, LmshrinkError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -220,10 +221,10 @@ def _check_window_and_data(tokens: int, window: int, data: str | None) -> None:
     if data is not None:
         path = Path(data).expanduser()
         if not str(data).strip():
-            raise InvalidArgument("--data", "is empty", "a text file, a folder with train/test files, 'wikitext-2', 'ptb' or 'stdlib'")
+            raise InvalidArgument("--data", "is empty", DATA_CHOICES)
         if path.exists() and not (path.is_file() or path.is_dir()):
             raise InvalidArgument("--data", f"{data!r} is not a regular file or folder (a device, pipe or socket)",
-                                  "a text file, a folder with train/test files, 'wikitext-2', 'ptb' or 'stdlib'")
+                                  DATA_CHOICES)
 
 
 def _json_line(result: dict) -> str:
@@ -296,7 +297,8 @@ def _fmt(value) -> str:
 
 
 common_eval = [
-    click.option("--data", "data", default=None, help="Evaluation/calibration text (see above). Default: WikiText-2 from the shared data folder if present, else Python's stdlib source."),
+    click.option("--data", "data", default=None, help="Evaluation/calibration text (see above); TEXT+self calibrates half on TEXT, half on text the model samples itself. "
+                                            "Default: WikiText-2 from the shared data folder if present, else 'pydoc' (Python's reference manual)."),
     click.option("--tokens", type=_integer(2, MAX_TOKENS), default=8192, show_default=True, help="Evaluation tokens (first N of the test text)."),
     click.option("--window", type=_integer(2, MAX_WINDOW), default=512, show_default=True,
                  help="Window length in tokens (perplexity and calibration); at most --tokens and the model's positions."),
@@ -846,6 +848,7 @@ def cache_group():
 
 
 CACHE_PARTS = {"models": "built-in models (fetched again on next use)", "stats": "calibration statistics (measured again on next use)",
+               "samples": "calibration text sampled from a model (--data self; sampled again on next use)",
                "word-lstm": "reference LSTMs from train-lm (trained again on next use)"}
 
 
@@ -900,7 +903,8 @@ def cache_list(as_json):
 @cache_group.command("clear")
 @click.option("--stats", "which", flag_value="stats", default=True, help="Calibration statistics (the default).")
 @click.option("--models", "which", flag_value="models", help="Built-in models fetched from the package index.")
-@click.option("--all", "which", flag_value="all", help="Everything: models, statistics and train-lm's reference LSTMs.")
+@click.option("--samples", "which", flag_value="samples", help="Calibration text sampled from models (--data self).")
+@click.option("--all", "which", flag_value="all", help="Everything: models, statistics, samples and train-lm's reference LSTMs.")
 def cache_clear(which):
     """Delete cache entries: calibration statistics (default), built-in models (--models), or everything (--all)."""
     import shutil

@@ -25,6 +25,7 @@ class Corpus:
     train: str
     test: str
     source: str
+    sampled: float = 0.0  # the share of calibration windows sampled from the model itself (lmshrink.self_samples)
 
 
 def shared_data_dir() -> Path | None:
@@ -105,8 +106,14 @@ def default_corpus_name() -> str:
     return "wikitext-2" if shared is not None and (shared / "wikitext-2").is_dir() else "pydoc"
 
 
+SELF = "self"
+DATA_CHOICES = "a text file, a folder with train/test files, 'wikitext-2', 'ptb', 'pydoc', 'stdlib', or any of them +self"
+
+
 def load_corpus(spec: str | Path | None = None) -> Corpus:
-    """A text file, a folder with train/test files, a named corpus ('wikitext-2', 'ptb', 'pydoc', 'stdlib'), or the default.
+    """A text file, a folder with train/test files, a named corpus ('wikitext-2', 'ptb', 'pydoc', 'stdlib'), or the default;
+    ``TEXT+self`` calibrates half on that text and half on text the model samples itself, ``self`` only on the latter
+    (it has no evaluation text).
 
     The default is WikiText-2 from the shared data folder when there is one, else 'pydoc': English prose from
     Python's own reference manual. 'stdlib' is the standard library's source code (code, not prose).
@@ -114,6 +121,12 @@ def load_corpus(spec: str | Path | None = None) -> Corpus:
     if spec is None:
         spec = default_corpus_name()
     text = str(spec)
+    if text == SELF:
+        return Corpus(SELF, "", "", "text sampled from the model itself (calibration only)", sampled=1.0)
+    if text.endswith("+" + SELF) and not Path(text).expanduser().exists():
+        base = load_corpus(text[: -len(SELF) - 1])
+        return Corpus(f"{base.name}+{SELF}", base.train, base.test,
+                      f"{base.source}; half of the calibration windows sampled from the model itself", sampled=0.5)
     if text == "stdlib":
         return stdlib_corpus()
     if text == "pydoc":
@@ -130,7 +143,7 @@ def load_corpus(spec: str | Path | None = None) -> Corpus:
         return _from_folder(path)
     if path.is_file():
         return _split_file(path, path.stem)
-    raise InvalidArgument("--data", f"{text!r} does not exist", "a text file, a folder with train/test files, 'wikitext-2', 'ptb', 'pydoc' or 'stdlib'")
+    raise InvalidArgument("--data", f"{text!r} does not exist", DATA_CHOICES)
 
 
 def encode_prefix(loaded, text: str, tokens: int | None, chars_per_token: int = 8) -> list[int]:
@@ -174,6 +187,15 @@ def model_windows(loaded, ids: list[int] | torch.Tensor, window: int, count: int
 
 
 def calibration_windows(loaded, corpus: Corpus, count: int, window: int) -> torch.Tensor:
-    """The first ``count`` windows of the corpus's calibration text (see ``model_windows``)."""
-    ids = encode_prefix(loaded, corpus.train, count * window)
-    return model_windows(loaded, ids, window, count, what=f"calibration text of {corpus.name}")
+    """The first ``count`` windows of the corpus's calibration text (see ``model_windows``), then, for a corpus with
+    a ``sampled`` share, that share of the windows sampled from the model itself (lmshrink.self_samples)."""
+    sampled = int(count * corpus.sampled)  # the text gets the odd window
+    parts = []
+    if count > sampled:
+        ids = encode_prefix(loaded, corpus.train, (count - sampled) * window)
+        parts.append(model_windows(loaded, ids, window, count - sampled, what=f"calibration text of {corpus.name}"))
+    if sampled:
+        from lmshrink.self_samples import sampled_windows
+
+        parts.append(sampled_windows(loaded, sampled, window))
+    return torch.cat(parts)

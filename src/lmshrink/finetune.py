@@ -73,6 +73,8 @@ def finetune(loaded, corpus: Corpus | str | None = None, *, steps: int = 50, lr:
     if not loaded.causal:
         raise InvalidArgument("model", "is not a causal language model", "a model with next-token logits")
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    if not corpus.train:
+        raise InvalidArgument("corpus", f"{corpus.name!r} has no training text", "a corpus with text (TEXT+self trains on TEXT)")
     model = loaded.model
     params = trainable_parameters(model, train)
     if not params:

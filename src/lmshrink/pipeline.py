@@ -25,7 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lmshrink.data import Corpus, load_corpus
+from lmshrink.data import DATA_CHOICES, Corpus, load_corpus
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.finetune import finetune as finetune_model
 from lmshrink.io import MANIFEST, load, read_manifest, save
@@ -203,6 +203,9 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
 
         check_out(out, overwrite, inputs=[model] if isinstance(model, (str, Path)) else [])  # before minutes of work
     corpus = data if isinstance(data, Corpus) else load_corpus(data)
+    if not corpus.test and (evaluate is not None or sequential):
+        raise InvalidArgument("--data", f"{corpus.name!r} has no evaluation text (samples only calibrate)",
+                              f"TEXT+self: half the calibration windows sampled, evaluation on TEXT ({DATA_CHOICES})")
     if sequential:
         return _run_block_by_block(model, recipe or plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed", refit,
                                    evaluate or EvalOptions(samples=False, speed=False), stages, world)

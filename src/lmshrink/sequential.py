@@ -40,6 +40,7 @@ from lmshrink.distributed import (SINGLE, World, agree, all_reduce_sum, barrier,
                                   share_tensor)
 from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 from lmshrink.methods import get_method
+from lmshrink.models import load_model
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.joint import call_order_groups, joint_targets, merged_stats
 from lmshrink.plan import Plan, Target, select_targets
@@ -205,7 +206,11 @@ class Engine:
     def calibrate(self, corpus: Corpus | str | None, windows: int, window: int):
         """(token windows, first block's input per window, each block's (args, kwargs) per window): this process's
         share of the windows when several run (``total_windows`` counts them all)."""
-        ids = calibration_windows(self.loaded, corpus if isinstance(corpus, Corpus) else load_corpus(corpus), windows, window)
+        corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+        # Sampling calibration text ("self") runs the whole model: loaded once here, freed at once (its samples are cached).
+        reader = load_model(self.loaded.source, device=str(self.device), dtype=self.dtype) if corpus.sampled else self.loaded
+        ids = calibration_windows(reader, corpus, windows, window)
+        del reader
         self.total_windows = len(ids)
         ids = ids[self.world.shard(len(ids))]
         first_inputs, calls = self.boundary(), []
