@@ -10,7 +10,8 @@ Variants (all fwhiten + sensitivity allocation unless --method says otherwise):
           original's outputs on the compressed inputs
 --joint: linears that read one input (q/k/v; gate/up) share one right factor (Plan.joint)
 Every run is a child process; its result is merged into benchmarks/results/<name>.json by (variant, method, ratio,
-calibration text), so runs made at different times land in one table. Perplexity is WikiText-2 test.
+calibration text, evaluation text), so runs made at different times land in one table. Perplexity: the evaluation
+text's test split (WikiText-2 unless --data says otherwise).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main() -> None:
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            key = ("model", "variant", "method", "allocation", "ratio", "calib", "windows", "tokens", "joint", "options")
+            key = ("model", "variant", "method", "allocation", "ratio", "calib", "data", "windows", "tokens", "joint", "options")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
@@ -122,23 +123,24 @@ def _command() -> str:
 def _write(name: str, runs: list[dict], write_results) -> None:
     order = {v: i for i, v in enumerate(["dense", *VARIANTS])}
     runs = sorted(runs, key=lambda r: (r["model"], r["calib"], -(r["ratio"] or 2), order.get(r["variant"], 9)))
-    dense = {(r["model"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
+    dense = {(r["model"], r["data"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
     rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else "") +
              "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())), r["method"] or "-", r["allocation"] if r["method"] else "-",
-             r["ratio"], r["calib"], r["windows"], r["tokens"], r.get("perplexity"),
-             (r["perplexity"] / dense[r["model"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["tokens"]) in dense else None,
+             r["ratio"], r["calib"], r["data"], r["windows"], r["tokens"], r.get("perplexity"),
+             (r["perplexity"] / dense[r["model"], r["data"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["data"], r["tokens"]) in dense else None,
              r.get("seconds"), r.get("error")] for r in runs]
     write_results(name, {"runs": runs},
-                  ["model", "variant", "method", "allocation", "ratio", "calibration text", "windows", "eval tokens", "perplexity (WikiText-2 test)", "x dense",
+                  ["model", "variant", "method", "allocation", "ratio", "calibration text", "evaluation text", "windows", "eval tokens", "perplexity (test split)", "x dense",
                    "wall s (compress, incl. load)", "error"], rows,
                   notes=["Each row's own command is in the JSON (rows from several invocations are merged).",
                          "Sensitivity: one global budget over the linears; uniform: every matrix at the ratio; window 512.",
-                         "x dense: against the dense row of the same model and evaluation tokens.",
+                         "x dense: against the dense row of the same model, evaluation text and tokens.",
+                         "X+self: half the calibration windows from X, half sampled by the model itself (--data X+self); self: all sampled.",
                          "refit-refactored: the refit as it was at commit a648ac0 (also the method run again on W Coc Ccc^-1, "
                          "both factors new); dropped after this row. The refit row is made by the same left-factor refit as now.",
                          "Calibration windows come from the calibration text's train split (standard-library source has none).",
                          "Wall times: 2 shared CPU cores, OMP_WAIT_POLICY=PASSIVE; compare within similar load only.",
-                         f"{name}.png: x dense against the ratio, rows of the reference setup (64 windows, 16k tokens)."])
+                         f"{name}.png: x dense against the ratio, rows of the reference setup (64 windows, 16k tokens of WikiText-2)."])
     _plot(name, runs, dense)
 
 
@@ -154,12 +156,13 @@ def _plot(name: str, runs: list[dict], dense: dict) -> None:
 
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
-        if r["variant"] == "dense" or not r.get("perplexity") or r["windows"] != 64 or (r["model"], r["tokens"]) not in dense:
+        if r["variant"] == "dense" or not r.get("perplexity") or r["windows"] != 64 or r["data"] != "wikitext-2" \
+                or (r["model"], r["data"], r["tokens"]) not in dense:
             continue
         options = "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items()))
         label = (f"{r['model']} {r['variant']}{' +joint' if r.get('joint') else ''}{options} {r['method']} {r['allocation']}, "
                  f"calibrated on {r['calib']}")
-        lines.setdefault(label, []).append((r["ratio"], r["perplexity"] / dense[r["model"], r["tokens"]]))
+        lines.setdefault(label, []).append((r["ratio"], r["perplexity"] / dense[r["model"], r["data"], r["tokens"]]))
     if not lines:
         return
     figure, axis = plt.subplots(figsize=(8, 5))
