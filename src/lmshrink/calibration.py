@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lmshrink.cache import cache_dir
+from lmshrink.cache import cache_dir, weights_fingerprint, write_safetensors
 from lmshrink.data import Corpus, calibration_windows
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.plan import Target
@@ -263,18 +263,9 @@ def output_grad_mean(name: str, entry: dict) -> torch.Tensor:
 
 
 def _cache_key_parts(loaded, targets, batches) -> dict:
-    # The weights themselves (a cheap fingerprint: shape, sum, sum of squares, a few entries) rather than the
-    # model's name, so a model changed in place (compressed, fine-tuned) never reuses stale statistics.
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for t in targets:
-            w = t.module.weight.detach().double()
-            flat = w.reshape(-1)
-            probe = flat[:: max(1, flat.numel() // 64)][:64]
-            digest.update(f"{t.name}:{tuple(w.shape)}:{float(w.sum()):.12e}:{float((w * w).sum()):.12e}".encode())
-            digest.update(probe.float().cpu().numpy().tobytes())
+    digest = weights_fingerprint((t.name, t.module.weight) for t in targets)
     data = hashlib.sha256(batches.cpu().numpy().tobytes()).hexdigest()
-    return {"format": CACHE_FORMAT, "model": loaded.source, "weights": digest.hexdigest(), "data": data,
+    return {"format": CACHE_FORMAT, "model": loaded.source, "weights": digest, "data": data,
             "windows": int(batches.shape[0]), "window_len": int(batches.shape[1]), "causal": bool(loaded.causal)}
 
 
@@ -300,11 +291,4 @@ def _read_cache(key: str, targets, stat: str) -> dict[str, torch.Tensor] | None:
 
 
 def _write_cache(key: str, tensors: dict[str, torch.Tensor], stat: str, about: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    folder = stats_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stat}-{key}.safetensors"
-    temporary = folder / f".{path.name}.{os.getpid()}.tmp"
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(temporary), metadata={"stat": stat, **about})
-    os.replace(temporary, path)  # atomic: a concurrent reader never sees half a file
+    write_safetensors(stats_cache_dir() / f"{stat}-{key}.safetensors", tensors, {"stat": stat, **about})

@@ -16,7 +16,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from lmshrink.cache import cache_dir
+from lmshrink.cache import cache_dir, weights_fingerprint, write_safetensors
 from lmshrink.errors import InvalidArgument
 
 SAMPLES_FORMAT = 1
@@ -33,8 +33,7 @@ def sampled_windows(loaded, count: int, window: int, seed: int = 0, progress: bo
 
     Sampled in batches of BATCH rows, each seeded by (seed, its index), so fewer windows are a prefix of more.
     Deterministic for one model, seed and torch build; cached on disk (LMSHRINK_NO_STATS_CACHE set: not cached)."""
-    generate = getattr(loaded.model, "generate", None)
-    if not loaded.causal or generate is None or loaded.tokenizer is None:
+    if not loaded.causal or not hasattr(loaded.model, "generate") or loaded.tokenizer is None:
         raise InvalidArgument("--data", f"'self' samples calibration text from the model, but {loaded.source!r} is not a "
                                         "transformers causal language model with a tokenizer", "a text corpus for this model")
     cached = os.environ.get("LMSHRINK_NO_STATS_CACHE") is None
@@ -47,12 +46,7 @@ def sampled_windows(loaded, count: int, window: int, seed: int = 0, progress: bo
     fresh = [_sample_batch(loaded, window, seed, b) for b in tqdm(batches, desc="sampling calibration text", unit="batch", disable=not progress)]
     ids = torch.cat([have[: batches[0] * BATCH], *fresh]).contiguous()
     if cached:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"ids": ids}, str(temporary), metadata={"model": str(loaded.source), "seed": str(seed)})
-        os.replace(temporary, path)  # atomic: a concurrent reader never sees half a file
+        write_safetensors(path, {"ids": ids}, {"model": str(loaded.source), "seed": str(seed)})
     return ids[:count]
 
 
@@ -94,13 +88,6 @@ def _sample_batch(loaded, window: int, seed: int, index: int) -> torch.Tensor:
 
 
 def _key(loaded, window: int, seed: int) -> str:
-    # The model's own weights (a cheap fingerprint of every parameter), not its name: a model changed in place samples anew.
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in loaded.model.named_parameters():
-            flat = tensor.detach().reshape(-1)
-            probe = flat[:: max(1, flat.numel() // 16)][:16].float().cpu()
-            digest.update(f"{name}:{tuple(tensor.shape)}:{float(flat.sum(dtype=torch.float64)):.12e}".encode() + probe.numpy().tobytes())
-    parts = {"format": SAMPLES_FORMAT, "model": str(loaded.source), "weights": digest.hexdigest(),
+    parts = {"format": SAMPLES_FORMAT, "model": str(loaded.source), "weights": weights_fingerprint(loaded.model.named_parameters()),
              "window": window, "seed": seed, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
