@@ -292,3 +292,90 @@ def test_a_rendezvous_that_times_out_is_one_clear_error(checkpoint, tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"error: rendezvous: the 2 processes of the run did not all join at 127.0.0.1:{port} within 2 s (this is rank 0)")
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_compress_the_whole_model_like_one(checkpoint, tmp_path, one_thread):
+    """The whole-model executor under torchrun: 3 calibration windows split 2 + 1 and added, fwhiten's sensitivity
+    spectra and factorizations packed by cost across the two processes, evaluation windows split. The result
+    matches one process's to float32 summation order (as block by block); rank 0 alone samples, times and saves."""
+    args = ["--method", "fwhiten", "--allocation", "sensitivity", "--device", "cpu", "--dtype", "float32", "--data", "pydoc",
+            "--ratio", "0.5", "--window", "48", "--calibration-windows", "3", "--tokens", "192"]
+    done = _torchrun(["compress", checkpoint, *args, "--json", "--out", tmp_path / "two"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # one JSON object: rank 1 prints nothing
+    assert result["processes"] == 2 and not _error_lines(done.stderr)
+    assert result["samples"]["before"] and result["tokens_per_s"]["after"] > 0  # measured on rank 0
+    plan = lmshrink.Plan(method="fwhiten", allocation="sensitivity", ratio=0.5, window=48, calibration_windows=3)
+    os.environ["LMSHRINK_NO_STATS_CACHE"] = "1"
+    try:
+        one = lmshrink.run_compress(str(checkpoint), plan, "pydoc", device="cpu", dtype="float32", out=tmp_path / "one",
+                                    evaluate=lmshrink.pipeline.EvalOptions(tokens=192, window=48, samples=False, speed=False))
+    finally:
+        del os.environ["LMSHRINK_NO_STATS_CACHE"]
+    assert [m["rank"] for m in result["modules"]] == [m["rank"] for m in one.modules]
+    assert len({m["rank"] for m in one.modules if m["rank"]}) > 2  # sensitivity moved ranks: the spectra were used
+    ours, theirs = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert set(ours) == set(theirs) and sum(k.endswith(".left") for k in ours) == 14
+    for name in ours:
+        scale = float(theirs[name].abs().max())
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-4 * scale), name
+    for key in ("before", "after"):
+        assert result["perplexity"][key] == pytest.approx(one.to_dict()["perplexity"][key], rel=1e-4)
+    assert json.loads((tmp_path / "two" / "lmshrink.json").read_text())["run"] == {"processes": 2, "executor": "whole-model"}
+
+
+def test_whole_model_options_one_process_runs_are_refused_on_rank_0(checkpoint, tmp_path):
+    done = _torchrun(["compress", checkpoint, "--method", "svd", "--device", "cpu", "--ratio", "0.5", "--window", "48",
+                      "--tokens", "48", "--finetune-steps", "2", "--out", tmp_path / "out"], tmp_path)
+    assert done.returncode != 0 and "rank      : 0 (local_rank: 0)\n  exitcode  : 2 " in done.stderr, done.stderr[-3000:]
+    assert _error_lines(done.stderr) == ["error: --finetune-steps: is not available when 2 processes compress the whole model; "
+                                         "allowed: one process for it, or --sequential (block by block) for --calibrate-on and --refit"]
+    assert not (tmp_path / "out").exists()
+
+
+WHOLE_API = """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    import lmshrink
+    from lmshrink.errors import DistributedError
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    checkpoint, out = sys.argv[1], sys.argv[2]
+    seen = {}
+    for case in ("options", "ok"):
+        plan = lmshrink.Plan(method="fwhiten", ratio=0.6 if case == "options" and rank == 1 else 0.5, window=48, calibration_windows=3)
+        loaded = lmshrink.load_model(checkpoint, dtype="float32")
+        try:
+            report = lmshrink.compress(loaded, plan, "pydoc", progress=False)
+            weights = {k: v.double() for k, v in loaded.model.state_dict().items()}
+            seen[case] = {"ranks": [m["rank"] for m in report.modules], "sum": float(sum(w.sum() for w in weights.values())),
+                          "sq": float(sum((w * w).sum() for w in weights.values()))}
+        except DistributedError as error:
+            seen[case] = {"error": str(error)}
+    with open(f"{out}.rank{rank}.json", "w") as file:
+        json.dump(seen, file)
+    dist.destroy_process_group()
+"""
+
+
+def test_python_compress_in_a_process_group_splits_the_work_and_agrees(checkpoint, tmp_path, one_thread):
+    """lmshrink.compress called by every process of a process group: a plan that differs is refused by both; the
+    same plan leaves both processes with the same model (statistics all-reduced, factors broadcast), equal to one
+    process's up to summation order."""
+    done = _torchrun([checkpoint, tmp_path / "out"], tmp_path, script=WHOLE_API)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"out.rank{rank}.json").read_text()) for rank in range(2)]
+    assert seen[0]["options"] == seen[1]["options"] and "disagree" in seen[0]["options"]["error"]
+    assert seen[0]["ok"] == seen[1]["ok"]  # bit for bit the same model on both processes
+    os.environ["LMSHRINK_NO_STATS_CACHE"] = "1"
+    try:
+        loaded = lmshrink.load_model(str(checkpoint), dtype="float32")
+        report = lmshrink.compress(loaded, lmshrink.Plan(method="fwhiten", ratio=0.5, window=48, calibration_windows=3), "pydoc",
+                                   progress=False)
+    finally:
+        del os.environ["LMSHRINK_NO_STATS_CACHE"]
+    weights = [v.double() for v in loaded.model.state_dict().values()]
+    assert seen[0]["ok"]["ranks"] == [m["rank"] for m in report.modules]
+    assert seen[0]["ok"]["sq"] == pytest.approx(float(sum((w * w).sum() for w in weights)), rel=1e-5)

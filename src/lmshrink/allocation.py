@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import Callable
 
 from lmshrink.accounting import keep_if_smaller
+from lmshrink.distributed import SINGLE, World
 from lmshrink.decompose.svd import check_rank, rank_for_energy, rank_for_ratio, round_rank, svd
 from lmshrink.plan import Plan, Target
 from lmshrink.registry import Registry
 
-# An allocation maps (targets, plan, stats) to {target name: rank, or None to stay dense}.
-Allocation = Callable[[list[Target], Plan, dict], dict[str, int | None]]
+# An allocation maps (targets, plan, stats, world) to {target name: rank, or None to stay dense}; ``world``
+# (lmshrink.distributed.World) lets one that computes spectra split them across processes.
+Allocation = Callable[[list[Target], Plan, dict, World], dict[str, int | None]]
 ALLOCATIONS: Registry[Allocation] = Registry("allocation", "--allocation", modules=("lmshrink.allocation", "lmshrink.budget"))
 
 
@@ -35,7 +37,7 @@ def uniform_rank(target: Target, plan: Plan) -> int | None:
 
 
 @register_allocation("uniform")
-def uniform(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | None]:
+def uniform(targets: list[Target], plan: Plan, stats: dict, world: World = SINGLE) -> dict[str, int | None]:
     """The same rule for every target: one ratio, one rank, or one energy level."""
     ranks = {}
     for target in targets:
@@ -47,8 +49,8 @@ def uniform(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | N
     return ranks
 
 
-def allocate(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | None]:
-    return ALLOCATIONS.get(plan.allocation)(targets, plan, stats)
+def allocate(targets: list[Target], plan: Plan, stats: dict, world: World = SINGLE) -> dict[str, int | None]:
+    return ALLOCATIONS.get(plan.allocation)(targets, plan, stats, world)
 
 
 def check_amounts(targets: list[Target], plan: Plan) -> None:

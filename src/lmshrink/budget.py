@@ -30,6 +30,7 @@ import torch
 
 from lmshrink.accounting import keep_if_smaller, largest_smaller_rank
 from lmshrink.allocation import register_allocation, uniform
+from lmshrink.distributed import SINGLE, World, matrix_cost, spread
 from lmshrink.errors import InvalidArgument
 from lmshrink.methods import get_method
 from lmshrink.plan import Plan, Target
@@ -118,17 +119,24 @@ def shift_bounds(targets: list[Target], plan: Plan, stats: dict) -> dict[str, tu
 
 
 @register_allocation("sensitivity")
-def sensitivity(targets: list[Target], plan: Plan, stats: dict) -> dict[str, int | None]:
+def sensitivity(targets: list[Target], plan: Plan, stats: dict, world: World = SINGLE) -> dict[str, int | None]:
     """Ranks under the plan's global budget, spent where the weighted truncation error per parameter is lowest."""
     method = get_method(plan.method)
-    options = method.resolve_options(plan.options)
-    spectra = {}
-    loss_units = set()
-    for target in targets:
-        values, in_loss = method.error_spectrum(target.weight().float(), stats.get(target.name, {}), options)
-        spectra[target.name] = values.cpu()
-        loss_units.add(in_loss)
-    return ranks_from_spectra(targets, plan, stats, spectra, loss_units)
+    found = weighted_spectra(targets, method, method.resolve_options(plan.options), lambda t: stats.get(t.name, {}), world)
+    spectra = {target.name: values for target, (values, _) in zip(targets, found)}
+    return ranks_from_spectra(targets, plan, stats, spectra, {in_loss for _, in_loss in found})
+
+
+def weighted_spectra(targets: list[Target], method, options, stats_of, world: World = SINGLE) -> list[tuple[torch.Tensor, bool]]:
+    """Each target's (weighted truncation-error spectrum on the CPU, whether it is in loss units) from
+    ``Method.error_spectrum`` with ``stats_of(target)``; each an SVD, so several processes split them by cost."""
+    def spectrum(index):
+        target = targets[index]
+        values, in_loss = method.error_spectrum(target.weight().float(), stats_of(target), options)
+        return values.cpu(), torch.tensor([bool(in_loss)])
+
+    found = spread(world, [matrix_cost(t.shape) for t in targets], spectrum, 2, torch.device("cpu"), "sharing spectra")
+    return [(values, bool(in_loss)) for values, in_loss in found]
 
 
 def ranks_from_spectra(targets: list[Target], plan: Plan, stats: dict, spectra: dict[str, torch.Tensor],

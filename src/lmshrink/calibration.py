@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lmshrink.cache import cache_dir, weights_fingerprint, write_safetensors
 from lmshrink.data import Corpus, calibration_windows
+from lmshrink.distributed import SINGLE, World, all_gather_json, all_reduce_sum
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.plan import Target
 
@@ -54,11 +55,13 @@ def stats_cache_dir() -> Path:
 
 
 def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows: int = 32, window_len: int = 512,
-                  progress: bool = True, cache: bool | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                  progress: bool = True, cache: bool | None = None, world: World = SINGLE) -> dict[str, dict[str, torch.Tensor]]:
     """{target name: {statistic: tensor}} for every statistic in ``needs``.
 
     ``cache``: None (default) reads the on-disk cache and writes what ``worth_caching`` accepts; True also
     writes every fresh statistic; False neither reads nor writes. LMSHRINK_NO_STATS_CACHE set: as False.
+    ``world``: several processes, each holding the model, measure their share of the windows and add the sums
+    (every process gets the same statistics; rank 0 writes the cache).
     """
     needs = set(needs)
     unknown = needs - KNOWN_STATS
@@ -75,7 +78,7 @@ def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows:
         needs -= TOKEN_STATS
         if not needs:
             return counted
-        stats = collect_stats(loaded, targets, corpus, needs, windows, window_len, progress, cache)
+        stats = collect_stats(loaded, targets, corpus, needs, windows, window_len, progress, cache, world)
         return {name: {**stats[name], **counted[name]} for name in stats}
     batches = calibration_windows(loaded, corpus, windows, window_len)
     write_all = cache is True
@@ -95,13 +98,15 @@ def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows:
                 for name, tensor in cached.items():
                     stats[name][stat] = tensor
                 missing.discard(stat)
+    if world.distributed:  # a statistic one process lacks (another node's cache) is measured by all of them
+        missing = set().union(*map(set, all_gather_json(world, sorted(missing))))
     if missing:
         start = time.perf_counter()
-        fresh = _measure(loaded, targets, batches, missing, progress)
+        fresh = _measure(loaded, targets, batches, missing, progress, world)
         seconds = time.perf_counter() - start
         for name, entry in fresh.items():
             stats[name].update(entry)
-        if cache:
+        if cache and world.main:
             for stat in missing:
                 tensors = {name: entry[stat] for name, entry in fresh.items() if stat in entry}
                 # Input statistics ride along a backward pass (about twice the forward they need).
@@ -130,7 +135,7 @@ def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
     return {t.name: {"token_counts": corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)} for t in targets}
 
 
-def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, torch.Tensor]]:
+def _measure(loaded, targets, batches, needs, progress, world: World = SINGLE) -> dict[str, dict[str, torch.Tensor]]:
     stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
     input_needs = needs & INPUT_STATS
     hooks = [t.module.register_forward_hook(input_hook(stats[t.name], input_needs)) for t in targets] if input_needs else []
@@ -149,15 +154,16 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
             param.requires_grad_(id(param) in target_params)
         accumulators = {t.name: torch.zeros(tuple(t.module.weight.shape), dtype=torch.float32, device=t.module.weight.device)
                         for t in targets}
-        generator = torch.Generator().manual_seed(0)  # random output projections of encoders, reproducible
     was_training = model.training
     model.eval()
     try:
-        for index, ids in enumerate(tqdm(batches, desc="calibrating" + (" (gradients)" if backward else ""), unit="window", disable=not progress)):
-            ids = ids[None]
+        share = range(len(batches))[world.shard(len(batches))]
+        for index in tqdm(share, desc="calibrating" + (" (gradients)" if backward else ""), unit="window", disable=not progress):
+            ids = batches[index][None]
             if backward:
                 model.zero_grad(set_to_none=True)
-                loss = _fisher_loss(loaded, ids, generator)
+                # Encoders: the random output projection is seeded by the window, whichever process measures it.
+                loss = _fisher_loss(loaded, ids, torch.Generator().manual_seed(index))
                 if not loss.requires_grad:
                     raise DataError(f"{', '.join(t.name for t in targets[:3])}: no target gets a gradient from the calibration "
                                     "loss; they take no part in the model's output (leave them out of --targets)")
@@ -182,6 +188,8 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
             for param, flag in saved_flags.items():
                 param.requires_grad_(flag)
         model.train(was_training)
+    if world.distributed:
+        add_across_processes(world, stats, targets, loaded.device, [accumulators[t.name] for t in targets] if fisher else [])
     for t in targets:
         entry = stats[t.name]
         count = entry.pop("_tokens", None)
@@ -194,6 +202,26 @@ def _measure(loaded, targets, batches, needs, progress) -> dict[str, dict[str, t
         if t.name in grad_names:
             entry["output_grad_gram"] = output_grad_mean(t.name, entry)
     return stats
+
+
+SUM_SHAPES = {"_tokens": lambda m, n: (), "_grad_tokens": lambda m, n: (), "input_gram": lambda m, n: (n, n),
+              "input_abs_mean": lambda m, n: (n,), "input_sq_mean": lambda m, n: (n,), "output_grad_gram": lambda m, n: (m, m)}
+
+
+def add_across_processes(world: World, stats: dict, targets: list[Target], device, extra: list[torch.Tensor] = ()) -> None:
+    """Add the running sums of ``input_hook`` / ``output_grad_hook`` in ``stats`` (and the ``extra`` tensors) over
+    the processes of ``world``, in place, before any mean is taken. Every process must reduce the same tensors, also
+    one whose share of windows was empty or never reached a target: what it lacks enters as zeros."""
+    present = all_gather_json(world, {t.name: sorted(k for k in stats[t.name] if k in SUM_SHAPES) for t in targets})
+    tensors = []
+    for target in targets:
+        entry, (m, n) = stats[target.name], target.shape
+        for key in sorted(set().union(*(found[target.name] for found in present))):
+            value = entry.get(key, 0)
+            entry[key] = (value.to(torch.float64) if isinstance(value, torch.Tensor) else
+                          torch.full(SUM_SHAPES[key](m, n), float(value), dtype=torch.float64, device=device))
+            tensors.append(entry[key])
+    all_reduce_sum(world, tensors + list(extra), "adding calibration statistics")
 
 
 def _fisher_loss(loaded, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

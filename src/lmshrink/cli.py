@@ -419,7 +419,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                   saving=not no_save, finetune=finetune, refit=refit, recipe=recipe_spec is not None)
     if device is not None or dtype is not None:
         _check_device_and_dtype(device, dtype)
-    world = _join_run(ctx, sequential, device)  # lmshrink.distributed.SINGLE unless torchrun started several processes
+    world = _join_run(ctx, sequential, device, finetune, calibrate_on, refit)  # distributed.SINGLE unless torchrun started several
     output, failure = None, None
     out = Path("compressed") / f"{Path(str(model)).stem}-{method}" if out is None else out
     try:
@@ -516,19 +516,17 @@ def _print_whole_model(result, targets, allocation, recipe=None) -> None:
     click.echo(f"saved to: {saved}" if saved else "not saved (--no-save)")
 
 
-def _join_run(ctx, sequential: bool, device):
+def _join_run(ctx, sequential: bool, device, finetune, calibrate_on, refit):
     """This process's lmshrink.distributed.World: SINGLE, or its place among the processes torchrun started."""
     from lmshrink import distributed
+    from lmshrink.pipeline import check_distributed_whole_model
 
     if not (distributed.launched() or distributed.current_world().distributed):
         return distributed.SINGLE
-    size = os.environ.get("WORLD_SIZE", "?")
     if not sequential:
-        error = InvalidArgument("torchrun", f"{size} processes were started, but only block-by-block compression runs "
-                                "distributed in this version", "--sequential, or one process")
-        error.agreed = True
-        raise error
-    device_type = "cuda" if device == "cuda" or (device in (None, "auto") and torch.cuda.is_available()) else "cpu"
+        check_distributed_whole_model(os.environ.get("WORLD_SIZE", "several"), finetune, calibrate_on, refit)
+    # Block by block the device defaults to auto, whole-model to the CPU (lmshrink.pipeline.run).
+    device_type = "cuda" if device == "cuda" or ((device == "auto" or (device is None and sequential)) and torch.cuda.is_available()) else "cpu"
     try:
         world = distributed.init_world(device_type)
     except InvalidArgument as error:

@@ -102,10 +102,12 @@ def write_weights(model: nn.Module, directory: Path, max_shard_bytes: int = MAX_
     writer.close()
 
 
-def save(loaded, directory: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def save(loaded, directory: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+         run: dict | None = None) -> Path:
     """Write the model to ``directory``, in the dtype its weights are held in. Everything goes to a temporary sibling
     first, which then replaces ``directory`` atomically (lmshrink.outputs), so an interrupted save never leaves a
-    directory that looks complete, nor loses the one it was replacing. Non-finite weights are refused: nothing is written."""
+    directory that looks complete, nor loses the one it was replacing. Non-finite weights are refused: nothing is written.
+    ``run``: how the model was made (e.g. {"processes": 2, "executor": "whole-model"}), the manifest's "run"."""
     from lmshrink.models import load_model
     from lmshrink.outputs import nonfinite_tensors, reserve
 
@@ -116,7 +118,7 @@ def save(loaded, directory: str | Path, overwrite: bool = False, max_shard_bytes
                               "nothing was saved", "a model with finite weights")
     with reserve(directory, overwrite=overwrite, inputs=[loaded.source]) as output, output.staging() as staging:
         write_weights(loaded.model, staging, max_shard_bytes)
-        write_manifest(loaded, staging, model_dtype(loaded.model))
+        write_manifest(loaded, staging, model_dtype(loaded.model), run=run)
     return output.target
 
 

@@ -20,12 +20,13 @@ import contextlib
 import copy
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
 from lmshrink.data import DATA_CHOICES, Corpus, load_corpus
+from lmshrink.distributed import SINGLE, barrier
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.finetune import finetune as finetune_model
 from lmshrink.io import MANIFEST, load, read_manifest, save
@@ -80,7 +81,7 @@ class CompressResult:
     finetune: dict | None = None
     saved_to: str | None = None
     loaded: object = field(default=None, repr=False)  # the compressed LoadedModel (whole-model path)
-    processes: int = 1  # how many processes ran it (torchrun; block by block)
+    processes: int = 1  # how many processes ran it (torchrun)
     recipe: dict | None = None  # a recipe's record (lmshrink.recipes: stages as run, budget predicted and measured)
 
     @property
@@ -134,7 +135,7 @@ class CompressResult:
                 "speed": self.speed, "on_disk": self.on_disk, "samples": self.samples, "eval_tokens": self.after.get("eval_tokens"),
                 "window": self.window, "perplexity_protocol": self.after.get("perplexity_protocol"),
                 "fidelity": self.after.get("fidelity"), **tail, "finetune": self.finetune, "notes": self.notes,
-                "saved_to": self.saved_to, "modules": self.modules}
+                "saved_to": self.saved_to, "modules": self.modules, "processes": self.processes}
 
 
 class _CallbackStages(Stages):
@@ -176,12 +177,13 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
     the result, fine-tuning) is the whole-model one's.
     ``evaluate``: what to measure (None: parameters and bytes only). ``on_stage``: a callback told each stage's
     name as it starts, or a lmshrink.progress.Stages (the CLI's). ``progress``: progress bars (with a callback).
-    ``world``: a lmshrink.distributed.World when several processes run it (torchrun; block by block only); None: this
-    process alone, or its place in a process group already initialized. Only rank 0 checks and writes ``out`` and
-    gets the result; the other processes get None.
+    ``world``: a lmshrink.distributed.World when several processes run it (torchrun); None: this process alone, or
+    its place in a process group already initialized. The processes split calibration windows, factorizations
+    and evaluation windows; whole-model, each holds the whole model. Only rank 0 checks and writes ``out``, samples,
+    times tokens/s and gets the result; the other processes get None. Refinement training and the block engine's
+    options without ``sequential`` run in one process only.
     """
     from lmshrink.distributed import current_world
-
     from lmshrink.recipes import Recipe
 
     recipe = plan if isinstance(plan, Recipe) else None
@@ -193,8 +195,7 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
                   recipe=recipe is not None)
     world = world or current_world()
     if world.distributed and not sequential:
-        raise InvalidArgument("sequential", f"{world.size} processes run this, but only block-by-block compression runs distributed "
-                              "in this version", "sequential=True, or one process")
+        check_distributed_whole_model(world.size, finetune, calibrate_on, refit)
     if (calibrate_on or refit) and not isinstance(model, (str, Path)):
         raise InvalidArgument("model", f"a {type(model).__name__} was given, but the block engine (refit, calibrate_on) reads "
                               "its model block by block from a checkpoint", "a checkpoint path or a built-in name")
@@ -210,14 +211,27 @@ def run(model, plan: Plan | Sequence[Plan], data: Corpus | str | None = None, *,
         return _run_block_by_block(model, recipe or plans[0], corpus, out, overwrite, device, dtype, calibrate_on or "compressed", refit,
                                    evaluate or EvalOptions(samples=False, speed=False), stages, world)
     blocks = (calibrate_on or "compressed", refit) if calibrate_on or refit else None
-    return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe, blocks)
+    return _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe, blocks, world)
+
+
+def check_distributed_whole_model(processes, finetune: FinetuneOptions | None, calibrate_on, refit) -> None:
+    """What the whole-model executor does not run with several processes: refused by flag, before any work (every
+    process finds the same error from the same options, so it is marked agreed: rank 0 alone reports it)."""
+    for flag, given in (("--finetune-steps", finetune is not None and finetune.steps), ("--calibrate-on", calibrate_on),
+                        ("--refit", refit)):
+        if given:
+            error = InvalidArgument(flag, f"is not available when {processes} processes compress the whole model",
+                                    "one process for it, or --sequential (block by block) for --calibrate-on and --refit")
+            error.agreed = True
+            raise error
 
 
 def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, out, overwrite, stages, recipe=None,
-                     blocks=None) -> CompressResult:
+                     blocks=None, world=SINGLE) -> CompressResult | None:
     """``blocks``: None (compress in memory), or (calibrate_on, refit): the compress step is the block engine's, run
     first from the source into a scratch folder; the original is then loaded beside it to be measured, timed and,
-    with distillation, used as the teacher (no second copy)."""
+    with distillation, used as the teacher (no second copy). ``world``: every process loads the whole model and
+    compresses it the same way (lmshrink.surgery.compress splits the work); rank 0 samples, times and saves."""
     from lmshrink.recipes import apply_recipe, check_recipe
     from lmshrink.surgery import check_plan
 
@@ -228,6 +242,10 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
                                               dtype or "float32", *blocks, stages)
             with stages.stage("loading the compressed model"):
                 compressed = load(Path(scratch) / "model", device=report.plan["device"])
+        if world.distributed and device in ("cuda", "auto"):  # one GPU per process: cuda:LOCAL_RANK
+            from lmshrink.devices import resolve_device
+
+            device = str(world.place(resolve_device(device)))
         loaded, source_path = load_with_stages(model, stages, device, dtype)
         window = evaluate.window if evaluate else plans[0].window
         if evaluate:
@@ -238,9 +256,11 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
             check_recipe(loaded, recipe)  # overlapping stages, bad keys, an unreachable budget: now, before any work
         elif compressed is None:
             check_plan(loaded, plans[0])  # bad targets or ranks fail now, not after minutes of evaluation (later stages: when applied)
+        if world.distributed:  # rank 0 alone samples and times: the others would wait for it anyway
+            evaluate = evaluate and (evaluate if world.main else replace(evaluate, samples=False, speed=False))
         samples = _sample(loaded, stages, f"sampling the original (greedy, {SAMPLE_TOKENS} tokens)", None) if evaluate and evaluate.samples and loaded.causal else None
         texts = fidelity_sentences(corpus) if evaluate and not loaded.causal else None
-        before = _measure(loaded, corpus, evaluate, stages, "evaluating the original", texts)
+        before = _measure(loaded, corpus, evaluate, stages, "evaluating the original", texts, world=world)
         if compressed is not None:  # the original, loaded for the measures, is the teacher and the timing reference
             original, loaded, reports = loaded, compressed, [report]
             teacher = original if finetune and finetune.steps and finetune.distill else None
@@ -249,27 +269,30 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
             original = teacher if teacher is not None or not (evaluate and evaluate.speed) or before["bytes"] > SPEED_COPY_LIMIT else _copy(loaded)
         speed_before = _time_alone(loaded, stages, "timing the original (tokens/s)") if evaluate and evaluate.speed and original is None else None
         if compressed is None:
-            reports = (apply_recipe(loaded, recipe, corpus, progress=stages.bars, on_stage=stages.note) if recipe is not None else
-                       [compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note) for stage in plans])
+            reports = (apply_recipe(loaded, recipe, corpus, progress=stages.bars, on_stage=stages.note, world=world) if recipe is not None else
+                       [compress(loaded, stage, data=corpus, progress=stages.bars, on_stage=stages.note, world=world) for stage in plans])
         tuned = _finetune(loaded, corpus, finetune, window, teacher, stages) if finetune and finetune.steps else None
         del teacher
         check_finite(loaded, "--finetune-lr" if tuned else "--method", "+".join(p.method for p in plans))
-        after = _measure(loaded, corpus, evaluate, stages, "evaluating the compressed model", texts, before.get("reference"))
+        after = _measure(loaded, corpus, evaluate, stages, "evaluating the compressed model", texts, before.get("reference"), world)
         speed = _time_both(original, loaded, speed_before, stages) if evaluate and evaluate.speed else None
         del original
         if samples is not None:
             samples = _sample(loaded, stages, "sampling the compressed model", samples)
         saved = None
-        if out is not None:
+        if out is not None and world.main:
             with stages.stage(f"saving to {out}"):
-                saved = str(save(loaded, out, overwrite=overwrite))
+                saved = str(save(loaded, out, overwrite=overwrite, run={"processes": world.size, "executor": "whole-model"}))
+        barrier(world, "finishing (rank 0 writes the output)")
+        if not world.main:
+            return None
     stages.note("done")
     on_disk = {"source": size_on_disk(source_path) if source_path is not None else None,
                "source_path": str(source_path) if source_path is not None else None,
                "saved": size_on_disk(saved) if saved else None}
     before.pop("reference", None)
     return CompressResult(str(model), plans, corpus.source, "whole-model", reports, before, after, window, speed, samples,
-                          on_disk, tuned, saved, loaded, recipe=loaded.recipe if recipe is not None else None)
+                          on_disk, tuned, saved, loaded, processes=world.size, recipe=loaded.recipe if recipe is not None else None)
 
 
 def _compress_block_by_block(model, plan, corpus, folder, device, dtype, calibrate_on, refit, stages, overwrite=False,
@@ -286,7 +309,7 @@ def _run_block_by_block(model, plan, corpus, out, overwrite, device, dtype, cali
     """The model is never whole in memory; the compressed result is evaluated from its output. The original is not
     evaluated (that would load it whole): `lmshrink eval MODEL` measures it. Several processes (``world``) split
     calibration, factorization and evaluation; rank 0 writes, samples and returns the result (the others: None)."""
-    from lmshrink.distributed import SINGLE, all_gather_json
+    from lmshrink.distributed import all_gather_json
     from lmshrink.evaluate import corpus_perplexity, greedy_sample
     from lmshrink.recipes import Recipe
 
@@ -347,7 +370,7 @@ def _sample(loaded, stages, what: str, samples: dict | None) -> dict:
     return {**samples, "after": text} if samples else {"prompt": SAMPLE_PROMPT, "new_tokens": SAMPLE_TOKENS, "before": text}
 
 
-def _measure(loaded, corpus, evaluate: EvalOptions | None, stages, what: str, texts, reference=None) -> dict:
+def _measure(loaded, corpus, evaluate: EvalOptions | None, stages, what: str, texts, reference=None, world=SINGLE) -> dict:
     """params and bytes; with ``evaluate``: perplexity (causal) or fidelity to ``reference`` embeddings (encoders; the
     original's own embeddings are returned under "reference")."""
     from lmshrink.accounting import count_bytes, count_params
@@ -358,9 +381,9 @@ def _measure(loaded, corpus, evaluate: EvalOptions | None, stages, what: str, te
     with stages.stage(f"{what} ({what_is_measured(loaded, evaluate.tokens, evaluate.window)})", has_bar=True):
         if reference is None and texts:
             reference = pooled_embeddings(loaded, texts)
-            summary = eval_summary(loaded, corpus, evaluate.tokens, evaluate.window, stages.bars, texts, reference, speed=False)
+            summary = eval_summary(loaded, corpus, evaluate.tokens, evaluate.window, stages.bars, texts, reference, speed=False, world=world)
             return {**summary, "reference": reference}
-        return eval_summary(loaded, corpus, evaluate.tokens, evaluate.window, stages.bars, texts, reference, speed=False)
+        return eval_summary(loaded, corpus, evaluate.tokens, evaluate.window, stages.bars, texts, reference, speed=False, world=world)
 
 
 def _finetune(loaded, corpus, options: FinetuneOptions, window: int, teacher, stages) -> dict:
@@ -423,13 +446,13 @@ def load_with_stages(model, stages: Stages, device=None, dtype=None):
     return loaded, source
 
 
-def eval_summary(loaded, corpus, tokens, window, progress, sentences=None, reference=None, speed=True) -> dict:
+def eval_summary(loaded, corpus, tokens, window, progress, sentences=None, reference=None, speed=True, world=SINGLE) -> dict:
     from lmshrink.accounting import count_bytes, count_params
     from lmshrink.evaluate import corpus_perplexity, fidelity, pooled_embeddings, throughput
 
     summary = {"params": count_params(loaded.model), "bytes": count_bytes(loaded.model)}
     if loaded.causal:
-        result = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=progress)
+        result = corpus_perplexity(loaded, corpus, tokens=tokens, window=window, progress=progress, world=world)
         summary.update(perplexity=result["perplexity"], eval_tokens=result["tokens"], perplexity_protocol=result["protocol"])
     else:
         summary["perplexity"] = None  # encoders have no next-token loss; fidelity measures them

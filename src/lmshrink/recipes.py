@@ -471,8 +471,9 @@ def check_recipe(loaded, recipe: Recipe) -> tuple[list, dict | None]:
     return stages, solution
 
 
-def apply_recipe(loaded, recipe, data=None, progress: bool = True, on_stage=None) -> list:
-    """Run the recipe's stages on ``loaded`` in place (via lmshrink.compress); return one CompressionReport per stage.
+def apply_recipe(loaded, recipe, data=None, progress: bool = True, on_stage=None, world=None) -> list:
+    """Run the recipe's stages on ``loaded`` in place (via lmshrink.compress, with ``world`` as it takes it); return
+    one CompressionReport per stage.
 
     ``loaded.compression`` then holds every stage's rows, and ``loaded.recipe`` the recipe (saved in the manifest, so
     ``load_recipe(saved_dir)`` reuses it) with the stages as run and, under a budget, what was predicted and measured.
@@ -494,7 +495,7 @@ def apply_recipe(loaded, recipe, data=None, progress: bool = True, on_stage=None
     for index, plan in enumerate(stages):
         on_stage(f"recipe stage {index + 1}/{len(stages)}: {plan.method} on {', '.join(plan.targets)} ({plan.amount()}"
                  f"{f', {plan.bits}-bit factors' if plan.bits else ''})")
-        report = compress(loaded, plan, data=corpus, progress=progress, on_stage=on_stage)
+        report = compress(loaded, plan, data=corpus, progress=progress, on_stage=on_stage, world=world)
         report.plan["stage"] = index + 1
         reports.append(report)
         rows += [{**row, "stage": index + 1} for row in report.modules]

@@ -34,10 +34,9 @@ from tqdm.auto import tqdm
 
 from lmshrink.accounting import count_bytes, count_params
 from lmshrink.allocation import allocate
-from lmshrink.calibration import GRADIENT_STATS, INPUT_STATS, input_hook, output_grad_hook, output_grad_mean
+from lmshrink.calibration import GRADIENT_STATS, INPUT_STATS, add_across_processes, input_hook, output_grad_hook, output_grad_mean
 from lmshrink.data import Corpus, calibration_windows, load_corpus
-from lmshrink.distributed import (SINGLE, World, agree, all_reduce_sum, barrier, current_world, matrix_cost, pack_by_cost,
-                                  share_tensor)
+from lmshrink.distributed import SINGLE, World, agree, all_reduce_sum, barrier, current_world
 from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 from lmshrink.methods import get_method
 from lmshrink.models import load_model
@@ -50,7 +49,8 @@ from lmshrink.refit import refit_block
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
 from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
 from lmshrink.io import check_out, staging_directory, write_manifest
-from lmshrink.surgery import CompressionReport, check_plan, compress, factorize_target
+from lmshrink.budget import weighted_spectra
+from lmshrink.surgery import CompressionReport, check_plan, compress, factorize_targets
 from lmshrink.version import __version__
 
 CALIBRATE_ON = ("compressed", "original")
@@ -123,38 +123,13 @@ def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary |
         for hook in hooks:
             hook.remove()
     if world.distributed and needs and targets:
-        _add_across_processes(world, stats, targets, needs, block)
+        add_across_processes(world, stats, targets, next(block.parameters()).device)
     for entry in stats.values():
         count = entry.pop("_tokens", None)
         for key in ("input_abs_mean", "input_sq_mean"):
             if key in entry:
                 entry[key] = (entry[key] / count).float()
     return stats, outputs
-
-
-def _add_across_processes(world: World, stats, targets, needs, block) -> None:
-    # Every process must reduce the same tensors, also one whose share of windows is empty: missing sums are zeros.
-    device = next(block.parameters()).device
-    tensors = []
-    for target in targets:
-        entry, n = stats[target.name], target.shape[1]
-        entry["_tokens"] = torch.as_tensor(entry.get("_tokens", 0), dtype=torch.float64, device=device)
-        for key in sorted(needs):
-            if key not in entry:
-                entry[key] = torch.zeros((n, n) if key == "input_gram" else (n,), dtype=torch.float64, device=device)
-        tensors += [entry["_tokens"], *(entry[key] for key in sorted(needs))]
-    all_reduce_sum(world, tensors, "adding input statistics")
-
-
-class _Replay:
-    """A method that hands back factors computed elsewhere (by the process owning the matrix), so that the surgery
-    builds, swaps and reports the layer exactly as if it had factorized it here."""
-
-    def __init__(self, method, factors):
-        self.name, self.needs, self.kind, self.factors = method.name, method.needs, method.kind, factors
-
-    def function(self, weight, rank, stats, options):
-        return self.factors
 
 
 class _NoWriter:
@@ -391,13 +366,8 @@ def _save_output_grad_grams(engine: Engine, targets, grams: dict, path: Path) ->
     # Sums and token counts added across processes (a process with no windows adds zeros), then per-token means.
     from safetensors.torch import save_file
 
-    tensors = []
-    for target in targets:
-        entry, m = grams[target.name], target.shape[0]
-        entry["_grad_tokens"] = torch.as_tensor(entry.get("_grad_tokens", 0), dtype=torch.float64, device=engine.device)
-        entry.setdefault("output_grad_gram", torch.zeros((m, m), dtype=torch.float64, device=engine.device))
-        tensors += [entry["_grad_tokens"], entry["output_grad_gram"]]
-    all_reduce_sum(engine.world, tensors, "adding output-gradient Grams")
+    if engine.world.distributed:
+        add_across_processes(engine.world, grams, targets, engine.device)
     save_file({t.name: output_grad_mean(t.name, grams[t.name]).cpu() for t in targets}, str(path))
 
 
@@ -427,15 +397,10 @@ def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, call
         gradient_stats = _gradient_stats(fisher_dir, index, engine.device)
         targets = engine.block_targets(index, block)
         everything += targets
-        owners = pack_by_cost([matrix_cost(t.shape) for t in targets], world.size)  # each spectrum is an SVD: split them
-        for target, owner in zip(targets, owners):
-            values = in_loss = None
-            if owner == world.rank:
-                entry = merged_stats(target, {name: {**found, **gradient_stats.get(name, {})} for name, found in stats.items()})
-                values, in_loss = method.error_spectrum(target.weight().float(), entry, options)
-                values, in_loss = values.cpu(), torch.tensor([bool(in_loss)])
-            spectra[target.name] = share_tensor(world, values, owner, torch.device("cpu"), "sharing spectra")
-            units.add(bool(share_tensor(world, in_loss, owner, torch.device("cpu"), "sharing spectra")))
+        found = {name: {**entry, **gradient_stats.get(name, {})} for name, entry in stats.items()}
+        for target, (values, in_loss) in zip(targets, weighted_spectra(targets, method, options, lambda t: merged_stats(t, found), world)):
+            spectra[target.name] = values
+            units.add(in_loss)
         release(block)
     return ranks_from_spectra(everything, plan, {}, spectra, units)
 
@@ -488,7 +453,7 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
         writer = ShardWriter(staging) if world.main else _NoWriter()  # tensors as held: the working dtype; k-bit scales float16
         engine.load_outer()
         for index, stage in engine.outer_stages:  # embedding / head stages: before the blocks calibrate on their output
-            outer_reports.append(compress(loaded, stage, data=data, progress=False))
+            outer_reports.append(compress(loaded, stage, data=data, progress=False, world=world))
             outer_reports[-1].plan["stage"] = index + 1
         writer.add(engine.outer_state())
         writer.end_shard()
@@ -513,7 +478,7 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
                 stats[name].update(entry)
             block_targets = engine.block_targets(index, block)  # --joint: linears of one input stacked, their stats merged
             stats = {t.name: merged_stats(t, stats) for t in block_targets}
-            block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats)
+            block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats, world)
             original = copy.deepcopy(block) if refit else None
             block_rows = _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)
             if refit:
@@ -576,21 +541,6 @@ def _refit(engine: Engine, index: int, original, block, rows: list[dict], origin
 
 
 def _factorize_block(loaded, world: World, targets, ranks, method, stats, options) -> list[dict]:
-    """Factorize one block's targets: each process the ones packed to it by cost, then every process receives every
-    factor from its owner (all of them run the compressed block; rank 0 writes it) and swaps the layers in."""
-    if not world.distributed:
-        return [row for t in targets for row in factorize_target(loaded, t, ranks[t.name], method, stats[t.name], options, False)]
-    owners = pack_by_cost([matrix_cost(t.shape) for t in targets], world.size)
-    mine = {t.name: method.function(t.weight().detach().float(), ranks[t.name], stats[t.name], options)
-            for t, owner in zip(targets, owners) if owner == world.rank and ranks[t.name] is not None}  # all at once, then share
-    rows = []
-    for target, owner in zip(targets, owners):
-        rank = ranks[target.name]
-        if rank is None:
-            rows += factorize_target(loaded, target, rank, method, {}, options, False)
-            continue
-        left, right = mine.get(target.name, (None, None))
-        device = target.module.weight.device
-        factors = (share_tensor(world, left, owner, device), share_tensor(world, right, owner, device))
-        rows += factorize_target(loaded, target, rank, _Replay(method, factors), {}, options, False)
-    return rows
+    """Factorize one block's targets (split across processes by cost; every process gets every factor: all of them
+    run the compressed block, rank 0 writes it) and swap the layers in."""
+    return factorize_targets(loaded, targets, ranks, method, stats, options, False, world)

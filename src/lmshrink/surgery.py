@@ -13,6 +13,7 @@ from lmshrink.accounting import relative_error, count_bytes, count_params, modul
 from lmshrink.allocation import allocate, check_amounts
 from lmshrink.calibration import collect_stats
 from lmshrink.data import Corpus, load_corpus
+from lmshrink.distributed import SINGLE, World, agree, current_world, matrix_cost, spread
 from lmshrink.errors import InvalidArgument
 from lmshrink.joint import JointTarget, merged_stats, model_groups, joint_targets, split_rows
 from lmshrink.layers.base import carry_output_scale, replace_module
@@ -20,6 +21,7 @@ from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead
 from lmshrink.methods import get_method
 from lmshrink.models import LoadedModel, load_model
 from lmshrink.plan import Plan, Target, select_targets
+from lmshrink.version import __version__
 
 
 @dataclass
@@ -83,15 +85,20 @@ def check_plan(model, plan: Plan) -> list[Target]:
     return targets
 
 
-def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool = True, on_stage=None) -> CompressionReport:
+def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool = True, on_stage=None,
+             world: World | None = None) -> CompressionReport:
     """Apply ``plan`` to ``model`` in place and return what changed, module by module.
 
     ``model`` is anything ``load_model`` accepts; ``data`` (a Corpus or what ``load_corpus`` accepts) is
     needed only by methods that calibrate on text. The LoadedModel keeps the per-module report, which
     ``save`` writes into the manifest. ``on_stage(text)``, if given, is told when calibrating and factorizing start.
+    ``world`` (default: the initialized torch.distributed process group, if any): every process holds the whole
+    model and runs this with the same plan; they split the calibration windows and the low-rank factorizations
+    (and sensitivity spectra) by cost, and all end with the same compressed model (lmshrink.distributed).
     """
     from lmshrink.quantize_factors import quantize_factors, reconcile_bits
 
+    world = current_world() if world is None else world
     on_stage = on_stage or (lambda text: None)
     loaded = load_model(model)
     plan = reconcile_bits(plan)  # bits/quant_group options -> Plan.bits/group_size: one meaning of --bits
@@ -99,6 +106,8 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     options = method.resolve_options(plan.options)
     targets = check_plan(loaded, plan)
     asked, plan = plan, plan.for_targets(targets)  # a --params budget becomes the global ratio over these targets
+    if world.distributed:  # the same lmshrink, plan and targets everywhere, or every process refuses together
+        agree(world, {"lmshrink": __version__, "plan": plan.to_dict(), "targets": [t.name for t in targets]})
     params_before, bytes_before = count_params(loaded.model), count_bytes(loaded.model)
     start = time.perf_counter()
     stats = {}
@@ -106,7 +115,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         corpus = data if isinstance(data, Corpus) else load_corpus(data)
         on_stage(f"calibrating ({', '.join(sorted(method.needs))} over {plan.calibration_windows} windows of {plan.window} tokens)")
         stats = collect_stats(loaded, targets, corpus, method.needs, windows=plan.calibration_windows,
-                              window_len=plan.window, progress=progress)
+                              window_len=plan.window, progress=progress, world=world)
     stats_seconds = time.perf_counter() - start
     rows = []
     on_stage(f"factorizing {len(targets)} matrices ({method.name})")
@@ -114,11 +123,9 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         if plan.joint:  # linears that read one input become one stacked target with merged statistics
             targets = joint_targets(targets, model_groups(loaded, targets))
             stats = {target.name: merged_stats(target, stats) for target in targets}
-        ranks = allocate(targets, plan, stats)
-        for target in tqdm(targets, desc=f"{method.name}", unit="matrix", disable=not progress):
-            rows += factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options,
-                                     plan.untie_head)
-    else:
+        ranks = allocate(targets, plan, stats, world)
+        rows = factorize_targets(loaded, targets, ranks, method, stats, options, plan.untie_head, world, progress)
+    else:  # (module methods: every process builds the same modules; they are cheap next to calibration)
         for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
             before = module_params(target.module)
             weight = target.weight().detach()
@@ -153,6 +160,34 @@ def _row(target: Target, params_before: int) -> dict:
     m, n = target.shape
     return {"name": target.name, "kind": target.kind, "shape": [m, n], "rank": None, "params_before": params_before,
             "params_after": params_before, "relative_error": 0.0, "tied_head": target.tied_head}
+
+
+def factorize_targets(loaded: LoadedModel, targets: list[Target], ranks: dict, method, stats: dict, options, untie_head: bool,
+                      world: World = SINGLE, progress: bool = False) -> list[dict]:
+    """Factorize ``targets`` at ``ranks`` (``factorize_target`` each) and swap them in; their report rows. Several
+    processes: each factorizes the targets packed to it by cost and receives the others' factors from their owners,
+    so every process ends with the same layers."""
+    if not world.distributed:
+        return [row for target in tqdm(targets, desc=method.name, unit="matrix", disable=not progress)
+                for row in factorize_target(loaded, target, ranks[target.name], method, stats.get(target.name, {}), options, untie_head)]
+    factorized = [t for t in targets if ranks[t.name] is not None]
+    factors = spread(world, [matrix_cost(t.shape) for t in factorized],
+                     lambda i: method.function(factorized[i].weight().detach().float(), ranks[factorized[i].name],
+                                               stats.get(factorized[i].name, {}), options), 2, loaded.device)
+    by_name = {t.name: pair for t, pair in zip(factorized, factors)}
+    return [row for t in targets for row in factorize_target(loaded, t, ranks[t.name], _Replay(method, by_name.get(t.name)), {},
+                                                               options, untie_head)]
+
+
+class _Replay:
+    """A method that hands back factors computed elsewhere (by the process owning the matrix), so that the surgery
+    builds, swaps and reports the layer exactly as if it had factorized it here."""
+
+    def __init__(self, method, factors):
+        self.name, self.needs, self.kind, self.factors = method.name, method.needs, method.kind, factors
+
+    def function(self, weight, rank, stats, options):
+        return self.factors
 
 
 def factorize_target(loaded: LoadedModel, target: Target, rank, method, stats, options, untie_head: bool) -> list[dict]:
