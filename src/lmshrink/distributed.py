@@ -302,11 +302,13 @@ def share_tensor(world: World, tensor: torch.Tensor | None, owner: int, device=N
 
 def spread(world: World, costs: list[float], compute, parts: int, device=None, what: str = "sharing factors") -> list[tuple]:
     """``compute(i)`` (a tuple of ``parts`` tensors) for every item ``i``, each run by the process packed to it by cost
-    (``pack_by_cost``); every process gets every result, on ``device`` (lmshrink's matrix-parallel step: SVDs,
-    spectra). A process computes all of its items first, then the results travel in item order."""
+    (``pack_by_cost``); every process gets every result, on ``device`` (one for all, or ``device(i)`` per item)
+    (lmshrink's matrix-parallel step: SVDs, spectra). A process computes all of its items first, then the results
+    travel in item order."""
     if not world.distributed:
         return [compute(index) for index in range(len(costs))]
+    place = device if callable(device) else lambda index: device
     owners = pack_by_cost(costs, world.size)
     mine = {index: compute(index) for index, owner in enumerate(owners) if owner == world.rank}
-    return [tuple(share_tensor(world, part, owner, device, what) for part in mine.get(index, (None,) * parts))
+    return [tuple(share_tensor(world, part, owner, place(index), what) for part in mine.get(index, (None,) * parts))
             for index, owner in enumerate(owners)]

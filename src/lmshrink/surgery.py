@@ -173,7 +173,8 @@ def factorize_targets(loaded: LoadedModel, targets: list[Target], ranks: dict, m
     factorized = [t for t in targets if ranks[t.name] is not None]
     factors = spread(world, [matrix_cost(t.shape) for t in factorized],
                      lambda i: method.function(factorized[i].weight().detach().float(), ranks[factorized[i].name],
-                                               stats.get(factorized[i].name, {}), options), 2, loaded.device)
+                                               stats.get(factorized[i].name, {}), options), 2,
+                     lambda i: factorized[i].module.weight.device)  # where the layer it replaces lives
     by_name = {t.name: pair for t, pair in zip(factorized, factors)}
     return [row for t in targets for row in factorize_target(loaded, t, ranks[t.name], _Replay(method, by_name.get(t.name)), {},
                                                                options, untie_head)]
