@@ -8,6 +8,9 @@ Variants (all fwhiten + sensitivity allocation unless --method says otherwise):
   closed  block by block, each block calibrated on what the compressed blocks before it produce
   refit   closed, then every factorized matrix refitted (lmshrink.refit) so its block's linears reproduce the
           original's outputs on the compressed inputs
+  channels  the MLPs by nystrom (channel selection + refitted down projection), the attention linears by --method,
+          both at the ratio with --allocation (each within its own part; the MLPs' --channel-allocation when given):
+          a two-stage recipe, the same budget
 --joint: linears that read one input (q/k/v; gate/up) share one right factor (Plan.joint)
 Every run is a child process; its result is merged into benchmarks/results/<name>.json by (variant, method, ratio,
 calibration text, evaluation text), so runs made at different times land in one table. Perplexity: the evaluation
@@ -27,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = {"whole": ("whole", None, False), "open": ("sequential", "original", False),
+VARIANTS = {"whole": ("whole", None, False), "channels": ("channels", None, False), "open": ("sequential", "original", False),
             "closed": ("sequential", "compressed", False), "refit": ("sequential", "compressed", True),
             "open-refit": ("sequential", "original", True)}
 
@@ -51,6 +54,16 @@ def child(spec: dict) -> dict:
     elif path == "whole":
         loaded = lmshrink.load_model(spec["model"])
         lmshrink.compress(loaded, plan, data=calib, progress=False)
+    elif path == "channels":
+        from dataclasses import replace
+
+        loaded = lmshrink.load_model(spec["model"])
+        stages = [replace(plan, method="nystrom", targets=("mlp",), options={},
+                          allocation=spec.get("channel_allocation") or plan.allocation),
+                  replace(plan, targets=("attention",))]
+        from lmshrink.recipes import Recipe, apply_recipe
+
+        apply_recipe(loaded, Recipe(stages), data=calib, progress=False)
     else:
         from lmshrink.sequential import compress_sequential
 
@@ -72,6 +85,8 @@ def main() -> None:
     parser.add_argument("--variants", default="whole,closed,refit", help=f"Comma-separated: dense, {', '.join(VARIANTS)}.")
     parser.add_argument("--method", default="fwhiten")
     parser.add_argument("--allocation", default="sensitivity")
+    parser.add_argument("--channel-allocation", default=None, choices=("uniform", "sensitivity"),
+                        help="channels variant: the nystrom stage's allocation (default: --allocation).")
     parser.add_argument("--calib", default="wikitext-2", help="Calibration text (its train split where it has one).")
     parser.add_argument("--data", default="wikitext-2", help="Evaluation text (its test split).")
     parser.add_argument("--tokens", type=int, default=16384)
@@ -103,12 +118,15 @@ def main() -> None:
                     "calib": args.calib, "data": args.data, "windows": args.windows, "window": args.window, "tokens": args.tokens,
                     "out": str(Path(scratch) / f"run{number}"), "joint": args.joint,
                     "options": {k: float(v) for k, v in (o.split("=", 1) for o in args.option)}}
+            if variant == "channels" and args.channel_allocation not in (None, args.allocation):
+                spec["channel_allocation"] = args.channel_allocation
             if variant == "dense":
                 spec.update(method=None, ratio=None, calib=args.data, joint=False)
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-            key = ("model", "variant", "method", "allocation", "ratio", "calib", "data", "windows", "tokens", "joint", "options")
+            key = ("model", "variant", "method", "allocation", "ratio", "calib", "data", "windows", "tokens", "joint", "options",
+                   "channel_allocation")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
@@ -125,6 +143,7 @@ def _write(name: str, runs: list[dict], write_results) -> None:
     runs = sorted(runs, key=lambda r: (r["model"], r["calib"], -(r["ratio"] or 2), order.get(r["variant"], 9)))
     dense = {(r["model"], r["data"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
     rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else "") +
+             (f" (MLP channels {r['channel_allocation']})" if r.get("channel_allocation") else "") +
              "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())), r["method"] or "-", r["allocation"] if r["method"] else "-",
              r["ratio"], r["calib"], r["data"], r["windows"], r["tokens"], r.get("perplexity"),
              (r["perplexity"] / dense[r["model"], r["data"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["data"], r["tokens"]) in dense else None,
@@ -160,7 +179,8 @@ def _plot(name: str, runs: list[dict], dense: dict) -> None:
                 or (r["model"], r["data"], r["tokens"]) not in dense:
             continue
         options = "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items()))
-        label = (f"{r['model']} {r['variant']}{' +joint' if r.get('joint') else ''}{options} {r['method']} {r['allocation']}, "
+        channel = f" (MLP channels {r['channel_allocation']})" if r.get("channel_allocation") else ""
+        label = (f"{r['model']} {r['variant']}{channel}{' +joint' if r.get('joint') else ''}{options} {r['method']} {r['allocation']}, "
                  f"calibrated on {r['calib']}")
         lines.setdefault(label, []).append((r["ratio"], r["perplexity"] / dense[r["model"], r["data"], r["tokens"]]))
     if not lines:

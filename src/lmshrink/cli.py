@@ -353,7 +353,7 @@ def _with(options):
 @click.option("--finetune-distill", is_flag=True,
               help="Train toward the uncompressed model's next-token distributions (KL) instead of the text's tokens; keeps a copy of the original in memory.")
 @click.option("--recipe", default=None,
-              help="Whole-model recipe instead of --method/--ratio: a YAML/JSON file of stages, a built-in (half, quarter; "
+              help="Whole-model recipe instead of --method/--ratio: a YAML/JSON file of stages, a built-in (half, quarter, channels; "
                    "see `lmshrink methods`), or a directory saved by lmshrink (reuses its recipe).")
 @click.option("--out", default=None, help="Where to save the compressed model (a new or empty directory). Default ./compressed/<model>-<method>.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds an earlier lmshrink save (atomically: it is never missing).")

@@ -8,7 +8,7 @@ as held), ``params`` (whole-model parameters, factors counted as values whatever
 ``ratio`` (the ratios are the stages' relative shares; a stage without an amount has share 1), chosen as the largest
 whose predicted size meets the budget; inside a stage, ``allocation: sensitivity`` spends its share where calibration
 says it costs least. Stages with ``rank`` keep it (a fixed size); ``energy`` stages cannot be budgeted (their size is
-not known before the spectra). ``load_recipe`` reads a file, a built-in name (``half``, ``quarter``) or a directory
+not known before the spectra). ``load_recipe`` reads a file, a built-in name (``half``, ``quarter``, ``channels``) or a directory
 saved by lmshrink (the recipe in its manifest); ``apply_recipe`` runs the stages through ``lmshrink.compress``.
 """
 
@@ -47,6 +47,14 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "stages": [
             {"targets": ["embedding", "lm_head"], "method": "groupreduce", "ratio": 0.5, "bits": 4, "group_size": 64},
             {"targets": ["linears"], "method": "fwhiten", "ratio": 1.0, "bits": 4, "group_size": 64, "allocation": "sensitivity"},
+        ],
+    },
+    "channels": {
+        "description": "the linears at 0.8 of their parameters: nystrom MLP channels (refitted down projection) + fwhiten "
+                       "attention, each allocated by sensitivity",
+        "stages": [
+            {"targets": ["mlp"], "method": "nystrom", "ratio": 0.8, "allocation": "sensitivity"},
+            {"targets": ["attention"], "method": "fwhiten", "ratio": 0.8, "allocation": "sensitivity"},
         ],
     },
 }
@@ -335,8 +343,28 @@ def predicted_size(plan, targets: list, unit: str) -> int:
                 extra = 0
             total += _factor_bytes(shapes, bits, plan.group_size, e) + extra
         return total
+    if plan.method == "nystrom":
+        from lmshrink.channel_groups import ChannelTarget
+        from lmshrink.methods.nystrom import channel_budget
+
+        grouped = method.group_targets(targets)
+        groups = [g for g in grouped if isinstance(g, ChannelTarget)]
+        bounds = channel_budget(replace(plan, allocation="uniform"), groups)  # sensitivity keeps the same parameters
+        for t in grouped:
+            if not isinstance(t, ChannelTarget):  # outside a complete MLP: stays dense
+                total += _bias_size(t, unit) + t.shape[0] * t.shape[1] * (element or _element_bytes(t))
+        for group, (_, keep, _) in zip(groups, bounds):
+            channels = group.shape[0]
+            for member in group.members:
+                m, n = member.shape
+                shrunk = (keep, n) if member is not group.consumer else (m, keep)
+                bias = _bias_size(member, unit)
+                total += (bias * keep // channels if member is not group.consumer else bias) \
+                    + shrunk[0] * shrunk[1] * (element or _element_bytes(member)) \
+                    + (keep * 4 if unit == "bytes" else 0)  # the kept channels' int32 index
+        return total
     raise InvalidArgument("--recipe", f"method {plan.method!r} under a whole-model budget: its size cannot be predicted",
-                          "budgeted stages with low-rank methods, groupreduce, tt, tt-matrix or quantize; or no budget")
+                          "budgeted stages with low-rank methods, nystrom, groupreduce, tt, tt-matrix or quantize; or no budget")
 
 
 def _dense_size(loaded, targets: list, unit: str) -> int:

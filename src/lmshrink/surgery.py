@@ -78,6 +78,9 @@ def check_plan(model, plan: Plan) -> list[Target]:
     if plan.joint and method.kind != "lowrank":
         raise InvalidArgument("--joint", f"method {method.name!r} is not a low-rank method (it has no right factor to share)",
                               "a low-rank method (svd, rsvd, fwsvd, asvd, svdllm, fwhiten, kfac), or no --joint")
+    if plan.allocation != "uniform" and method.kind != "lowrank" and method.group_targets is None:
+        raise InvalidArgument("--allocation", f"method {method.name!r} builds its own modules at the ratio; it has no ranks to allocate",
+                              "--allocation uniform with this method (sensitivity: a low-rank method)")
     check_quantizable(method, targets, plan)
     plan = plan.for_targets(targets)
     if method.kind == "lowrank":
@@ -126,20 +129,17 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         ranks = allocate(targets, plan, stats, world)
         rows = factorize_targets(loaded, targets, ranks, method, stats, options, plan.untie_head, world, progress)
     else:  # (module methods: every process builds the same modules; they are cheap next to calibration)
-        for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
-            before = module_params(target.module)
-            weight = target.weight().detach()
-            new = method.function(target, plan, stats.get(target.name, {}), options)
-            row = _row(target, before)
-            if new is None:
-                row.update(status="dense (not smaller)")
-            else:
-                _swap(loaded, target, new, plan.untie_head)
-                row.update(status="factorized", params_after=module_params(new), layer=type(new).__name__)
-                if hasattr(new, "dense_weight"):
-                    with torch.no_grad():
-                        row["relative_error"] = relative_error(weight, new.dense_weight())
-            rows.append(row)
+        if method.group_targets is not None:  # e.g. MLPs, whose linears lose channels together: all at once
+            grouped = method.group_targets(targets)
+            new = method.function(grouped, plan, stats, options)
+            for target in grouped:
+                members = getattr(target, "members", None)
+                rows += ([_module_row(loaded, target, new.get(target.name))] if members is None else
+                         [{**_module_row(loaded, m, new.get(m.name)), "group": target.name} for m in members])
+        else:
+            for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
+                new = method.function(target, plan, stats.get(target.name, {}), options)
+                rows.append(_module_row(loaded, target, new, plan.untie_head))
     if plan.bits is not None:
         on_stage(f"quantizing the factors ({plan.bits} bits, {'one scale per row' if plan.group_size is None else f'groups of {plan.group_size}'})")
         quantize_factors(loaded.model, rows, plan.bits, plan.group_size)
@@ -154,6 +154,21 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     loaded.compression = rows
     loaded.model.eval()
     return report
+
+
+def _module_row(loaded: LoadedModel, target: Target, new: nn.Module | None, untie_head: bool = False) -> dict:
+    """Swap a module method's replacement in (None: the target stays dense); its report row."""
+    row = _row(target, module_params(target.module))
+    if new is None:
+        row.update(status="dense (not smaller)")
+        return row
+    weight = target.weight().detach()
+    _swap(loaded, target, new, untie_head)
+    row.update(status="factorized", params_after=module_params(new), layer=type(new).__name__)
+    if hasattr(new, "dense_weight"):
+        with torch.no_grad():
+            row["relative_error"] = relative_error(weight, new.dense_weight())
+    return row
 
 
 def _row(target: Target, params_before: int) -> dict:

@@ -4,7 +4,11 @@ Two kinds exist. A *low-rank* method is a function
 ``(weight (out, in) float, rank, stats, options) -> (left (out, k), right (k, in))``; the surgery turns its
 factors into ``LowRankLinear`` / ``LowRankEmbedding``. A *module* method is a function
 ``(target, plan, stats, options) -> nn.Module | None`` that builds the replacement itself (tensor trains,
-GroupReduce blocks, pruning, factorized LSTMs); ``None`` means the target stays dense.
+GroupReduce blocks, pruning, factorized LSTMs); ``None`` means the target stays dense. A module method that works
+on several modules at once (nystrom: an MLP's linears) says how to group the targets (``group_targets``); its
+function is then called once, with all the grouped targets (a group is a Target with ``members``), the whole
+``{target name: statistics}`` and the plan, so it can allocate across groups itself; it returns
+``{member name: module}`` (a name left out stays dense).
 
 Each method declares its options as a frozen dataclass deriving from ``MethodOptions`` whose fields carry their
 type, default, help and bounds (``option(...)``); ``Method.resolve_options`` turns what the user gave (a dict, as
@@ -106,6 +110,8 @@ class Method:
     # (weight (out, in), stats, options) -> (error of dropping each rank-one component, descending; whether it is in
     # loss units, comparable across matrices, or relative to the matrix's total)
     spectrum: Callable[[torch.Tensor, dict, MethodOptions], tuple[torch.Tensor, bool]] = plain_spectrum
+    # (targets) -> targets with some replaced by groups of them (module methods only; None: one target at a time)
+    group_targets: Callable[[list], list] | None = None
 
     @property
     def options(self) -> tuple[MethodOption, ...]:
@@ -145,17 +151,20 @@ def register_method(
     options: type[MethodOptions] = MethodOptions,
     target_kinds: tuple[str, ...] = ("linear", "embedding"),
     error_spectrum: Callable[[torch.Tensor, dict, MethodOptions], tuple[torch.Tensor, bool]] = plain_spectrum,
+    group_targets: Callable[[list], list] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator that adds a method to METHODS under ``name``."""
     if kind not in ("lowrank", "module"):
         raise ValueError(f"kind must be 'lowrank' or 'module', got {kind!r}")
+    if group_targets is not None and kind != "module":
+        raise ValueError(f"method {name!r}: only a module method groups its targets")
     if not (isinstance(options, type) and issubclass(options, MethodOptions) and dataclasses.is_dataclass(options)):
         raise ValueError(f"options of method {name!r} must be a MethodOptions dataclass, got {options!r}")
 
     def decorate(function: Callable) -> Callable:
         METHODS.register(name, Method(
             name, function, kind, summary or (function.__doc__ or "").strip().split("\n")[0],
-            frozenset(needs), options, frozenset(target_kinds), error_spectrum,
+            frozenset(needs), options, frozenset(target_kinds), error_spectrum, group_targets,
         ))
         return function
 
