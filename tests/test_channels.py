@@ -231,3 +231,21 @@ def test_the_builtin_channels_recipe_keeps_four_fifths_of_the_linears(prose):
     layers = loaded.model.model.layers
     assert all(isinstance(getattr(l.mlp, name), ChannelLinear) for l in layers for name in ("gate_proj", "up_proj", "down_proj"))
     assert any(isinstance(getattr(l.self_attn, name), LowRankLinear) for l in layers for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def test_export_dense_of_narrowed_mlps_loads_in_transformers_with_the_same_logits(tmp_path, prose):
+    from transformers import AutoModelForCausalLM
+
+    from lmshrink.export import export_dense
+
+    corpus = lmshrink.Corpus(prose.name, prose.train[:100_000], prose.test[:20_000], prose.source)
+    loaded = tiny_llama()
+    plan = lmshrink.Plan(method="nystrom", ratio=0.75, calibration_windows=4, window=48, targets=["mlp"])
+    lmshrink.compress(loaded, plan, data=corpus, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(export_dense(loaded, tmp_path / "dense"))
+    ids = torch.tensor([loaded.encode(corpus.test)[:40]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded.logits(ids), atol=1e-5)
+    # The dropped channels are zero rows of gate/up and zero columns of down in the dense export.
+    zero_rows = (model.model.layers[0].mlp.up_proj.weight.abs().sum(1) == 0).sum()
+    assert int(zero_rows) == 128 - 96
