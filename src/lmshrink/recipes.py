@@ -50,10 +50,10 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         ],
     },
     "channels": {
-        "description": "the linears at 0.8 of their parameters: nystrom MLP channels (refitted down projection) + fwhiten "
-                       "attention, each allocated by sensitivity",
+        "description": "the linears at 0.8 of their parameters: nystrom MLP channels (the same share in every MLP, "
+                       "refitted down projection) + fwhiten attention (allocated by sensitivity)",
         "stages": [
-            {"targets": ["mlp"], "method": "nystrom", "ratio": 0.8, "allocation": "sensitivity"},
+            {"targets": ["mlp"], "method": "nystrom", "ratio": 0.8},  # uniform: 29.82 on SmolLM2, sensitivity 30.31 (closer.md)
             {"targets": ["attention"], "method": "fwhiten", "ratio": 0.8, "allocation": "sensitivity"},
         ],
     },
