@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmshrink.errors import InvalidArgument
-from lmshrink.plan import Target
+from lmshrink.plan import Target, place_groups
 
 # (producer names, consumer name) under one parent: LLaMA/Gemma/Mistral/Qwen; GPT-NeoX/OPT/Phi; Mixtral's experts.
 MLP_LAYOUTS = ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("w1", "w3"), "w2"),
@@ -62,12 +62,4 @@ def channel_targets(targets: list[Target]) -> list[Target]:
     if not grouped:
         raise InvalidArgument("--targets", "no MLP is targeted whole (its producers, e.g. gate_proj and up_proj, and its "
                               "consumer, e.g. down_proj)", "--targets mlp (or linears) on a model with such MLPs")
-    result, placed = [], set()
-    for target in targets:
-        group = grouped.get(target.name)
-        if group is None:
-            result.append(target)
-        elif group.name not in placed:
-            placed.add(group.name)
-            result.append(group)
-    return result
+    return place_groups(targets, grouped)

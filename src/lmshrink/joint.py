@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lmshrink.plan import Target
+from lmshrink.plan import Target, place_groups
 
 ROW_STATS = {"fisher"}  # (out, in): one row per output, so members' rows stack
 OUTPUT_GRAM_STATS = {"output_grad_gram"}  # (out, out): members' blocks on the diagonal
@@ -78,15 +78,7 @@ def joint_targets(targets: list[Target], groups: list[list[str]]) -> list[Target
             joint = JointTarget("+".join(m.name for m in members), members[0].module, "linear", members[0].group, None, members)
             for member in members:
                 joined[member.name] = joint
-    result, placed = [], set()
-    for target in targets:
-        joint = joined.get(target.name)
-        if joint is None:
-            result.append(target)
-        elif joint.name not in placed:
-            placed.add(joint.name)
-            result.append(joint)
-    return result
+    return place_groups(targets, joined)
 
 
 def model_groups(loaded, targets: list[Target]) -> list[list[str]]:

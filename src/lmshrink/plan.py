@@ -200,3 +200,17 @@ def select_targets(candidates: list[Target], patterns: tuple[str, ...],
         for target in matched:
             chosen.setdefault(target.name, target)
     return [t for t in candidates if t.name in chosen]
+
+
+def place_groups(targets: list[Target], group_of: dict[str, Target]) -> list[Target]:
+    """``targets`` with each member (``group_of``: member name -> its group) replaced by its group, placed once,
+    where its first member was; the rest in their order (joint factors and MLP channel groups share this)."""
+    result, placed = [], set()
+    for target in targets:
+        group = group_of.get(target.name)
+        if group is None:
+            result.append(target)
+        elif group.name not in placed:
+            placed.add(group.name)
+            result.append(group)
+    return result
