@@ -249,3 +249,37 @@ def test_export_dense_of_narrowed_mlps_loads_in_transformers_with_the_same_logit
     # The dropped channels are zero rows of gate/up and zero columns of down in the dense export.
     zero_rows = (model.model.layers[0].mlp.up_proj.weight.abs().sum(1) == 0).sum()
     assert int(zero_rows) == 128 - 96
+
+
+def test_narrowed_mlps_store_their_weights_at_k_bits_and_load_back(tmp_path, prose):
+    from lmshrink.accounting import count_bytes
+    from lmshrink.layers.quantized import QuantizedLinear
+    from lmshrink.layers.quantized_factors import QuantizedChannelLinear
+    from lmshrink.recipes import predicted_size
+
+    corpus = lmshrink.Corpus(prose.name, prose.train[:100_000], prose.test[:20_000], prose.source)
+    floats, loaded = tiny_llama(), tiny_llama()
+    plan = lmshrink.Plan(method="nystrom", ratio=0.75, calibration_windows=4, window=48, targets=["linears"])
+    lmshrink.compress(floats, plan, data=corpus, progress=False)
+    quantized = lmshrink.Plan(method="nystrom", ratio=0.75, calibration_windows=4, window=48, targets=["linears"], bits=4, group_size=32)
+    targets = select_targets(loaded.candidates(), ["linears"])
+    predicted = predicted_size(quantized, targets, "bytes")
+    report = lmshrink.compress(loaded, quantized, data=corpus, progress=False)
+    mlp, attention = loaded.model.model.layers[0].mlp, loaded.model.model.layers[0].self_attn
+    assert all(isinstance(getattr(mlp, name), QuantizedChannelLinear) for name in ("gate_proj", "up_proj", "down_proj"))
+    assert isinstance(attention.q_proj, QuantizedLinear)  # not in an MLP: left dense, so stored at the stage's bits too
+    # The same channels as in float; the 4-bit weights within quantization error of the float ones.
+    float_mlp = floats.model.model.layers[0].mlp
+    assert torch.equal(mlp.down_proj.kept, float_mlp.down_proj.kept)
+    with torch.no_grad():
+        error = float((mlp.down_proj.dense_weight() - float_mlp.down_proj.dense_weight()).norm() / float_mlp.down_proj.dense_weight().norm())
+    assert 0 < error < 0.15
+    # Bytes counted honestly: what the layers hold is what a recipe budget predicts for the stage.
+    held = sum(count_bytes(loaded.model.get_submodule(t.name)) for t in targets)
+    assert held == predicted and report.bytes_after < count_bytes(floats.model)
+    lmshrink.save(loaded, tmp_path / "q")
+    again = lmshrink.load(tmp_path / "q")
+    assert isinstance(again.model.model.layers[1].mlp.up_proj, QuantizedChannelLinear)
+    ids = torch.tensor([loaded.encode(corpus.test)[:40]])
+    with torch.no_grad():
+        assert torch.allclose(again.logits(ids), loaded.logits(ids), atol=1e-5)

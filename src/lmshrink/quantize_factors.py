@@ -18,17 +18,18 @@ from lmshrink.decompose.quantize import SUPPORTED_BITS
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.base import carry_output_scale, replace_module
 from lmshrink.layers.block import _BlockLowRankTable
+from lmshrink.layers.channels import ChannelLinear
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead, linear_weight
 from lmshrink.layers.quantized import PackedTensor, QuantizedEmbedding, QuantizedLinear
-from lmshrink.layers.quantized_factors import (QuantizedLowRankEmbedding, QuantizedLowRankLinear, QuantizedTTEmbedding,
-                                               QuantizedTTMatrixEmbedding)
+from lmshrink.layers.quantized_factors import (QuantizedChannelLinear, QuantizedLowRankEmbedding, QuantizedLowRankLinear,
+                                               QuantizedTTEmbedding, QuantizedTTMatrixEmbedding)
 from lmshrink.layers.tt import TTEmbedding, TTMatrixEmbedding
 from lmshrink.plan import Plan, Target
 
 # Methods whose output layers can hold quantized factors ("lowrank" methods always can, on linears and embeddings).
-QUANTIZABLE_MODULE_METHODS = ("groupreduce", "tt", "tt-matrix", "quantize")
+QUANTIZABLE_MODULE_METHODS = ("groupreduce", "tt", "tt-matrix", "quantize", "nystrom")
 QUANTIZABLE_LAYERS = ("LowRankLinear", "LowRankEmbedding (and a TiedHead over it)", "TTEmbedding", "TTMatrixEmbedding",
-                      "BlockLowRankEmbedding", "BlockLowRankOutput")
+                      "BlockLowRankEmbedding", "BlockLowRankOutput", "ChannelLinear")
 # Options that older code paths used for the same thing: GroupReduce's and quantize's own.
 _OPTION_FIELDS = {"bits": "bits", "quant_group": "group_size"}
 
@@ -85,6 +86,8 @@ def quantized_layer(layer: nn.Module, bits: int, group_size: int | None) -> nn.M
         return QuantizedTTMatrixEmbedding.from_tt(layer, bits, group_size)
     if isinstance(layer, _BlockLowRankTable):
         return _quantized_table(layer, bits, group_size)
+    if isinstance(layer, ChannelLinear):
+        return QuantizedChannelLinear.from_channels(layer, bits, group_size)
     raise InvalidArgument("--bits", f"layer {type(layer).__name__} cannot store quantized factors",
                           f"layers {', '.join(QUANTIZABLE_LAYERS)}; bits one of {SUPPORTED_BITS}")
 

@@ -351,8 +351,8 @@ def predicted_size(plan, targets: list, unit: str) -> int:
         groups = [g for g in grouped if isinstance(g, ChannelTarget)]
         bounds = channel_budget(replace(plan, allocation="uniform"), groups)  # sensitivity keeps the same parameters
         for t in grouped:
-            if not isinstance(t, ChannelTarget):  # outside a complete MLP: stays dense
-                total += _bias_size(t, unit) + t.shape[0] * t.shape[1] * (element or _element_bytes(t))
+            if not isinstance(t, ChannelTarget):  # outside a complete MLP: stays dense (at the stage's bits, if any)
+                total += _bias_size(t, unit) + _factor_bytes([t.shape], bits, plan.group_size, element or _element_bytes(t))
         for group, (_, keep, _) in zip(groups, bounds):
             channels = group.shape[0]
             for member in group.members:
@@ -360,7 +360,7 @@ def predicted_size(plan, targets: list, unit: str) -> int:
                 shrunk = (keep, n) if member is not group.consumer else (m, keep)
                 bias = _bias_size(member, unit)
                 total += (bias * keep // channels if member is not group.consumer else bias) \
-                    + shrunk[0] * shrunk[1] * (element or _element_bytes(member)) \
+                    + _factor_bytes([shrunk], bits, plan.group_size, element or _element_bytes(member)) \
                     + (keep * 4 if unit == "bytes" else 0)  # the kept channels' int32 index
         return total
     raise InvalidArgument("--recipe", f"method {plan.method!r} under a whole-model budget: its size cannot be predicted",

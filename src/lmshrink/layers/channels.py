@@ -14,6 +14,27 @@ from lmshrink.layers.base import FactorizedModule, config_bool, config_field, co
 SIDES = ("rows", "columns")
 
 
+def check_channels(layer: str, in_features: int, out_features: int, side: str, dense_features: int) -> int:
+    """How many channels a narrowed layer's config keeps; a config that cannot be one is a CorruptFile."""
+    if side not in SIDES:
+        raise CorruptFile(f"{layer} config 'side' is {side!r}; allowed: {', '.join(SIDES)}")
+    kept = out_features if side == "rows" else in_features
+    if kept > dense_features:
+        raise CorruptFile(f"{layer} keeps {kept} of {dense_features} {side}; allowed: at most all of them")
+    return kept
+
+
+def scatter_channels(weight: Tensor, kept: Tensor, side: str, dense_features: int) -> Tensor:
+    """The dense matrix a narrowed one stands for: ``weight``'s rows (or columns) at the ``kept`` channels of
+    ``dense_features``, zeros at the removed ones."""
+    kept = kept.long()
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= dense_features):
+        raise CorruptFile(f"a channel layer keeps channel indices outside [0, {dense_features})")
+    if side == "rows":
+        return weight.new_zeros(dense_features, weight.shape[1]).index_copy(0, kept, weight)
+    return weight.new_zeros(weight.shape[0], dense_features).index_copy(1, kept, weight)
+
+
 @register_layer
 class ChannelLinear(FactorizedModule):
     """y = x @ weight.T + bias with ``weight`` the kept rows (a producer: fewer outputs) or kept columns (a consumer:
@@ -22,12 +43,8 @@ class ChannelLinear(FactorizedModule):
     def __init__(self, in_features: int, out_features: int, side: str, dense_features: int, bias: bool = False,
                  dtype=None, device=None):
         super().__init__()
-        if side not in SIDES:
-            raise CorruptFile(f"ChannelLinear config 'side' is {side!r}; allowed: {', '.join(SIDES)}")
+        kept = check_channels(type(self).__name__, in_features, out_features, side, dense_features)
         self.in_features, self.out_features, self.side, self.dense_features = in_features, out_features, side, dense_features
-        kept = out_features if side == "rows" else in_features
-        if kept > dense_features:
-            raise CorruptFile(f"ChannelLinear keeps {kept} of {dense_features} {side}; allowed: at most all of them")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
         self.register_buffer("kept", torch.zeros(kept, dtype=torch.int32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
@@ -47,13 +64,7 @@ class ChannelLinear(FactorizedModule):
 
     def dense_weight(self) -> Tensor:
         """The map on the dense layer's inputs and outputs: zeros at the removed channels."""
-        kept = self.kept.long()
-        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= self.dense_features):
-            raise CorruptFile(f"ChannelLinear keeps channel indices outside [0, {self.dense_features})")
-        if self.side == "rows":
-            dense = self.weight.new_zeros(self.dense_features, self.in_features)
-            return dense.index_copy(0, kept, self.weight)
-        return self.weight.new_zeros(self.out_features, self.dense_features).index_copy(1, kept, self.weight)
+        return scatter_channels(self.weight, self.kept, self.side, self.dense_features)
 
     def layer_config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "side": self.side,

@@ -1,6 +1,6 @@
 """Factorized layers whose factors are stored as k-bit packed integers (``Plan.bits``).
 
-Each mirrors a float layer (LowRankLinear, LowRankEmbedding, TTEmbedding, TTMatrixEmbedding) with every factor held
+Each mirrors a float layer (LowRankLinear, LowRankEmbedding, TTEmbedding, TTMatrixEmbedding, ChannelLinear) with every factor held
 as a ``PackedTensor`` (packed integers + float16 scale and minimum per row or column group): buffers, so they are
 saved and counted exactly. Block low-rank (GroupReduce) tables quantize in place (their ``bits``), and a tied output
 layer stays a ``TiedHead`` over the quantized embedding. Factors are dequantized once and cached outside the state dict.
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.tt import tt_matrix_reconstruct, tt_matrix_rows, tt_parameter_counts, tt_reconstruct_batched
-from lmshrink.layers.base import FactorizedModule, config_bool, config_int, register_layer
+from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int, register_layer
+from lmshrink.layers.channels import check_channels, scatter_channels
 from lmshrink.layers.quantized import PackedTensor, config_bits
 from lmshrink.layers.tt import REBUILD_CHUNK, _TTTable
 
@@ -226,3 +227,53 @@ class QuantizedTTMatrixEmbedding(_TTTable, FactorizedModule):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, vocab_shape={'x'.join(map(str, self.vocab_shape))}, "
                 f"shape={'x'.join(map(str, self.shape))}, ranks={self.ranks}, {_bits_repr(self)}")
+
+
+@register_layer
+class QuantizedChannelLinear(FactorizedModule):
+    """A ChannelLinear (the kept rows or columns of a dense matrix, lmshrink.methods.nystrom) whose narrowed weight
+    is stored as k-bit integers; ``kept`` (int32) and the bias stay as they are."""
+
+    def __init__(self, in_features: int, out_features: int, side: str, dense_features: int, bits: int,
+                 group_size: int | None = None, bias: bool = False, dtype=None):
+        super().__init__()
+        kept = check_channels(type(self).__name__, in_features, out_features, side, dense_features)
+        self.in_features, self.out_features, self.side, self.dense_features = in_features, out_features, side, dense_features
+        self.bits, self.group_size = bits, group_size
+        self.weight_q = PackedTensor((out_features, in_features), bits, group_size)
+        self.register_buffer("kept", torch.zeros(kept, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_channels(cls, layer, bits: int, group_size: int | None = None) -> "QuantizedChannelLinear":
+        new = cls(layer.in_features, layer.out_features, layer.side, layer.dense_features, bits, group_size,
+                  layer.bias is not None, dtype=layer.weight.dtype)
+        new.weight_q = PackedTensor.from_tensor(layer.weight.detach(), bits, group_size)
+        with torch.no_grad():
+            new.kept.copy_(layer.kept)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias.detach())
+        return new.to(layer.kept.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_q.value().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def dense_weight(self) -> Tensor:
+        return scatter_channels(self.weight_q.value(), self.kept, self.side, self.dense_features)
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "side": self.side,
+                "dense_features": self.dense_features, "bias": self.bias is not None, "bits": self.bits,
+                "group_size": self.group_size}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: nn.Module) -> "QuantizedChannelLinear":
+        name = cls.__name__
+        bits, group_size = _quant_config(config, name)
+        return cls(config_int(config, "in_features", name), config_int(config, "out_features", name),
+                   config_field(config, "side", name), config_int(config, "dense_features", name), bits, group_size,
+                   config_bool(config, "bias", name))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.side} kept of "
+                f"{self.dense_features}, {_bits_repr(self)}")
