@@ -97,6 +97,34 @@ def test_calibrated_open_loop_matches_whole_model(checkpoint, corpus, tmp_path, 
     assert abs(a - b) <= 1e-4 * b, (a, b)
 
 
+def test_nystrom_block_by_block_keeps_the_whole_model_channels(checkpoint, corpus, tmp_path):
+    from lmshrink.layers.channels import ChannelLinear
+
+    plan = _plan("nystrom", ratio=0.75, targets=("mlp",))
+    compress_sequential(checkpoint, plan, corpus, tmp_path / "open", dtype="float32", device="cpu", calibrate_on="original",
+                        progress=False)
+    whole, whole_report = _whole(checkpoint, plan, corpus)
+    saved = lmshrink.load(tmp_path / "open")
+    for index, layer in enumerate(saved.model.model.layers):
+        ours, theirs = layer.mlp.down_proj, whole.model.model.layers[index].mlp.down_proj
+        assert isinstance(ours, ChannelLinear) and ours.weight.shape == (64, 96)
+        assert torch.equal(ours.kept, theirs.kept)  # exact Fisher and input Grams: the same elimination
+        assert torch.allclose(ours.weight, theirs.weight, rtol=1e-4, atol=1e-5 * float(theirs.weight.detach().abs().max()))
+    a, b = _ppl(saved, corpus), _ppl(whole, corpus)
+    assert abs(a - b) <= 1e-4 * b, (a, b)
+    # Closed loop: the second block chooses its channels on what the narrowed first block gives it.
+    report = compress_sequential(checkpoint, plan, corpus, tmp_path / "closed", dtype="float32", device="cpu", progress=False)
+    assert len(report.compressed) == 6 and report.params_after == whole_report.params_after < report.params_before
+    closed = lmshrink.load(tmp_path / "closed")
+    assert torch.equal(closed.model.model.layers[0].mlp.down_proj.kept, saved.model.model.layers[0].mlp.down_proj.kept)
+    assert _ppl(closed, corpus) < 2 * b
+    for extra, flag in (({"allocation": "sensitivity"}, "--allocation"), ({}, "--refit")):
+        with pytest.raises(InvalidArgument, match=flag):
+            compress_sequential(checkpoint, _plan("nystrom", ratio=0.75, targets=("mlp",), **extra), corpus, tmp_path / "out",
+                                device="cpu", progress=False, refit=flag == "--refit")
+    assert not (tmp_path / "out").exists()
+
+
 def test_calibration_sampled_from_the_model_is_the_same_block_by_block(checkpoint, corpus, tmp_path):
     """'TEXT+self': the engine loads the whole model once to sample, and samples what the whole-model path samples."""
     mixed = lmshrink.Corpus(corpus.name + "+self", corpus.train, corpus.test, corpus.source, sampled=0.5)
@@ -491,13 +519,50 @@ def test_a_recipe_block_by_block_compresses_the_embedding_first_and_meets_its_bu
     assert [r["rank"] for r in reports[0].modules] == [r["rank"] for r in report.modules[:21]]
 
 
+def test_two_stages_inside_the_blocks_share_one_calibration_pass(checkpoint, corpus, tmp_path):
+    """The channels recipe's shape block by block: nystrom on the MLPs, a low-rank method on attention."""
+    from lmshrink.layers.channels import ChannelLinear
+    from lmshrink.layers.lowrank import LowRankLinear
+    from lmshrink.recipes import apply_recipe, parse_recipe
+
+    stages = [{"targets": ["mlp"], "method": "nystrom", "ratio": 0.75, "calibration_windows": WINDOWS, "window": WINDOW},
+              {"targets": ["attention"], "method": "svdllm", "ratio": 0.5, "calibration_windows": WINDOWS, "window": WINDOW}]
+    report = compress_sequential(checkpoint, parse_recipe({"stages": stages}), corpus, tmp_path / "open", dtype="float32",
+                                 device="cpu", calibrate_on="original", progress=False)
+    assert [row["stage"] for row in report.modules] == [1] * 6 + [2] * 8
+    whole = lmshrink.load_model(checkpoint)
+    apply_recipe(whole, parse_recipe({"stages": stages}), corpus, progress=False)
+    saved = lmshrink.load(tmp_path / "open")
+    for ours, theirs in zip(saved.model.model.layers, whole.model.model.layers):
+        assert isinstance(ours.mlp.up_proj, ChannelLinear) and torch.equal(ours.mlp.up_proj.kept, theirs.mlp.up_proj.kept)
+        assert isinstance(ours.self_attn.q_proj, LowRankLinear)
+    # Block 0's attention sees the same inputs on both paths (the whole-model stage 2 runs after stage 1 narrowed the
+    # MLPs, which changes block 1's inputs there, not block 0's).
+    ours, theirs = saved.model.model.layers[0].self_attn.o_proj, whole.model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        assert torch.allclose(ours.dense_weight(), theirs.dense_weight(), rtol=1e-4, atol=1e-5 * float(theirs.dense_weight().abs().max()))
+    # Under a budget, with a sensitivity allocation in the low-rank stage, closed loop: the budget is met.
+    budgeted = parse_recipe({"params": int(0.8 * whole_params(checkpoint)),
+                             "stages": [stages[0], {**stages[1], "method": "fwhiten", "allocation": "sensitivity"}]})
+    compress_sequential(checkpoint, budgeted, corpus, tmp_path / "budget", dtype="float32", device="cpu", progress=False)
+    record = lmshrink.load(tmp_path / "budget").manifest["recipe"]["budget"]
+    assert record["met"] and record["measured"] <= int(0.8 * whole_params(checkpoint))
+
+
+def whole_params(checkpoint) -> int:
+    return sum(p.numel() for p in lmshrink.load_model(checkpoint).model.parameters())
+
+
 def test_recipes_block_by_block_refuse_what_they_cannot_run(checkpoint, corpus, tmp_path):
     from lmshrink.recipes import parse_recipe
 
-    two_inside = parse_recipe({"stages": [{"targets": ["attention"], "method": "svd", "ratio": 0.5},
-                                          {"targets": ["mlp"], "method": "svd", "ratio": 0.5}]})
-    with pytest.raises(InvalidArgument, match="--recipe: 2 stages compress matrices inside the decoder blocks"):
-        compress_sequential(checkpoint, two_inside, corpus, tmp_path / "out", device="cpu", progress=False)
+    two_calibrations = parse_recipe({"stages": [{"targets": ["attention"], "method": "svdllm", "ratio": 0.5},
+                                                {"targets": ["mlp"], "method": "svdllm", "ratio": 0.5, "calibration_windows": 3}]})
+    with pytest.raises(InvalidArgument, match=r"recipe stage 2 \(svdllm\): calibrates on 3 windows .* share one calibration"):
+        compress_sequential(checkpoint, two_calibrations, corpus, tmp_path / "out", device="cpu", progress=False)
+    only_outside = parse_recipe({"stages": [{"targets": ["embedding"], "method": "svd", "ratio": 0.5}]})
+    with pytest.raises(InvalidArgument, match="--recipe: no stage compresses matrices inside the decoder blocks"):
+        compress_sequential(checkpoint, only_outside, corpus, tmp_path / "out", device="cpu", progress=False)
     calibrated_outside = parse_recipe({"stages": [{"targets": ["linears"], "method": "svd", "ratio": 0.5},
                                                   {"targets": ["lm_head"], "method": "svdllm", "ratio": 0.5}]})
     with pytest.raises(InvalidArgument, match=r"recipe stage 2 \(svdllm\): compresses lm_head outside .* needs activation"):

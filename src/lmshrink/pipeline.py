@@ -346,7 +346,7 @@ def check_options(plans: list[Plan], *, sequential: bool, calibrate_on: str | No
         raise InvalidArgument("--calibrate-on", f"{calibrate_on!r} is not supported", ", ".join(CALIBRATE_ON))
     if engine and len(plans) > 1 and not recipe:
         raise InvalidArgument("plan", f"{len(plans)} stages given as a list; block by block, stages come as a Recipe",
-                              "one Plan, or a lmshrink.recipes.Recipe (one stage inside the decoder blocks), with sequential=True")
+                              "one Plan, or a lmshrink.recipes.Recipe, with sequential=True")
     if engine and any(plan.untie_head for plan in plans):
         raise InvalidArgument("--untie-head", "is not available when the block engine compresses (--sequential, --refit, "
                               "--calibrate-on)", "the whole-model path without those flags for it")

@@ -25,7 +25,7 @@ import copy
 import itertools
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
 from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
 from lmshrink.io import check_out, staging_directory, write_manifest
 from lmshrink.budget import weighted_spectra
-from lmshrink.surgery import CompressionReport, check_plan, compress, factorize_targets
+from lmshrink.surgery import CompressionReport, check_plan, compress, factorize_targets, replace_modules
 from lmshrink.version import __version__
 
 CALIBRATE_ON = ("compressed", "original")
@@ -158,10 +158,11 @@ class Engine:
         self.total_windows = 0  # calibration windows over all processes (this one holds its share)
         self.scratch: Path | None = None  # where activations beyond ``offload_bytes`` go
         self.offload_bytes: int | None = None
-        self.by_block = [[t for t in targets if t.name.startswith(stack.prefix(i))] for i in range(len(stack))]
-        # The stage compressing the blocks (open_engine sets them): its Plan and index; stages outside the blocks as
-        # (index, Plan); the Recipe and its budget solution (None for a single Plan).
-        self.plan, self.stage, self.outer_stages, self.recipe, self.solution = None, 0, [], None, None
+        self.by_block = _by_block(stack, targets)  # every stage's targets in the blocks
+        # The stages compressing the blocks (open_engine sets them); stages outside the blocks as (index, Plan); the
+        # Recipe and its budget solution (None for a single Plan).
+        self.stages: list[BlockStage] = []
+        self.outer_stages, self.recipe, self.solution = [], None, None
         self.budget_limit: tuple[str, int] | None = None  # (unit, limit) of a recipe's budget, from the original model
         self._probe = None  # (first hidden, calls) of a short input: what block_targets runs a block on to group its linears
 
@@ -204,11 +205,11 @@ class Engine:
         fill(block, self.source, prefix=self.stack.prefix(index))
         return block
 
-    def block_targets(self, index: int, block) -> list[Target]:
-        """Block ``index``'s targets; with a joint plan, the linears that read one input as one JointTarget each
-        (found by running the block once on a short probe: eight tokens through the embedding)."""
-        targets = self.by_block[index]
-        if not self.plan.joint:
+    def block_targets(self, index: int, block, stage: "BlockStage") -> list[Target]:
+        """Block ``index``'s targets of ``stage``; with a joint plan, the linears that read one input as one
+        JointTarget each (found by running the block once on a short probe: eight tokens through the embedding)."""
+        targets = stage.by_block[index]
+        if not stage.plan.joint:
             return targets
         if self._probe is None:
             self._probe = self.stack.capture(torch.arange(8)[None].to(self.device))
@@ -219,6 +220,21 @@ class Engine:
 
     def blocks(self, desc: str):
         return tqdm(range(len(self.stack)), desc=desc, unit="block", disable=not self.progress)
+
+
+def _by_block(stack: DecoderStack, targets: list[Target]) -> list[list[Target]]:
+    return [[t for t in targets if t.name.startswith(stack.prefix(i))] for i in range(len(stack))]
+
+
+@dataclass
+class BlockStage:
+    """One plan compressing matrices inside the decoder blocks: its place in the recipe (0 for a single plan), the
+    plan (bits reconciled, a --params budget made its ratio), its method and resolved options, its targets by block."""
+    index: int
+    plan: Plan
+    method: object
+    options: object
+    by_block: list[list[Target]]
 
 
 def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True, world: World = SINGLE) -> Engine:
@@ -243,13 +259,26 @@ def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True
     stages = [plan] if recipe is None else None
     if recipe is not None:
         stages, solution = check_recipe(loaded, recipe)  # overlaps, keys, the budget solved on the skeleton's shapes
-    (index, plan), outer = _split_stages(loaded, stack, stages, recipe is not None)
-    _check_block_stage(plan)
-    targets = select_targets(loaded.candidates(), plan.targets)
-    # An energy plan's ranks need the weights (allocated per block, later); check everything else with a stand-in ratio.
-    check_plan(loaded, replace(plan, energy=None, ratio=0.5) if plan.energy is not None else plan)
+    inner, outer = _split_stages(loaded, stack, stages, recipe is not None)
+    block_stages = []
+    for index, plan in inner:
+        _check_block_stage(plan)
+        targets = select_targets(loaded.candidates(), plan.targets)
+        # An energy plan's ranks need the weights (allocated per block, later); check the rest with a stand-in ratio.
+        check_plan(loaded, replace(plan, energy=None, ratio=0.5) if plan.energy is not None else plan)
+        plan = reconcile_bits(plan).for_targets(targets)
+        method = get_method(plan.method)
+        block_stages.append(BlockStage(index, plan, method, method.resolve_options(plan.options), _by_block(stack, targets)))
+    first = block_stages[0].plan
+    for stage in block_stages[1:]:  # one calibration pass serves every stage
+        if (stage.plan.calibration_windows, stage.plan.window) != (first.calibration_windows, first.window):
+            raise InvalidArgument(f"recipe stage {stage.index + 1} ({stage.plan.method})",
+                                  f"calibrates on {stage.plan.calibration_windows} windows of {stage.plan.window} tokens, stage "
+                                  f"{block_stages[0].index + 1} on {first.calibration_windows} of {first.window}; block by block "
+                                  "the stages inside the blocks share one calibration", "the same calibration_windows and window")
+    targets = [t for stage in block_stages for by_block in stage.by_block for t in by_block]
     engine = Engine(checkpoint, loaded, stack, targets, device, dtype, progress, world)
-    engine.plan, engine.stage, engine.outer_stages, engine.recipe, engine.solution = plan, index, outer, recipe, solution
+    engine.stages, engine.outer_stages, engine.recipe, engine.solution = block_stages, outer, recipe, solution
     engine.budget_limit = budget_target(loaded, recipe) if recipe is not None else None  # of the original: before any stage
     return engine
 
@@ -257,18 +286,24 @@ def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True
 def _check_block_stage(plan: Plan) -> None:
     method = get_method(plan.method)
     method.resolve_options(plan.options)
-    if method.kind != "lowrank":
+    if method.kind != "lowrank" and method.group_targets is None:
         raise InvalidArgument("--method", f"{plan.method!r} builds its own modules; the block-by-block engine runs low-rank methods "
-                              "in the blocks", "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten, kfac), or the whole-model path")
+                              "and nystrom in the blocks", "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten, kfac), "
+                              "nystrom, or the whole-model path")
+    if method.kind != "lowrank" and plan.allocation == "sensitivity":
+        # Its budget is spent across groups in one call; block by block a call sees one block's groups.
+        raise InvalidArgument("--allocation", f"sensitivity with {plan.method!r} spends one budget across every MLP at once, "
+                              "which block by block sees one block at a time", "--allocation uniform, or the whole-model path")
     if plan.allocation == "sensitivity" and plan.energy is not None:
         raise InvalidArgument("--energy", "an energy plan has no global budget for --allocation sensitivity", "--ratio or --params")
 
 
 def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool):
-    """(index, the one stage inside the decoder blocks), [(index, stage) outside them: embedding, head].
+    """[(index, stage) inside the decoder blocks], [(index, stage) outside them: embedding, head].
 
     Stages outside the blocks run first, on the outer modules, with methods that need no activations (data-free, or
-    token counts such as GroupReduce's): every block then calibrates on what the compressed embedding gives it."""
+    token counts such as GroupReduce's): every block then calibrates on what the compressed embedding gives it.
+    Stages inside the blocks share each block's calibration pass and are applied in recipe order."""
     from lmshrink.calibration import TOKEN_STATS
 
     inside, outside = [], []
@@ -294,11 +329,11 @@ def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool)
                                   "a data-free or token-count method there (svd, rsvd, groupreduce, tt, tt-matrix, quantize), "
                                   "or the whole-model path")
         outside.append((index, stage))
-    if len(inside) != 1:
-        raise InvalidArgument("--recipe", f"{len(inside)} stages compress matrices inside the decoder blocks; the block-by-block engine runs "
-                              "exactly one there", "one stage on the blocks' linears (plus any on the embedding and head), "
+    if not inside:
+        raise InvalidArgument("--recipe", "no stage compresses matrices inside the decoder blocks, which is what the block-by-block "
+                              "engine does", "a stage on the blocks' linears (plus any on the embedding and head), "
                               "or the whole-model path")
-    return inside[0], outside
+    return inside, outside
 
 
 def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scratch: Path, needs=("fisher",)) -> Path:
@@ -384,18 +419,19 @@ def _gradient_stats(folder: Path | None, index: int, device) -> dict[str, dict[s
     return found
 
 
-def _sensitivity_ranks(engine: Engine, plan, method, options, first_inputs, calls, fisher_dir):
-    """One open-loop streamed pass for every target's weighted spectrum, then the global budget (lmshrink.budget)."""
+def _sensitivity_ranks(engine: Engine, stage: BlockStage, first_inputs, calls, fisher_dir):
+    """One open-loop streamed pass for every target's weighted spectrum, then the stage's global budget (lmshrink.budget)."""
     from lmshrink.budget import ranks_from_spectra
 
+    plan, method, options = stage.plan, stage.method, stage.options
     spectra, units, everything = {}, set(), []
     hidden, world = first_inputs, engine.world
-    for index in engine.blocks("spectra"):
+    for index in engine.blocks(f"spectra ({method.name})"):
         block = engine.load_block(index)
-        stats, hidden = _block_pass(block, hidden, calls, index, engine.by_block[index], method.needs & INPUT_STATS, engine.boundary(),
+        stats, hidden = _block_pass(block, hidden, calls, index, stage.by_block[index], method.needs & INPUT_STATS, engine.boundary(),
                                     world)
         gradient_stats = _gradient_stats(fisher_dir, index, engine.device)
-        targets = engine.block_targets(index, block)
+        targets = engine.block_targets(index, block, stage)
         everything += targets
         found = {name: {**entry, **gradient_stats.get(name, {})} for name, entry in stats.items()}
         for target, (values, in_loss) in zip(targets, weighted_spectra(targets, method, options, lambda t: merged_stats(t, found), world)):
@@ -412,10 +448,11 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
     """Compress a Hugging Face causal decoder (a safetensors directory, one or many shards; a .gguf file; a built-in
     name) block by block into ``out`` (sharded safetensors + index + lmshrink.json). See the module docstring.
 
-    ``plan``: a Plan on matrices inside the decoder blocks, or a Recipe (lmshrink.recipes) with exactly one stage
-    inside the blocks and any stages on the embedding and head; those run first, with data-free or token-count
-    methods, so the blocks calibrate on what the compressed embedding gives them. Budgets are solved as on the
-    whole-model path. Rows of a recipe's report say their stage.
+    ``plan``: a Plan on matrices inside the decoder blocks, or a Recipe (lmshrink.recipes) with one or more stages
+    inside the blocks (disjoint targets, e.g. nystrom on the MLPs and fwhiten on attention: one calibration pass per
+    block serves them all, applied in recipe order) and any stages on the embedding and head; those run first, with
+    data-free or token-count methods, so the blocks calibrate on what the compressed embedding gives them. Budgets
+    are solved as on the whole-model path. Rows of a recipe's report say their stage.
 
     ``dtype``: "auto" (the checkpoint's declared dtype; a GGUF: bfloat16), "float32", "bfloat16" or "float16":
     weights are held and saved in it, each factorization runs in float32 (float64 where the method does).
@@ -437,13 +474,16 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
         if world.main:
             check_out(out, overwrite)  # before minutes of work
         engine = open_engine(source, plan, dtype, device, progress, world)
+        builders = [stage.plan.method for stage in engine.stages if stage.method.kind != "lowrank"]
+        if refit and builders:
+            raise InvalidArgument("--refit", f"refits the left factor of low-rank layers; {builders[0]!r} builds none "
+                                  "(nystrom already refits its down projection by least squares)", "low-rank methods, or no --refit")
     except LmshrinkError as error:
         failure = error
     agree(world, _fingerprint(source, plan, dtype, device, calibrate_on, offload_bytes, refit), failure)
     loaded, model, dtype, device = engine.loaded, engine.loaded.model, engine.dtype, engine.device
-    plan = reconcile_bits(engine.plan).for_targets(engine.targets)
-    method = get_method(plan.method)
-    options = method.resolve_options(plan.options)
+    stages, first = engine.stages, engine.stages[0]
+    needs = frozenset().union(*(stage.method.needs for stage in stages))
     params_before, bytes_before = count_params(model), count_bytes(model)
     rows, outer_reports = [], []
     # Rank 0 writes the output (staged beside it, swapped in at the end); the others only need scratch space.
@@ -457,36 +497,34 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             outer_reports[-1].plan["stage"] = index + 1
         writer.add(engine.outer_state())
         writer.end_shard()
-        windows, first_inputs, calls = engine.calibrate(data, plan.calibration_windows, plan.window) if method.needs or refit else (None, engine.boundary(), [])
+        windows, first_inputs, calls = (engine.calibrate(data, first.plan.calibration_windows, first.plan.window) if needs or refit
+                                        else (None, engine.boundary(), []))
         stats_start = time.perf_counter()
-        fisher_dir = (exact_fisher(engine, windows, first_inputs, calls, Path(scratch), method.needs & GRADIENT_STATS)
-                      if method.needs & GRADIENT_STATS else None)
-        ranks = (_sensitivity_ranks(engine, plan, method, options, first_inputs, calls, fisher_dir)
-                 if plan.allocation == "sensitivity" else None)
+        fisher_dir = exact_fisher(engine, windows, first_inputs, calls, Path(scratch), needs & GRADIENT_STATS) if needs & GRADIENT_STATS else None
+        ranks = {stage.index: _sensitivity_ranks(engine, stage, first_inputs, calls, fisher_dir) for stage in stages
+                 if stage.plan.allocation == "sensitivity" and stage.method.kind == "lowrank"}
         stats_seconds = time.perf_counter() - stats_start
 
         hidden = original_hidden = first_inputs  # the compressed and the original model's activations (closed loop + refit)
-        for index in engine.blocks(f"{method.name} ({calibrate_on} activations{', refit' if refit else ''})"):
+        names = "+".join(stage.method.name for stage in stages)
+        for index in engine.blocks(f"{names} ({calibrate_on} activations{', refit' if refit else ''})"):
             block = engine.load_block(index)
             matrices = engine.by_block[index]
-            needs = method.needs & INPUT_STATS
             stats, original_outputs = {t.name: {} for t in matrices}, None
-            if needs or calibrate_on == "original":
-                stats, original_outputs = _block_pass(block, hidden, calls, index, matrices, needs,
+            if needs & INPUT_STATS or calibrate_on == "original":  # one pass: every stage's statistics
+                stats, original_outputs = _block_pass(block, hidden, calls, index, matrices, needs & INPUT_STATS,
                                                       engine.boundary() if calibrate_on == "original" else None, world)
             for name, entry in _gradient_stats(fisher_dir, index, device).items():
                 stats[name].update(entry)
-            block_targets = engine.block_targets(index, block)  # --joint: linears of one input stacked, their stats merged
-            stats = {t.name: merged_stats(t, stats) for t in block_targets}
-            block_ranks = ranks if ranks is not None else allocate(block_targets, plan, stats, world)
             original = copy.deepcopy(block) if refit else None
-            block_rows = _factorize_block(loaded, world, block_targets, block_ranks, method, stats, options)
+            stage_rows = [(stage, _compress_block_stage(engine, index, block, stage, stats, ranks.get(stage.index))) for stage in stages]
             if refit:
-                original_hidden = _refit(engine, index, original, block, block_rows, original_hidden if calibrate_on == "compressed" else hidden,
-                                         hidden, calls, calibrate_on == "compressed")
-            if plan.bits is not None:  # after the refit; the next block calibrates on what the stored (quantized) block gives
-                quantize_factors(loaded.model, block_rows, plan.bits, plan.group_size)
-            rows += block_rows
+                original_hidden = _refit(engine, index, original, block, [row for _, r in stage_rows for row in r],
+                                         original_hidden if calibrate_on == "compressed" else hidden, hidden, calls, calibrate_on == "compressed")
+            for stage, block_rows in stage_rows:
+                if stage.plan.bits is not None:  # after the refit; the next block calibrates on what the stored (quantized) block gives
+                    quantize_factors(loaded.model, block_rows, stage.plan.bits, stage.plan.group_size)
+                rows += [{**row, "stage": stage.index + 1} for row in block_rows]
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:
@@ -494,21 +532,24 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             writer.add({engine.stack.prefix(index) + k: v for k, v in block.state_dict().items()})
             writer.end_shard()
             release(block)
-            for target in block_targets:
+            for target in matrices:
                 release(target.module)  # a replaced module is out of the model's tree, but its Target still holds it
             del stats
         release(model)
         writer.close()
         missed = None
         if engine.recipe is not None:  # every row says its stage (1-based, as the recipe lists them)
-            rows = sorted([{**row, "stage": report.plan["stage"]} for report in outer_reports for row in report.modules]
-                          + [{**row, "stage": engine.stage + 1} for row in rows], key=lambda row: row["stage"])
+            rows = sorted([{**row, "stage": report.plan["stage"]} for report in outer_reports for row in report.modules] + rows,
+                          key=lambda row: row["stage"])
             loaded.compression = rows
-            stages = [stage for _, stage in sorted([*engine.outer_stages, (engine.stage, engine.plan)], key=lambda pair: pair[0])]
-            missed = record_recipe(loaded, engine.recipe, stages, engine.solution, engine.budget_limit, params_before)
+            plans = [plan for _, plan in sorted([*engine.outer_stages, *((stage.index, stage.plan) for stage in stages)], key=lambda pair: pair[0])]
+            missed = record_recipe(loaded, engine.recipe, plans, engine.solution, engine.budget_limit, params_before)
+        else:
+            rows = [{key: value for key, value in row.items() if key != "stage"} for row in rows]
         loaded.compression = rows
-        plan_dict = {**plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "refit": refit, "dtype": dtype_name(dtype),
-                     "device": str(device), "processes": world.size, **({"stage": engine.stage + 1} if engine.recipe else {})}
+        plan_dict = {**first.plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "refit": refit, "dtype": dtype_name(dtype),
+                     "device": str(device), "processes": world.size,
+                     **({"stage": first.index + 1, "stages_in_blocks": [stage.index + 1 for stage in stages]} if engine.recipe else {})}
         if world.main:
             write_manifest(loaded, staging, dtype, run={"processes": world.size, "executor": "sequential"})
     barrier(world, "finishing (rank 0 writes the output)")  # the others return once the output is in place
@@ -540,7 +581,14 @@ def _refit(engine: Engine, index: int, original, block, rows: list[dict], origin
     return outputs
 
 
-def _factorize_block(loaded, world: World, targets, ranks, method, stats, options) -> list[dict]:
-    """Factorize one block's targets (split across processes by cost; every process gets every factor: all of them
-    run the compressed block, rank 0 writes it) and swap the layers in."""
-    return factorize_targets(loaded, targets, ranks, method, stats, options, False, world)
+def _compress_block_stage(engine: Engine, index: int, block, stage: BlockStage, stats: dict, ranks: dict | None) -> list[dict]:
+    """Apply ``stage`` to block ``index``'s targets and swap the new layers in; their report rows. Low-rank methods:
+    factorized at ``ranks`` (a sensitivity allocation's) or ranks allocated in the block, split across processes by
+    cost (every process gets every factor: all run the compressed block, rank 0 writes it). Nystrom: the block's MLP,
+    its channels chosen on the block's statistics."""
+    targets = engine.block_targets(index, block, stage)  # --joint: linears of one input stacked, their stats merged
+    stats = {t.name: merged_stats(t, stats) for t in targets}
+    if stage.method.kind != "lowrank":
+        return replace_modules(engine.loaded, targets, stage.method, stage.plan, stats, stage.options)
+    ranks = ranks if ranks is not None else allocate(targets, stage.plan, stats, engine.world)
+    return factorize_targets(engine.loaded, targets, ranks, stage.method, stats, stage.options, False, engine.world)

@@ -128,18 +128,8 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
             stats = {target.name: merged_stats(target, stats) for target in targets}
         ranks = allocate(targets, plan, stats, world)
         rows = factorize_targets(loaded, targets, ranks, method, stats, options, plan.untie_head, world, progress)
-    else:  # (module methods: every process builds the same modules; they are cheap next to calibration)
-        if method.group_targets is not None:  # e.g. MLPs, whose linears lose channels together: all at once
-            grouped = method.group_targets(targets)
-            new = method.function(grouped, plan, stats, options)
-            for target in grouped:
-                members = getattr(target, "members", None)
-                rows += ([_module_row(loaded, target, new.get(target.name))] if members is None else
-                         [{**_module_row(loaded, m, new.get(m.name)), "group": target.name} for m in members])
-        else:
-            for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
-                new = method.function(target, plan, stats.get(target.name, {}), options)
-                rows.append(_module_row(loaded, target, new, plan.untie_head))
+    else:
+        rows = replace_modules(loaded, targets, method, plan, stats, options, progress)
     if plan.bits is not None:
         on_stage(f"quantizing the factors ({plan.bits} bits, {'one scale per row' if plan.group_size is None else f'groups of {plan.group_size}'})")
         quantize_factors(loaded.model, rows, plan.bits, plan.group_size)
@@ -154,6 +144,26 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     loaded.compression = rows
     loaded.model.eval()
     return report
+
+
+def replace_modules(loaded: LoadedModel, targets: list[Target], method, plan: Plan, stats: dict, options,
+                    progress: bool = False) -> list[dict]:
+    """A module method's new modules swapped in for ``targets``; their report rows. Every process builds the same
+    modules (they are cheap next to calibration). A grouping method (nystrom: an MLP's linears lose channels
+    together) gets all its groups at once, so it can spend one budget across them."""
+    rows = []
+    if method.group_targets is not None:
+        grouped = method.group_targets(targets)
+        new = method.function(grouped, plan, stats, options)
+        for target in grouped:
+            members = getattr(target, "members", None)
+            rows += ([_module_row(loaded, target, new.get(target.name))] if members is None else
+                     [{**_module_row(loaded, m, new.get(m.name)), "group": target.name} for m in members])
+        return rows
+    for target in tqdm(targets, desc=f"{method.name}", unit="module", disable=not progress):
+        new = method.function(target, plan, stats.get(target.name, {}), options)
+        rows.append(_module_row(loaded, target, new, plan.untie_head))
+    return rows
 
 
 def _module_row(loaded: LoadedModel, target: Target, new: nn.Module | None, untie_head: bool = False) -> dict:
