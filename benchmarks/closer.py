@@ -11,6 +11,8 @@ Variants (all fwhiten + sensitivity allocation unless --method says otherwise):
   channels  the MLPs by nystrom (channel selection + refitted down projection), the attention linears by --method,
           both at the ratio with --allocation (each within its own part; the MLPs' --channel-allocation when given):
           a two-stage recipe, the same budget
+  channels-closed / channels-open  the channels recipe block by block (nystrom needs --channel-allocation uniform
+          there), closed or open loop
 --joint: linears that read one input (q/k/v; gate/up) share one right factor (Plan.joint)
 Every run is a child process; its result is merged into benchmarks/results/<name>.json by (variant, method, ratio,
 calibration text, evaluation text), so runs made at different times land in one table. Perplexity: the evaluation
@@ -32,7 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = {"whole": ("whole", None, False), "channels": ("channels", None, False), "open": ("sequential", "original", False),
             "closed": ("sequential", "compressed", False), "refit": ("sequential", "compressed", True),
-            "open-refit": ("sequential", "original", True)}
+            "open-refit": ("sequential", "original", True), "channels-closed": ("sequential", "compressed", False),
+            "channels-open": ("sequential", "original", False)}
+
+
+def _channel_stages(spec: dict, plan):
+    """The channels recipe at the spec's ratio: nystrom on the MLPs, the spec's method on attention."""
+    from dataclasses import replace
+
+    from lmshrink.recipes import Recipe
+
+    return Recipe([replace(plan, method="nystrom", targets=("mlp",), options={},
+                           allocation=spec.get("channel_allocation") or plan.allocation),
+                   replace(plan, targets=("attention",))])
 
 
 def child(spec: dict) -> dict:
@@ -55,19 +69,15 @@ def child(spec: dict) -> dict:
         loaded = lmshrink.load_model(spec["model"])
         lmshrink.compress(loaded, plan, data=calib, progress=False)
     elif path == "channels":
-        from dataclasses import replace
+        from lmshrink.recipes import apply_recipe
 
         loaded = lmshrink.load_model(spec["model"])
-        stages = [replace(plan, method="nystrom", targets=("mlp",), options={},
-                          allocation=spec.get("channel_allocation") or plan.allocation),
-                  replace(plan, targets=("attention",))]
-        from lmshrink.recipes import Recipe, apply_recipe
-
-        apply_recipe(loaded, Recipe(stages), data=calib, progress=False)
+        apply_recipe(loaded, _channel_stages(spec, plan), data=calib, progress=False)
     else:
         from lmshrink.sequential import compress_sequential
 
         extra = {"refit": True} if refit else {}  # only when asked: the plain variants also run on code without it
+        plan = _channel_stages(spec, plan) if spec["variant"].startswith("channels") else plan
         compress_sequential(spec["model"], plan, calib, out, dtype="float32", device="cpu", calibrate_on=calibrate_on,
                             progress=False, **extra)
         loaded = lmshrink.load(out)
@@ -118,7 +128,7 @@ def main() -> None:
                     "calib": args.calib, "data": args.data, "windows": args.windows, "window": args.window, "tokens": args.tokens,
                     "out": str(Path(scratch) / f"run{number}"), "joint": args.joint,
                     "options": {k: float(v) for k, v in (o.split("=", 1) for o in args.option)}}
-            if variant == "channels" and args.channel_allocation not in (None, args.allocation):
+            if variant.startswith("channels") and args.channel_allocation not in (None, args.allocation):
                 spec["channel_allocation"] = args.channel_allocation
             if variant == "dense":
                 spec.update(method=None, ratio=None, calib=args.data, joint=False)

@@ -175,6 +175,30 @@ def test_two_processes_joint_match_one_process(checkpoint, tmp_path, one_thread)
     assert layer.self_attn.k_proj.right is layer.self_attn.q_proj.right  # the share survives the distributed save
 
 
+def test_two_processes_run_the_channels_recipe_like_one(checkpoint, tmp_path, one_thread):
+    """Two stages inside the blocks (nystrom on the MLPs, fwhiten on attention): one calibration pass per block, the
+    statistics added across processes; nystrom's channels are chosen on every process from the same sums."""
+    recipe = tmp_path / "channels.yaml"
+    recipe.write_text("stages:\n"
+                      "  - {targets: [mlp], method: nystrom, ratio: 0.75, calibration_windows: 3, window: 48}\n"
+                      "  - {targets: [attention], method: fwhiten, ratio: 0.5, calibration_windows: 3, window: 48}\n")
+    args = ["--sequential", "--device", "cpu", "--dtype", "float32", "--data", "pydoc", "--window", "48"]
+    done = _torchrun(["compress", checkpoint, "--recipe", recipe, *args, "--tokens", "96", "--json", "--out", tmp_path / "two"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [m["stage"] for m in json.loads(done.stdout)["modules"]] == [1] * 6 + [2] * 8
+    from lmshrink.recipes import load_recipe
+
+    compress_sequential(checkpoint, load_recipe(recipe), "pydoc", tmp_path / "one", dtype="float32", device="cpu", progress=False)
+    ours, theirs = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert set(ours) == set(theirs) and sum(k.endswith(".kept") for k in ours) == 6
+    for name in ours:
+        if name.endswith(".kept"):
+            assert torch.equal(ours[name], theirs[name]), name
+        else:
+            scale = float(theirs[name].abs().max())
+            assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-4 * scale), name
+
+
 KILLER = """
     import os, signal, sys
     import lmshrink.sequential
