@@ -8,6 +8,9 @@ columns); and three recipes, each with its factors quantized to every --bits wid
   low-rank alone   svd on the embedding/head (ratio 0.5) + fwhiten on the linears (ratio 0.8, sensitivity)
   groupreduce      groupreduce on the embedding/head (ratio 0.5) + the same linears
   tt               tt (TensorGPT) on the embedding/head (ratio 0.5) + the same linears
+  fwhiten          the embedding/head quantized at the same width + the same linears
+  channels         the embedding/head quantized at the same width + the built-in channels recipe's linears
+                   (nystrom MLP channels at 0.8 uniform, fwhiten attention at 0.8 sensitivity)
 Bytes are the whole model as held (packed integers, float16 scales/minimums, indices; the rest float32).
 Single-threaded (the machine is shared). Results are rewritten after every point, so a partial run still leaves a
 valid report: benchmarks/results/frontier.json, frontier.md, frontier.png.
@@ -40,13 +43,17 @@ def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[s
                "calibration_windows": calibration_windows}
     out = []
     for bits in bits_list:
-        for family, embedding in (("groupreduce", {"method": "groupreduce"}), ("lowrank", {"method": "svd"}), ("tt", {"method": "tt"})):
+        for family, embedding in (("groupreduce", {"method": "groupreduce"}), ("lowrank", {"method": "svd"}), ("tt", {"method": "tt"}),
+                                  ("fwhiten", {"method": "quantize", "ratio": 1}), ("channels", {"method": "quantize", "ratio": 1})):
             if family not in only:
                 continue
             stages = [{"targets": ["embedding", "lm_head"], "ratio": 0.5, "bits": bits, "group_size": GROUP, **embedding},
                       {**linears, "bits": bits, "group_size": GROUP}]
             if family == "groupreduce":
                 stages[0]["calibration_windows"] = calibration_windows  # token counts come from the same text
+            if family == "channels":
+                stages[1:] = [{**linears, "targets": ["mlp"], "method": "nystrom", "allocation": "uniform", "bits": bits, "group_size": GROUP},
+                              {**linears, "targets": ["attention"], "bits": bits, "group_size": GROUP}]
             name = f"{family} {bits}-bit"
             out.append((name, parse_recipe({"name": name, "stages": stages})))
     return out
@@ -63,10 +70,11 @@ def main() -> None:
     parser.add_argument("--quant-bits", default="8,6,4,3", help="widths of quantization alone")
     parser.add_argument("--only", default="quant,lowrank,groupreduce,tt")
     parser.add_argument("--stem", default="frontier")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--keep-from", default=None,
                         help="an earlier frontier.json with the same settings: its quantization-alone rows are reused")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # shared machine
+    torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
     corpus = lmshrink.load_corpus(args.data)
     loaded = lmshrink.load_model(args.model)
@@ -75,7 +83,7 @@ def main() -> None:
     base = corpus_perplexity(loaded, corpus, tokens=args.eval_tokens, window=args.window, progress=False)
     result = {"model": args.model, "data": corpus.source, "protocol": base["protocol"], "tokens": args.eval_tokens,
               "window": args.window, "settings": {"calibration_windows": args.calibration_windows, "group_size": GROUP,
-                                                  "threads": 1, "reduced": "eval tokens / calibration windows as given"},
+                                                  "threads": args.threads, "reduced": "eval tokens / calibration windows as given"},
               "command": command_line(), "environment": environment(),
               "original": {"name": "original", "kind": "original", "params": params, "bytes": count_bytes(loaded.model),
                            "bf16_bytes": 2 * params, "perplexity": base["perplexity"], "seconds": time.perf_counter() - start},
@@ -115,7 +123,7 @@ def _write(result: dict, stem: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     note = (f"\nSettings: {result['tokens']} evaluation tokens, {result['settings']['calibration_windows']} calibration windows "
             f"of {result['window']} tokens (reduced from the defaults 8192 / 32), factor groups of {GROUP} columns, "
-            f"1 thread. Command: `{result['command']}`\n")
+            f"{result['settings']['threads']} thread(s). Command: `{result['command']}`\n")
     (RESULTS / f"{stem}.md").write_text(markdown_table(result) + note)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plot(result, RESULTS / f"{stem}.png")
