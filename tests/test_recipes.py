@@ -289,6 +289,23 @@ def test_infeasible_budget_names_a_budget_that_works(workspace, prose_small):
 def test_recipe_flag_refuses_method_amounts(workspace):
     result = invoke_cli(workspace, "compress", "llama", "--recipe", "a.yaml", "--ratio", "0.5", "--data", "text.txt", "--out", "out")
     assert "--recipe: given with --ratio" in one_error_line(result)
+    # What a stage says (targets, allocation) is never silently replaced nor dropped: typed with a recipe, refused.
+    result = invoke_cli(workspace, "compress", "llama", "--recipe", "a.yaml", "--targets", "mlp", "--allocation", "sensitivity",
+                        "--data", "text.txt", "--out", "out")
+    assert "--recipe: given with --targets, --allocation" in one_error_line(result)
+    assert not (workspace / "out").exists()
+
+
+def test_typed_calibration_settings_apply_to_every_recipe_stage(workspace, tmp_path):
+    result = invoke_cli(workspace, "compress", "llama", "--recipe", "b.yaml", "--calibration-windows", "3", "--data", "text.txt",
+                        "--tokens", "256", "--window", "16", "--out", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 0, result.stderr
+    applied = json.loads(result.stdout)["recipe"]["applied"]
+    assert [(stage["calibration_windows"], stage["window"]) for stage in applied] == [(3, 16), (3, 16)]  # b.yaml says 4 and 32
+    untyped = invoke_cli(workspace, "compress", "llama", "--recipe", "b.yaml", "--data", "text.txt", "--tokens", "256",
+                         "--window", "32", "--out", str(tmp_path / "plain"), "--json")  # --calibration-windows not typed
+    assert untyped.exit_code == 0, untyped.stderr
+    assert [stage.get("calibration_windows") for stage in json.loads(untyped.stdout)["recipe"]["applied"]][1] == 4
 
 
 # -- CLI: compress --recipe / --bits, compare ------------------------------------------------------------------------

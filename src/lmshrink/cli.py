@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -394,12 +395,17 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
     if recipe is not None:
         from lmshrink.recipes import load_recipe
 
+        typed = [name for name in ("targets", "allocation", "max_shift", "multiple_of", "joint", "untie_head") if _typed(ctx, name)]
         clashing = [flag for flag, value in (("--ratio", ratio), ("--rank", rank), ("--energy", energy), ("--params", params),
-                                             ("--bits", bits)) if value] + [f"--{k.replace('_', '-')}" for k in given]
+                                             ("--bits", bits)) if value] + [f"--{k.replace('_', '-')}" for k in [*given, *typed]]
         if clashing:
-            raise InvalidArgument("--recipe", f"given with {', '.join(clashing)}", "the recipe's stages say what and how much; "
-                                  "either --recipe or --method with its amount")
+            raise InvalidArgument("--recipe", f"given with {', '.join(clashing)}", "the recipe's stages say what, how much and "
+                                  "how; either --recipe (with --calibration-windows / --window for every stage) or --method")
         recipe_spec = load_recipe(recipe)
+        # Typed calibration settings apply to every stage (recorded in the manifest as run), never silently dropped.
+        overrides = {name: value for name, value in (("calibration_windows", calibration_windows), ("window", window)) if _typed(ctx, name)}
+        if overrides:
+            recipe_spec = dataclasses.replace(recipe_spec, stages=[dataclasses.replace(stage, **overrides) for stage in recipe_spec.stages])
         method = f"recipe-{recipe_spec.name or 'file'}"
         ratio = 1.0
     if ratio is None and rank is None and energy is None and params is None:
@@ -447,6 +453,11 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
         _print_block_by_block(result.to_dict())
     else:
         _print_whole_model(result, targets, allocation, recipe_spec)
+
+
+def _typed(ctx: click.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or in its environment variable), not its default."""
+    return ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 
 
 def _check_device_and_dtype(device, dtype) -> None:
