@@ -524,7 +524,7 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             for stage, block_rows in stage_rows:
                 if stage.plan.bits is not None:  # after the refit; the next block calibrates on what the stored (quantized) block gives
                     quantize_factors(loaded.model, block_rows, stage.plan.bits, stage.plan.group_size)
-                rows += [{**row, "stage": stage.index + 1} for row in block_rows]
+                rows += [{**row, "stage": stage.index + 1} for row in block_rows] if engine.recipe is not None else block_rows
             if calibrate_on == "original":
                 hidden = original_outputs
             elif hidden:
@@ -544,8 +544,6 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             loaded.compression = rows
             plans = [plan for _, plan in sorted([*engine.outer_stages, *((stage.index, stage.plan) for stage in stages)], key=lambda pair: pair[0])]
             missed = record_recipe(loaded, engine.recipe, plans, engine.solution, engine.budget_limit, params_before)
-        else:
-            rows = [{key: value for key, value in row.items() if key != "stage"} for row in rows]
         loaded.compression = rows
         plan_dict = {**first.plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "refit": refit, "dtype": dtype_name(dtype),
                      "device": str(device), "processes": world.size,
