@@ -1,7 +1,7 @@
-"""Greedy samples of the default job's candidates: the original SmolLM2-135M, fwhiten (the default job: ratio 0.8,
-sensitivity, 32 calibration windows of WikiText-2) and a saved `lmshrink compress --recipe channels` directory.
+"""Greedy samples of the default job's candidates: the original SmolLM2-135M, fwhiten (ratio 0.8, sensitivity, 32
+calibration windows of WikiText-2) and saved directories (e.g. made by `lmshrink compress --recipe channels`).
 
-    python benchmarks/default_job_samples.py CHANNELS_DIR
+    python benchmarks/default_job_samples.py NAME=DIR [NAME=DIR ...]
 
 24 prompts (3 fixed, 21 from the first long WikiText-2 test paragraphs, 12 words each), 24 new tokens each, greedy.
 Per model: the mean share of distinct tokens and how many generations repeat one token 4 or more times in a row.
@@ -20,12 +20,12 @@ import lmshrink
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main(channels_dir: str) -> None:
+def main(saved: list[str]) -> None:
     torch.set_num_threads(1)
     corpus = lmshrink.load_corpus("wikitext-2")
     lines = [l.strip() for l in corpus.test.splitlines() if len(l.strip()) > 200 and not l.strip().startswith("=")]
     prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"] + [" ".join(l.split()[:12]) for l in lines[:21]]
-    models = {"original": lmshrink.load_model("smollm2-135m"), "channels": lmshrink.load(channels_dir)}
+    models = {"original": lmshrink.load_model("smollm2-135m"), **{pair.split("=", 1)[0]: lmshrink.load(pair.split("=", 1)[1]) for pair in saved}}
     fwhiten = lmshrink.load_model("smollm2-135m")
     lmshrink.compress(fwhiten, lmshrink.Plan(method="fwhiten", ratio=0.8, allocation="sensitivity"), data=corpus, progress=False)
     models["fwhiten"] = fwhiten
@@ -43,10 +43,10 @@ def main(channels_dir: str) -> None:
     (RESULTS / "default_job_samples.json").write_text(json.dumps(out, indent=1) + "\n")
     (RESULTS / "default_job_samples.md").write_text(
         "# Greedy samples of the default job's candidates\n\nCommand: `python benchmarks/default_job_samples.py "
-        "compressed/smollm2-135m-recipe-channels` (that directory made by `lmshrink compress --recipe channels`)\n\n"
+        + " ".join(saved) + "` (the directories made by `lmshrink compress --recipe channels`: see below)\n\n"
         "| model | mean distinct-token share | generations with a token repeated >= 4 times in a row |\n|---|---|---|\n"
         + "\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

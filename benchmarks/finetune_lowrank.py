@@ -5,12 +5,14 @@ A control answers how much of the gain is only adaptation to WikiText-2: the den
 the same way (same windows, steps, learning rate), evaluated on the same test tokens.
 
     python benchmarks/finetune_lowrank.py --method fwhiten --ratio 0.8 --windows 64 --steps 300 --tokens 16384
+    python benchmarks/finetune_lowrank.py --recipe channels --windows 64 --steps 300 --distill
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
@@ -28,6 +30,8 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--method", default="fwhiten")
     parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--recipe", default=None, help="a recipe (built-in name or file) instead of --method/--ratio/--allocation; "
+                        "--windows applies to every stage")
     parser.add_argument("--allocation", default="uniform", help="rank allocation of the compression (uniform, sensitivity)")
     parser.add_argument("--windows", type=int, default=64, help="calibration windows of 512 tokens")
     parser.add_argument("--steps", type=int, default=300, help="training steps of one 512-token window")
@@ -52,8 +56,16 @@ def main():
     dense_ppl = ppl(pristine)
     rows, payload = [["dense", "-", "-", f"{dense_ppl:.3f}", "1.00", "-"]], {"dense_perplexity": dense_ppl}
     loaded = fresh()
-    plan = lmshrink.Plan(method=args.method, ratio=args.ratio, allocation=args.allocation, calibration_windows=args.windows)
-    report = lmshrink.compress(loaded, plan, data=corpus, progress=False)
+    if args.recipe:
+        from lmshrink.recipes import apply_recipe, combined_report, load_recipe
+
+        recipe = load_recipe(args.recipe)
+        recipe = dataclasses.replace(recipe, stages=[dataclasses.replace(s, calibration_windows=args.windows) for s in recipe.stages])
+        args.method, args.allocation, plan = f"recipe-{recipe.name or 'file'}", "recipe", None
+        report = combined_report(apply_recipe(loaded, recipe, data=corpus, progress=False))
+    else:
+        plan = lmshrink.Plan(method=args.method, ratio=args.ratio, allocation=args.allocation, calibration_windows=args.windows)
+        report = lmshrink.compress(loaded, plan, data=corpus, progress=False)
     compressed_ppl = ppl(loaded)
     print(f"{args.method} {args.ratio}: {compressed_ppl:.3f}", flush=True)
     rows.append([args.method, args.ratio, 0, f"{compressed_ppl:.3f}", f"{compressed_ppl / dense_ppl:.2f}", f"{report.seconds:.0f}"])
@@ -63,7 +75,7 @@ def main():
     print(f"{args.method} {args.ratio} + {args.steps} steps: {tuned_ppl:.3f} ({tuned['seconds']:.0f} s)", flush=True)
     rows.append([f"{args.method} + {'distillation' if args.distill else 'refinement'}", args.ratio, args.steps, f"{tuned_ppl:.3f}", f"{tuned_ppl / dense_ppl:.2f}",
                  f"{tuned['seconds']:.0f}"])
-    payload.update(loss=tuned["loss"], method=args.method, ratio=args.ratio, allocation=args.allocation, max_shift=plan.max_shift, calibration_windows=args.windows, lr=args.lr, steps=args.steps,
+    payload.update(loss=tuned["loss"], method=args.method, ratio=args.ratio, allocation=args.allocation, max_shift=plan and plan.max_shift, recipe=args.recipe, calibration_windows=args.windows, lr=args.lr, steps=args.steps,
                    eval_tokens=args.tokens, params_before=report.params_before, params_after=report.params_after,
                    compress_seconds=report.seconds, compressed_perplexity=compressed_ppl, tuned_perplexity=tuned_ppl,
                    train_seconds=tuned["seconds"], trained_parameters=tuned["trained_parameters"], losses=tuned["losses"])
@@ -81,8 +93,9 @@ def main():
         args.name or f"finetune_{args.method}_{args.ratio:g}" + ("" if args.allocation == "uniform" else f"_{args.allocation}")
         + ("_distill" if args.distill else ""), payload,
         ["model", "ratio", "train steps", f"ppl ({args.tokens} tok)", "x dense", "seconds"], rows,
-        [f"SmolLM2-135M, all 210 attention/MLP linears, {args.allocation} rank allocation"
-         + (f" (max_shift {plan.max_shift})" if args.allocation != "uniform" else "") + f"; calibration {args.windows} windows of 512 tokens from WikiText-2 "
+        [(f"SmolLM2-135M, the linears by the recipe {args.recipe!r} (its stages: {args.recipe} in lmshrink.recipes)" if args.recipe else
+          f"SmolLM2-135M, all 210 attention/MLP linears, {args.allocation} rank allocation"
+          + (f" (max_shift {plan.max_shift})" if args.allocation != "uniform" else "")) + f"; calibration {args.windows} windows of 512 tokens from WikiText-2 "
          f"train; evaluation WikiText-2 test, first {args.tokens} tokens, non-overlapping windows of 512.",
          f"Refinement: lmshrink.finetune, AdamW lr {args.lr}, {args.steps} steps of one 512-token window from the start "
          f"of WikiText-2 train ({args.steps * 512} tokens), factors only ({payload['trained_parameters']:,} parameters), "

@@ -51,6 +51,27 @@ def test_the_refit_is_the_least_squares_consumer_and_beats_dropping_the_columns(
     assert float(rises.sum()) == pytest.approx(refit_error, rel=1e-6)
 
 
+def test_the_ridge_pulls_the_refit_toward_the_pruned_columns_and_matches_the_elimination():
+    hidden, consumer = _correlated(seed=3)
+    gram = hidden.T @ hidden
+    ridge = lambda damping: damping * float(gram.diagonal().mean())
+    order, rises = elimination_order(consumer, gram, 12, damping=0.5)
+    kept = kept_after(order, 24, 12)
+    refitted = refit_consumer(consumer, gram, kept, damping=0.5)
+    # The refit minimizes the regularized error E||W h - W_S h_S||^2 + lambda ||W_S - W[:, S]||^2; the elimination's
+    # rises add up to that plus lambda ||W[:, dropped]||^2 (the same Gram C + lambda I): both see one problem.
+    def regularized(candidate):
+        return _error(hidden, consumer, kept, candidate) + ridge(0.5) * float(((candidate - consumer[:, kept]) ** 2).sum())
+    dropped = float((consumer[:, order] ** 2).sum())
+    assert regularized(refitted) + ridge(0.5) * dropped == pytest.approx(float(rises.sum()), rel=1e-6)
+    for scale in (0.9, 1.1):
+        assert regularized(refitted) < regularized(consumer[:, kept] + scale * (refitted - consumer[:, kept]))
+    # Large damping: plain pruning (the kept columns unchanged); small: the least-squares refit, far from them.
+    pruned = consumer[:, kept]
+    assert torch.allclose(refit_consumer(consumer, gram, kept, damping=1e6), pruned, atol=1e-5)
+    assert float((refit_consumer(consumer, gram, kept, damping=1e-12) - pruned).norm()) > 0.1 * float(pruned.norm())
+
+
 def test_elimination_beats_random_subsets_and_keeps_everything_when_asked():
     hidden, consumer = _correlated(seed=1)
     gram = hidden.T @ hidden

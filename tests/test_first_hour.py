@@ -81,11 +81,11 @@ def test_readme_python_example_without_shared_data_in_a_child(tmp_path, tiny_dir
 
 @pytest.fixture(scope="module")
 def default_job(tmp_path_factory, tiny_dir):
-    """`lmshrink compress` as the README runs it (fwhiten, sensitivity, no --data), on the tiny model, output
-    not a terminal, no shared folder; --ratio 0.5 so that every one of its small matrices is factorized."""
+    """`lmshrink compress --recipe channels` as the README runs it (no --data), on the tiny model, output not a
+    terminal, no shared folder; 8 calibration windows so that one of them is sampled from the model (an eighth)."""
     tmp_path = tmp_path_factory.mktemp("job")
-    done = subprocess.run([sys.executable, "-m", "lmshrink", "compress", str(tiny_dir), "--allocation", "sensitivity", "--ratio", "0.5",
-                           "--calibration-windows", "2", "--window", "32", "--tokens", "256", "--out", str(tmp_path / "out")],
+    done = subprocess.run([sys.executable, "-m", "lmshrink", "compress", str(tiny_dir), "--recipe", "channels",
+                           "--calibration-windows", "8", "--window", "32", "--tokens", "256", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=tmp_path, env=fresh_env(tmp_path, COLUMNS="100"), timeout=900)
     assert done.returncode == 0, done.stderr
     return done, tmp_path / "out", tmp_path
@@ -96,8 +96,9 @@ def test_default_job_says_its_text_first_and_prints_stage_lines(default_job):
     lines = [line for line in done.stderr.splitlines() if line.startswith("lmshrink [")]
     assert lines[0].endswith("English prose; 90% calibration / 10% evaluation)") and "text: Python" in lines[0]
     stages = [line.split("] ", 1)[1] for line in lines]
-    expected = ["loading", "sampling the original", "evaluating the original", "calibrating", "factorizing",
-                "evaluating the compressed model", "timing tokens/s", "sampling the compressed model", "saving to", "done"]
+    expected = ["loading", "sampling the original", "evaluating the original", "recipe stage 1/2: nystrom on mlp",
+                "calibrating (input_gram, output_grad_gram over 8 windows of 32 tokens, 0.125 of them sampled from the model)",
+                "factorizing 6 matrices (nystrom)", "recipe stage 2/2: fwhiten on attention", "evaluating the compressed model", "timing tokens/s", "sampling the compressed model", "saving to", "done"]
     positions = [next(i for i, stage in enumerate(stages) if stage.startswith(word)) for word in expected]
     assert positions == sorted(positions)  # one line per stage, in the order the job runs them
     clock = [line[len("lmshrink ["):].split("]")[0] for line in lines]
@@ -138,18 +139,23 @@ def test_inspect_on_a_compressed_directory_lists_factorized_targets_with_ranks(d
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)["matrices"]}
     manifest = json.loads((out / "lmshrink.json").read_text())
-    factorized = {row["name"]: row["rank"] for row in manifest["compression"] if row["status"] == "factorized"}
-    assert len(factorized) == 14 and len(rows) == 15  # 14 linears + the embedding (dense)
-    for name, rank in factorized.items():
-        assert rows[name]["layer"] == "LowRankLinear" and rows[name]["rank"] == rank and rows[name]["kind"] == "linear"
+    factorized = {row["name"]: row for row in manifest["compression"] if row["status"] == "factorized"}
+    mlp = {name for name in factorized if ".mlp." in name}
+    assert len(mlp) == 6 and 6 < len(factorized) <= 14 and len(rows) == 15  # 14 linears + the embedding (dense)
+    for name, row in factorized.items():
+        assert rows[name]["layer"] == row["layer"] == ("ChannelLinear" if name in mlp else "LowRankLinear")
+        assert rows[name]["params"] == row["params_after"] < rows[name]["dense_params"] == row["params_before"]
         m, n = rows[name]["shape"]
-        assert rows[name]["params"] == rank * (m + n) < rows[name]["dense_params"] == m * n
+        if name in mlp:  # the same kept channels in gate, up (rows) and down (columns): 0.8 of 128
+            assert rows[name]["rank"] is None and row["params_after"] == round(0.8 * 128) * 64
+        else:
+            assert rows[name]["rank"] == row["rank"] and rows[name]["params"] == row["rank"] * (m + n)
     assert rows["model.embed_tokens"]["layer"] == "dense" and rows["model.embed_tokens"]["effective_rank"] > 1
     narrow = subprocess.run([sys.executable, "-m", "lmshrink", "inspect", str(out)], capture_output=True, text=True,
                             env={**env, "COLUMNS": "80"})
     assert narrow.returncode == 0, narrow.stderr
     assert "…" not in narrow.stdout and max(len(line) for line in narrow.stdout.splitlines()) <= 80
-    assert narrow.stdout.count("LowRankLinear") == 14 and "15 targets, 14 factorized" in narrow.stdout
+    assert narrow.stdout.count("ChannelLinear") == 6 and f"15 targets, {len(factorized)} factorized" in narrow.stdout
     assert "left out to fit 80 columns: energy@" in narrow.stdout
 
 

@@ -298,10 +298,10 @@ def test_recipe_flag_refuses_method_amounts(workspace):
 
 def test_typed_calibration_settings_apply_to_every_recipe_stage(workspace, tmp_path):
     result = invoke_cli(workspace, "compress", "llama", "--recipe", "b.yaml", "--calibration-windows", "3", "--data", "text.txt",
-                        "--tokens", "256", "--window", "16", "--out", str(tmp_path / "out"), "--json")
+                        "--tokens", "256", "--window", "16", "--self-share", "0", "--out", str(tmp_path / "out"), "--json")
     assert result.exit_code == 0, result.stderr
     applied = json.loads(result.stdout)["recipe"]["applied"]
-    assert [(stage["calibration_windows"], stage["window"]) for stage in applied] == [(3, 16), (3, 16)]  # b.yaml says 4 and 32
+    assert [(stage["calibration_windows"], stage["window"], stage["self_share"]) for stage in applied] == [(3, 16, 0), (3, 16, 0)]  # b.yaml says 4 and 32
     untyped = invoke_cli(workspace, "compress", "llama", "--recipe", "b.yaml", "--data", "text.txt", "--tokens", "256",
                          "--window", "32", "--out", str(tmp_path / "plain"), "--json")  # --calibration-windows not typed
     assert untyped.exit_code == 0, untyped.stderr

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import lmshrink
 from conftest import tiny_gpt2, tiny_llama
-from lmshrink.data import calibration_windows, encode_prefix, model_windows
+from lmshrink.data import calibration_windows, encode_prefix, model_windows, with_self_share
 from lmshrink.errors import InvalidArgument
 from lmshrink.self_samples import BATCH, sampled_windows, samples_cache_dir
 
@@ -88,6 +90,32 @@ def test_text_plus_self_mixes_half_and_half(model, prose):
     alone = lmshrink.load_corpus("self")
     assert alone.sampled == 1.0 and not alone.train and not alone.test
     assert torch.equal(calibration_windows(model, alone, 3, WINDOW), sampled_windows(model, 3, WINDOW))
+
+
+def test_a_plans_self_share_mixes_the_calibration_as_the_data_spec_does(model, prose):
+    """Plan.self_share (a recipe stage's ``self_share``) sets the share whatever --data says; None keeps the data's."""
+    assert with_self_share(prose, None) is prose
+    eighth = with_self_share(prose, 0.125)
+    assert (eighth.name, eighth.sampled, eighth.train) == ("pydoc+self:0.125", 0.125, prose.train)
+    ids = calibration_windows(model, eighth, 8, WINDOW)
+    assert torch.equal(ids[:7], model_windows(model, encode_prefix(model, prose.train, 7 * WINDOW), WINDOW, 7))
+    assert torch.equal(ids[7:], sampled_windows(model, 1, WINDOW))
+    assert with_self_share(lmshrink.load_corpus("pydoc+self"), 0).name == "pydoc"
+
+    def compressed(plan, data):
+        loaded = tiny_llama(seed=1)
+        lmshrink.compress(loaded, plan, data=data, progress=False)
+        return loaded.model.state_dict()
+
+    plan = lmshrink.Plan(method="svdllm", ratio=0.5, calibration_windows=4, window=WINDOW)
+    by_spec = compressed(plan, "pydoc+self")
+    by_plan = compressed(dataclasses.replace(plan, self_share=0.5), prose)
+    text_only = compressed(dataclasses.replace(plan, self_share=0.0), "pydoc+self")
+    assert all(torch.equal(by_spec[name], by_plan[name]) for name in by_spec)
+    assert any(not torch.equal(by_spec[name], text_only[name]) for name in by_spec)
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(InvalidArgument, match="--self-share: .* is not a share"):
+            lmshrink.Plan(method="svdllm", ratio=0.5, self_share=bad)
 
 
 def test_self_only_calibrates(model, tmp_path):

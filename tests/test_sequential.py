@@ -560,6 +560,10 @@ def test_recipes_block_by_block_refuse_what_they_cannot_run(checkpoint, corpus, 
                                                 {"targets": ["mlp"], "method": "svdllm", "ratio": 0.5, "calibration_windows": 3}]})
     with pytest.raises(InvalidArgument, match=r"recipe stage 2 \(svdllm\): calibrates on 3 windows .* share one calibration"):
         compress_sequential(checkpoint, two_calibrations, corpus, tmp_path / "out", device="cpu", progress=False)
+    two_mixes = parse_recipe({"stages": [{"targets": ["attention"], "method": "svdllm", "ratio": 0.5, "self_share": 0.25},
+                                         {"targets": ["mlp"], "method": "svdllm", "ratio": 0.5}]})
+    with pytest.raises(InvalidArgument, match=r"recipe stage 2 \(svdllm\): .*\(self_share None\), stage 1 .*\(self_share 0.25\)"):
+        compress_sequential(checkpoint, two_mixes, corpus, tmp_path / "out", device="cpu", progress=False)
     only_outside = parse_recipe({"stages": [{"targets": ["embedding"], "method": "svd", "ratio": 0.5}]})
     with pytest.raises(InvalidArgument, match="--recipe: no stage compresses matrices inside the decoder blocks"):
         compress_sequential(checkpoint, only_outside, corpus, tmp_path / "out", device="cpu", progress=False)

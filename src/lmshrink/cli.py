@@ -342,6 +342,9 @@ def _with(options):
 @click.option("--max-shift", type=_Number(float, Bounds(0, 100)), default=0.25, show_default=True,
               help="--allocation sensitivity: each rank stays within +-this fraction of its uniform rank (0: uniform).")
 @click.option("--calibration-windows", type=_integer(1, 65536), default=32, show_default=True, help="Calibration windows from the train text (methods that calibrate).")
+@click.option("--self-share", type=click.FloatRange(0, 1), default=None,
+              help="Share of the calibration windows sampled from the model itself, the rest from --data's text (default: "
+                   "what --data says: TEXT+self half, else none; a recipe stage may set its own).")
 @click.option("--joint", is_flag=True,
               help="Factorize the linears that read one input (q/k/v; gate/up) together: one right factor shared by them, "
                    "so a rank costs in + their outs summed instead of in + out for each (low-rank methods; not with --bits).")
@@ -373,7 +376,7 @@ def _with(options):
                    "pass over the windows per block). Without --sequential the rest of the run is the whole-model one's.")
 @_with(common_eval)
 @_method_options
-def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, joint, untie_head, finetune_steps,
+def compress(model, method, ratio, rank, energy, params, targets, multiple_of, allocation, max_shift, calibration_windows, self_share, joint, untie_head, finetune_steps,
              finetune_lr, finetune_distill, recipe, out, overwrite, no_save, sequential, device, dtype, calibrate_on, refit, data, tokens, window,
              as_json, **method_options):
     """Compress MODEL and report params, bytes, perplexity and tokens/s before and after.
@@ -400,10 +403,11 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                                              ("--bits", bits)) if value] + [f"--{k.replace('_', '-')}" for k in [*given, *typed]]
         if clashing:
             raise InvalidArgument("--recipe", f"given with {', '.join(clashing)}", "the recipe's stages say what, how much and "
-                                  "how; either --recipe (with --calibration-windows / --window for every stage) or --method")
+                                  "how; either --recipe (with --calibration-windows / --window / --self-share for every stage) or --method")
         recipe_spec = load_recipe(recipe)
         # Typed calibration settings apply to every stage (recorded in the manifest as run), never silently dropped.
-        overrides = {name: value for name, value in (("calibration_windows", calibration_windows), ("window", window)) if _typed(ctx, name)}
+        overrides = {name: value for name, value in (("calibration_windows", calibration_windows), ("window", window),
+                                                     ("self_share", self_share)) if _typed(ctx, name)}
         if overrides:
             recipe_spec = dataclasses.replace(recipe_spec, stages=[dataclasses.replace(stage, **overrides) for stage in recipe_spec.stages])
         method = f"recipe-{recipe_spec.name or 'file'}"
@@ -417,7 +421,7 @@ def compress(model, method, ratio, rank, energy, params, targets, multiple_of, a
                                               f"not an option of method {method!r}",
                                               ", ".join(f"--{o.name.replace('_', '-')}" for o in method_spec.options) or "none")
     plan = lmshrink.Plan(method=method, targets=targets, ratio=ratio, rank=rank, energy=energy, params=params, multiple_of=multiple_of,
-                         allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows,
+                         allocation=allocation, max_shift=max_shift, options=given, calibration_windows=calibration_windows, self_share=self_share,
                          window=window, untie_head=untie_head, bits=bits, group_size=group_size, joint=joint)
     _check_window_and_data(tokens, window, data)
     finetune = FinetuneOptions(finetune_steps, finetune_lr, finetune_distill) if finetune_steps else None

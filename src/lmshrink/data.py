@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -184,6 +184,15 @@ def model_windows(loaded, ids: list[int] | torch.Tensor, window: int, count: int
         return token_windows(ids, window, count, what)
     text = token_windows(ids, window - 1, count, what)
     return torch.cat([torch.full((text.shape[0], 1), leading, dtype=text.dtype), text], dim=1)
+
+
+def with_self_share(corpus: Corpus, share: float | None) -> Corpus:
+    """``corpus`` with ``share`` of its calibration windows sampled from the model itself (None: as it is)."""
+    if share is None or share == corpus.sampled:
+        return corpus
+    base = corpus.name[: -len(SELF) - 1] if corpus.name.endswith("+" + SELF) else corpus.name
+    return replace(corpus, name=base if share == 0 else f"{base}+{SELF}:{share:g}", sampled=float(share),
+                   source=corpus.source if share == 0 else f"{corpus.source}; {share:g} of the calibration windows sampled from the model itself")
 
 
 def calibration_windows(loaded, corpus: Corpus, count: int, window: int) -> torch.Tensor:

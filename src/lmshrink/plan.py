@@ -70,6 +70,10 @@ class Plan:
     ``bits`` B: the factors this plan produces are stored as B-bit packed integers (lmshrink.quantize_factors), with
     a float16 scale and minimum per row, or per ``group_size`` consecutive columns of a row. None: float factors.
 
+    ``self_share`` S: that share of the calibration windows is text the model samples itself (lmshrink.self_samples),
+    the rest the data's text; it keeps calibration from fitting one domain only. None: as the data says (``TEXT+self``:
+    half; otherwise none).
+
     ``joint``: linears that read one input (q/k/v; gate/up) are factorized together, one right factor shared by
     them (lmshrink.joint): a rank costs in + sum(out) instead of in + out for each. Low-rank methods only.
     """
@@ -90,6 +94,7 @@ class Plan:
     bits: int | None = None
     group_size: int | None = None
     joint: bool = False
+    self_share: float | None = None
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
@@ -128,6 +133,10 @@ class Plan:
                                   "shared factor on its own)", "--joint with float factors, or --bits without --joint")
         if self.calibration_windows < 1:
             raise InvalidArgument("--calibration-windows", f"{self.calibration_windows} is below 1", "an integer >= 1")
+        if self.self_share is not None and (isinstance(self.self_share, bool) or not isinstance(self.self_share, (int, float))
+                                            or not 0 <= self.self_share <= 1):
+            raise InvalidArgument("--self-share", f"{self.self_share!r} is not a share", "a number 0 .. 1 (the share of "
+                                  "calibration windows sampled from the model itself), or none for what --data says")
         if self.window < 2:
             raise InvalidArgument("--window", f"{self.window} is below 2", "an integer >= 2 tokens")
 
@@ -154,7 +163,8 @@ class Plan:
         return {"method": self.method, "targets": list(self.targets), "ratio": self.ratio, "rank": self.rank,
                 "energy": self.energy, "params": self.params, "multiple_of": self.multiple_of, "allocation": self.allocation,
                 "max_shift": self.max_shift, "options": self.options, "calibration_windows": self.calibration_windows, "window": self.window,
-                "untie_head": self.untie_head, "bits": self.bits, "group_size": self.group_size, "joint": self.joint}
+                "untie_head": self.untie_head, "bits": self.bits, "group_size": self.group_size, "joint": self.joint,
+                "self_share": self.self_share}
 
 
 class Candidates(list):

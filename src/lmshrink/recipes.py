@@ -24,10 +24,10 @@ from lmshrink.errors import InvalidArgument
 
 # Keys of a stage that are Plan fields (``options`` holds method options; they may also stand at the stage's top level).
 PLAN_KEYS = ("targets", "method", "ratio", "rank", "energy", "params", "bits", "group_size", "allocation", "max_shift",
-             "multiple_of", "calibration_windows", "window", "untie_head", "joint", "options")
+             "multiple_of", "calibration_windows", "window", "self_share", "untie_head", "joint", "options")
 # Plan fields a saved stage lists only when they differ from the Plan defaults.
-OPTIONAL_PLAN_KEYS = ("bits", "group_size", "allocation", "max_shift", "multiple_of", "calibration_windows", "window", "untie_head",
-                      "joint")
+OPTIONAL_PLAN_KEYS = ("bits", "group_size", "allocation", "max_shift", "multiple_of", "calibration_windows", "window", "self_share",
+                      "untie_head", "joint")
 BUDGET_KEYS = ("bytes", "params", "bf16_fraction")
 RECIPE_KEYS = ("stages", "name", "description") + BUDGET_KEYS
 
@@ -51,10 +51,13 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
     "channels": {
         "description": "the linears at 0.8 of their parameters: nystrom MLP channels (the same share in every MLP, "
-                       "refitted down projection) + fwhiten attention (allocated by sensitivity)",
+                       "refitted down projection) + fwhiten attention (allocated by sensitivity); an eighth of the "
+                       "calibration windows sampled from the model itself",
+        # uniform MLP channels: 29.82 on SmolLM2, sensitivity 30.31 (closer.md). Self-sampled windows: the calibration
+        # text alone (WikiText-2 has no bare newline token) left greedy generation looping on newlines (channel_damping.md).
         "stages": [
-            {"targets": ["mlp"], "method": "nystrom", "ratio": 0.8},  # uniform: 29.82 on SmolLM2, sensitivity 30.31 (closer.md)
-            {"targets": ["attention"], "method": "fwhiten", "ratio": 0.8, "allocation": "sensitivity"},
+            {"targets": ["mlp"], "method": "nystrom", "ratio": 0.8, "self_share": 0.125},
+            {"targets": ["attention"], "method": "fwhiten", "ratio": 0.8, "allocation": "sensitivity", "self_share": 0.125},
         ],
     },
 }

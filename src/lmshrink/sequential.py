@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from lmshrink.accounting import count_bytes, count_params
 from lmshrink.allocation import allocate
 from lmshrink.calibration import GRADIENT_STATS, INPUT_STATS, add_across_processes, input_hook, output_grad_hook, output_grad_mean
-from lmshrink.data import Corpus, calibration_windows, load_corpus
+from lmshrink.data import Corpus, calibration_windows, load_corpus, with_self_share
 from lmshrink.distributed import SINGLE, World, agree, all_reduce_sum, barrier, current_world
 from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
 from lmshrink.methods import get_method
@@ -271,11 +271,12 @@ def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True
         block_stages.append(BlockStage(index, plan, method, method.resolve_options(plan.options), _by_block(stack, targets)))
     first = block_stages[0].plan
     for stage in block_stages[1:]:  # one calibration pass serves every stage
-        if (stage.plan.calibration_windows, stage.plan.window) != (first.calibration_windows, first.window):
+        if (stage.plan.calibration_windows, stage.plan.window, stage.plan.self_share) != (first.calibration_windows, first.window, first.self_share):
             raise InvalidArgument(f"recipe stage {stage.index + 1} ({stage.plan.method})",
-                                  f"calibrates on {stage.plan.calibration_windows} windows of {stage.plan.window} tokens, stage "
-                                  f"{block_stages[0].index + 1} on {first.calibration_windows} of {first.window}; block by block "
-                                  "the stages inside the blocks share one calibration", "the same calibration_windows and window")
+                                  f"calibrates on {stage.plan.calibration_windows} windows of {stage.plan.window} tokens (self_share "
+                                  f"{stage.plan.self_share}), stage {block_stages[0].index + 1} on {first.calibration_windows} of "
+                                  f"{first.window} (self_share {first.self_share}); block by block the stages inside the blocks share "
+                                  "one calibration", "the same calibration_windows, window and self_share")
     targets = [t for stage in block_stages for by_block in stage.by_block for t in by_block]
     engine = Engine(checkpoint, loaded, stack, targets, device, dtype, progress, world)
     engine.stages, engine.outer_stages, engine.recipe, engine.solution = block_stages, outer, recipe, solution
@@ -497,7 +498,8 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             outer_reports[-1].plan["stage"] = index + 1
         writer.add(engine.outer_state())
         writer.end_shard()
-        windows, first_inputs, calls = (engine.calibrate(data, first.plan.calibration_windows, first.plan.window) if needs or refit
+        windows, first_inputs, calls = (engine.calibrate(with_self_share(data if isinstance(data, Corpus) else load_corpus(data), first.plan.self_share),
+                                                         first.plan.calibration_windows, first.plan.window) if needs or refit
                                         else (None, engine.boundary(), []))
         stats_start = time.perf_counter()
         fisher_dir = exact_fisher(engine, windows, first_inputs, calls, Path(scratch), needs & GRADIENT_STATS) if needs & GRADIENT_STATS else None

@@ -56,10 +56,13 @@ def elimination_order(consumer: torch.Tensor, gram: torch.Tensor, remove: int, d
 
 
 def refit_consumer(consumer: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = 1e-4) -> torch.Tensor:
-    """W C[:, S] C[S, S]^-1 (S = ``kept``): the consumer (out, len(kept)) that best reproduces W h from h_S."""
+    """W C'[:, S] C'[S, S]^-1 (S = ``kept``, C' = C + lambda I): the consumer (out, len(kept)) that best reproduces W h
+    from h_S, plus lambda ||W_S - W[:, S]||^2. The ridge pulls the refit toward the plain pruned columns rather than
+    toward zero (the same regularized Gram as elimination_order), which bounds the compensation on text unlike the
+    calibration text."""
     regular = _regularized(gram, damping)
     kept = kept.to(regular.device)
-    return torch.linalg.solve(regular[kept][:, kept], (consumer.double() @ gram.double()[:, kept]).T).T.to(consumer.dtype)
+    return torch.linalg.solve(regular[kept][:, kept], (consumer.double() @ regular[:, kept]).T).T.to(consumer.dtype)
 
 
 def kept_after(order: torch.Tensor, channels: int, removed: int) -> torch.Tensor:
