@@ -62,7 +62,8 @@ def child(spec: dict) -> dict:
     path, calibrate_on, refit = VARIANTS[spec["variant"]] if spec["variant"] != "dense" else ("dense", None, False)
     start = time.perf_counter()
     plan = lmshrink.Plan(method=spec["method"], ratio=spec["ratio"], allocation=spec["allocation"], calibration_windows=spec["windows"],
-                         window=spec["window"], joint=spec.get("joint", False), options=spec.get("options") or {}) if path != "dense" else None
+                         window=spec["window"], joint=spec.get("joint", False), options=spec.get("options") or {},
+                         self_share=spec.get("self_share")) if path != "dense" else None
     if path == "dense":
         loaded = lmshrink.load_model(spec["model"])
     elif path == "whole":
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--joint", action="store_true", help="Plan.joint: linears of one input share one right factor.")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="A method option (Plan.options), e.g. whiten_damping=0.1; repeatable.")
+    parser.add_argument("--self-share", type=float, default=None,
+                        help="Plan.self_share: that share of the calibration windows sampled from the model itself.")
     parser.add_argument("--name", default="closer")
     parser.add_argument("--replot", action="store_true", help="Only rewrite the table and the PNG from the JSON.")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -128,6 +131,8 @@ def main() -> None:
                     "calib": args.calib, "data": args.data, "windows": args.windows, "window": args.window, "tokens": args.tokens,
                     "out": str(Path(scratch) / f"run{number}"), "joint": args.joint,
                     "options": {k: float(v) for k, v in (o.split("=", 1) for o in args.option)}}
+            if args.self_share is not None and variant != "dense":
+                spec["self_share"] = args.self_share
             if variant.startswith("channels") and args.channel_allocation not in (None, args.allocation):
                 spec["channel_allocation"] = args.channel_allocation
             if variant == "dense":
@@ -136,7 +141,7 @@ def main() -> None:
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
             key = ("model", "variant", "method", "allocation", "ratio", "calib", "data", "windows", "tokens", "joint", "options",
-                   "channel_allocation")
+                   "channel_allocation", "self_share")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
@@ -154,7 +159,8 @@ def _write(name: str, runs: list[dict], write_results) -> None:
     dense = {(r["model"], r["data"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
     rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else "") +
              (f" (MLP channels {r['channel_allocation']})" if r.get("channel_allocation") else "") +
-             "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())), r["method"] or "-", r["allocation"] if r["method"] else "-",
+             "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())) +
+             (f" self_share={r['self_share']:g}" if r.get("self_share") is not None else ""), r["method"] or "-", r["allocation"] if r["method"] else "-",
              r["ratio"], r["calib"], r["data"], r["windows"], r["tokens"], r.get("perplexity"),
              (r["perplexity"] / dense[r["model"], r["data"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["data"], r["tokens"]) in dense else None,
              r.get("seconds"), r.get("error")] for r in runs]
@@ -188,7 +194,8 @@ def _plot(name: str, runs: list[dict], dense: dict) -> None:
         if r["variant"] == "dense" or not r.get("perplexity") or r["windows"] != 64 or r["data"] != "wikitext-2" \
                 or (r["model"], r["data"], r["tokens"]) not in dense:
             continue
-        options = "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items()))
+        options = "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())) + \
+            (f" self_share={r['self_share']:g}" if r.get("self_share") is not None else "")
         channel = f" (MLP channels {r['channel_allocation']})" if r.get("channel_allocation") else ""
         label = (f"{r['model']} {r['variant']}{channel}{' +joint' if r.get('joint') else ''}{options} {r['method']} {r['allocation']}, "
                  f"calibrated on {r['calib']}")

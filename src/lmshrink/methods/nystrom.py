@@ -27,7 +27,8 @@ ALLOCATIONS = ("uniform", "sensitivity")
 
 @dataclass(frozen=True)
 class NystromOptions(MethodOptions):
-    channel_damping: float = option(1e-4, "ridge added to the hidden channels' Gram, as a fraction of its mean diagonal",
+    channel_damping: float = option(1e-4, "ridge added to the hidden channels' Gram, as a fraction of its mean diagonal "
+                                    "(pulls the refitted down projection toward the plain pruned columns)",
                                     bounds=Bounds(0, 1000, low_open=True))
 
 
