@@ -113,6 +113,8 @@ def test_a_plans_self_share_mixes_the_calibration_as_the_data_spec_does(model, p
     text_only = compressed(dataclasses.replace(plan, self_share=0.0), "pydoc+self")
     assert all(torch.equal(by_spec[name], by_plan[name]) for name in by_spec)
     assert any(not torch.equal(by_spec[name], text_only[name]) for name in by_spec)
+    with pytest.raises(InvalidArgument, match="--self-share: 0.5 leaves windows to text, but --data 'self' has none"):
+        lmshrink.compress(tiny_llama(), dataclasses.replace(plan, self_share=0.5), data="self", progress=False)
     for bad in (-0.1, 1.5, "half", True):
         with pytest.raises(InvalidArgument, match="--self-share: .* is not a share"):
             lmshrink.Plan(method="svdllm", ratio=0.5, self_share=bad)

@@ -190,6 +190,9 @@ def with_self_share(corpus: Corpus, share: float | None) -> Corpus:
     """``corpus`` with ``share`` of its calibration windows sampled from the model itself (None: as it is)."""
     if share is None or share == corpus.sampled:
         return corpus
+    if not corpus.train:
+        raise InvalidArgument("--self-share", f"{share:g} leaves windows to text, but --data {corpus.name!r} has none (all sampled)",
+                              "no --self-share (or 1) with --data self, or TEXT+self / a text with --self-share")
     base = corpus.name[: -len(SELF) - 1] if corpus.name.endswith("+" + SELF) else corpus.name
     return replace(corpus, name=base if share == 0 else f"{base}+{SELF}:{share:g}", sampled=float(share),
                    source=corpus.source if share == 0 else f"{corpus.source}; {share:g} of the calibration windows sampled from the model itself")
