@@ -186,8 +186,10 @@ def model_windows(loaded, ids: list[int] | torch.Tensor, window: int, count: int
     return torch.cat([torch.full((text.shape[0], 1), leading, dtype=text.dtype), text], dim=1)
 
 
-def with_self_share(corpus: Corpus, share: float | None) -> Corpus:
-    """``corpus`` with ``share`` of its calibration windows sampled from the model itself (None: as it is)."""
+def with_self_share(data: Corpus | str | Path | None, share: float | None) -> Corpus:
+    """The calibration corpus: ``data`` (a Corpus, or what load_corpus takes) with ``share`` of its calibration windows
+    sampled from the model itself (None: as the data says)."""
+    corpus = data if isinstance(data, Corpus) else load_corpus(data)
     if share is None or share == corpus.sampled:
         return corpus
     if not corpus.train:

@@ -498,8 +498,8 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             outer_reports[-1].plan["stage"] = index + 1
         writer.add(engine.outer_state())
         writer.end_shard()
-        windows, first_inputs, calls = (engine.calibrate(with_self_share(data if isinstance(data, Corpus) else load_corpus(data), first.plan.self_share),
-                                                         first.plan.calibration_windows, first.plan.window) if needs or refit
+        windows, first_inputs, calls = (engine.calibrate(with_self_share(data, first.plan.self_share), first.plan.calibration_windows,
+                                                         first.plan.window) if needs or refit
                                         else (None, engine.boundary(), []))
         stats_start = time.perf_counter()
         fisher_dir = exact_fisher(engine, windows, first_inputs, calls, Path(scratch), needs & GRADIENT_STATS) if needs & GRADIENT_STATS else None

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from lmshrink.accounting import relative_error, count_bytes, count_params, module_params
 from lmshrink.allocation import allocate, check_amounts
 from lmshrink.calibration import collect_stats
-from lmshrink.data import Corpus, load_corpus, with_self_share
+from lmshrink.data import Corpus, with_self_share
 from lmshrink.distributed import SINGLE, World, agree, current_world, matrix_cost, spread
 from lmshrink.errors import InvalidArgument
 from lmshrink.joint import JointTarget, merged_stats, model_groups, joint_targets, split_rows
@@ -115,7 +115,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
     start = time.perf_counter()
     stats = {}
     if method.needs:
-        corpus = with_self_share(data if isinstance(data, Corpus) else load_corpus(data), plan.self_share)
+        corpus = with_self_share(data, plan.self_share)
         on_stage(f"calibrating ({', '.join(sorted(method.needs))} over {plan.calibration_windows} windows of {plan.window} tokens"
                  f"{f', {corpus.sampled:g} of them sampled from the model' if corpus.sampled else ''})")
         stats = collect_stats(loaded, targets, corpus, method.needs, windows=plan.calibration_windows,
