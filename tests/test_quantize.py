@@ -87,6 +87,7 @@ def test_packed_tensor_is_buffers_only_and_reloads():
 
 
 def test_quantized_embedding_and_linear():
+    torch.manual_seed(0)  # the tolerances hold for typical draws; a fixed one keeps the test from depending on order
     embedding = torch.nn.Embedding(100, 16)
     layer = QuantizedEmbedding.from_embedding(embedding, 8)
     ids = torch.tensor([[0, 5, 99]])

@@ -27,7 +27,9 @@ from lmshrink.layers.tt import TTEmbedding, TTMatrixEmbedding
 from lmshrink.plan import Plan, Target
 
 # Methods whose output layers can hold quantized factors ("lowrank" methods always can, on linears and embeddings).
-QUANTIZABLE_MODULE_METHODS = ("groupreduce", "tt", "tt-matrix", "quantize", "nystrom")
+QUANTIZABLE_MODULE_METHODS = ("groupreduce", "tt", "tt-matrix", "quantize", "gptq", "nystrom")
+# Methods that quantize dense matrices themselves (their bits/quant_group options are the Plan's bits/group_size).
+DENSE_QUANTIZERS = ("quantize", "gptq")
 QUANTIZABLE_LAYERS = ("LowRankLinear", "LowRankEmbedding (and a TiedHead over it)", "TTEmbedding", "TTMatrixEmbedding",
                       "BlockLowRankEmbedding", "BlockLowRankOutput", "ChannelLinear")
 # Options that older code paths used for the same thing: GroupReduce's and quantize's own.
@@ -37,8 +39,8 @@ _OPTION_FIELDS = {"bits": "bits", "quant_group": "group_size"}
 def reconcile_bits(plan: Plan) -> Plan:
     """The plan with ``bits``/``quant_group`` method options moved into Plan.bits / Plan.group_size (one meaning).
 
-    Both given and different is an error. The ``quantize`` method gets them back as its options (it quantizes dense
-    matrices itself; 8 bits when none are given); every other method leaves quantization to ``quantize_factors``.
+    Both given and different is an error. The dense quantizers (``quantize``, ``gptq``) get them back as their options
+    (they quantize dense matrices themselves; their own default bits when none are given); every other method leaves quantization to ``quantize_factors``.
     """
     options = dict(plan.options)
     fields = {"bits": plan.bits, "group_size": plan.group_size}
@@ -51,8 +53,10 @@ def reconcile_bits(plan: Plan) -> Plan:
                                   f"one of them (Plan.{field} is the one meaning: what the stage's factors are stored in)")
         fields[field] = value
     plan = replace(plan, options=options, **fields)
-    if plan.method == "quantize":
-        plan = replace(plan, bits=plan.bits or 8)
+    if plan.method in DENSE_QUANTIZERS:
+        from lmshrink.methods import get_method
+
+        plan = replace(plan, bits=plan.bits or get_method(plan.method).resolve_options({}).bits)
         plan = replace(plan, options={**options, "bits": plan.bits, "quant_group": plan.group_size or 0})
     return plan
 

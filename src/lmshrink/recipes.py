@@ -282,6 +282,7 @@ def predicted_size(plan, targets: list, unit: str) -> int:
     a sensitivity allocation spends the same parameters). An upper bound where the method decides shapes itself."""
     from lmshrink.allocation import allocate
     from lmshrink.methods import get_method
+    from lmshrink.quantize_factors import DENSE_QUANTIZERS
 
     method = get_method(plan.method)
     options = method.resolve_options(plan.options)
@@ -297,7 +298,7 @@ def predicted_size(plan, targets: list, unit: str) -> int:
             # A target left dense is stored at the stage's bits too (quantize_factors), else in float.
             total += bias + _factor_bytes([(m, n)] if k is None else [(m, k), (k, n)], bits, plan.group_size, e)
         return total
-    if plan.method == "quantize":
+    if plan.method in DENSE_QUANTIZERS:
         return sum(_bias_size(t, unit) + _factor_bytes([t.shape], bits, plan.group_size, element or _element_bytes(t)) for t in targets)
     if plan.method == "groupreduce":
         from lmshrink.decompose.groupreduce import budget_for_ratio
@@ -410,8 +411,9 @@ def _useful_ratio(plan, targets: list) -> float:
     """
     from lmshrink.accounting import largest_smaller_rank
     from lmshrink.methods import get_method
+    from lmshrink.quantize_factors import DENSE_QUANTIZERS
 
-    if plan.method == "quantize" or not targets:
+    if plan.method in DENSE_QUANTIZERS or not targets:
         return 1.0
     if get_method(plan.method).kind != "lowrank":
         return 0.95  # block / train factorizations at ratio ~1 may come out no smaller than dense, and stay dense

@@ -128,6 +128,82 @@ def quantize(matrix: Tensor, bits: int, group_size: int | None = None) -> Quanti
     return QuantizedMatrix(pack_bits(codes.to(torch.int32), bits), scales, minimums, (rows, columns), bits, group_size)
 
 
+def _range_of(columns: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """float16 (scale, minimum) per row for one group of columns, as ``quantize`` stores them."""
+    low, high = columns.amin(1), columns.amax(1)
+    minimums = low.to(torch.float16)
+    scales = ((high - minimums.float()) / ((1 << bits) - 1)).to(torch.float16)
+    return torch.where(scales.float() > 0, scales, torch.ones_like(scales)), minimums
+
+
+def quantize_compensated(matrix: Tensor, bits: int, group_size: int | None, gram: Tensor, damping: float = 0.01,
+                         block: int = 128) -> QuantizedMatrix:
+    """k-bit quantization that minimizes the output error on calibration inputs, not the weight error (GPTQ,
+    Frantar et al. 2023): columns are rounded one at a time, and each rounding error is spread over the columns not
+    yet rounded, through the inverse of the input Gram ``gram`` (in, in) = sum of x x^T.
+
+    Same storage as ``quantize`` (a group's range is taken when its first column is reached, from the weights as
+    updated so far). ``damping`` is added to the Gram's diagonal as a share of its mean, so the inverse exists; with
+    a Gram proportional to the identity nothing is spread and the result equals ``quantize``'s.
+    """
+    check_bits(bits)
+    if matrix.dim() != 2 or matrix.numel() == 0:
+        raise InvalidArgument("matrix", f"shape {tuple(matrix.shape)}", "a non-empty 2-D matrix")
+    rows, columns = matrix.shape
+    if tuple(gram.shape) != (columns, columns):
+        raise InvalidArgument("gram", f"shape {tuple(gram.shape)}", f"({columns}, {columns}): the input Gram of a matrix with {columns} columns")
+    group_size = check_group_size(group_size, columns)
+    size = group_size or columns
+    if group_size is not None:  # a block holds whole groups, so a group's range sees every earlier update
+        block = size * max(1, block // size)
+    levels = (1 << bits) - 1
+    weight = matrix.detach().float().clone()
+    upper = _inverse_gram_factor(gram, damping).to(weight)
+    codes = torch.empty(rows, columns, dtype=torch.int32, device=weight.device)
+    groups = -(-columns // size)
+    scales = torch.empty(rows, groups, dtype=torch.float16, device=weight.device)
+    minimums = torch.empty_like(scales)
+    for start in range(0, columns, block):
+        stop = min(start + block, columns)
+        part, errors = weight[:, start:stop], torch.empty(rows, stop - start, device=weight.device)
+        for j in range(start, stop):
+            local = j - start
+            if j % size == 0:
+                group = j // size
+                # ``part`` is a view of ``weight``: the group's columns carry every update spread so far.
+                scales[:, group], minimums[:, group] = _range_of(weight[:, j:min(j + size, columns)], bits)
+            scale, minimum = scales[:, j // size].float(), minimums[:, j // size].float()
+            code = torch.round((part[:, local] - minimum) / scale).clamp(0, levels)
+            codes[:, j] = code.to(torch.int32)
+            error = (part[:, local] - (minimum + code * scale)) / upper[j, j]
+            part[:, local + 1:] -= error[:, None] * upper[j, j + 1:stop][None, :]
+            errors[:, local] = error
+        weight[:, stop:] -= errors @ upper[start:stop, stop:]
+    return QuantizedMatrix(pack_bits(codes, bits), scales, minimums, (rows, columns), bits, group_size)
+
+
+def _inverse_gram_factor(gram: Tensor, damping: float) -> Tensor:
+    """Upper Cholesky factor of (G + damping * mean(diag G) I)^-1, in float64; inputs never seen count as unit ones
+    (their columns are rounded plainly). The damping grows tenfold until the factorization succeeds."""
+    work = gram.detach().double().clone()
+    diagonal = work.diagonal()
+    dead = diagonal <= 0
+    work[dead, :] = 0
+    work[:, dead] = 0
+    diagonal[dead] = 1
+    mean = float(diagonal.mean())
+    for attempt in range(6):
+        damped = work + (damping * 10 ** attempt) * mean * torch.eye(len(work), dtype=work.dtype, device=work.device)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+    raise InvalidArgument("gram", "is not positive semi-definite (Cholesky failed even with 1e5 x the damping)",
+                          "an input Gram sum of x x^T from calibration")
+
+
 def dequantize(quantized: QuantizedMatrix, dtype: torch.dtype = torch.float32) -> Tensor:
     rows, columns = quantized.shape
     codes = unpack_bits(quantized.packed, quantized.bits, rows * columns).view(rows, columns).float()

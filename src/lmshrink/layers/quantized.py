@@ -34,8 +34,11 @@ class PackedTensor(nn.Module):
 
     @classmethod
     def from_tensor(cls, matrix: Tensor, bits: int, group_size: int | None = None) -> "PackedTensor":
-        quantized = quantize(matrix, bits, group_size)
-        packed = cls(quantized.shape, bits, quantized.group_size)
+        return cls.from_quantized(quantize(matrix, bits, group_size))
+
+    @classmethod
+    def from_quantized(cls, quantized: QuantizedMatrix) -> "PackedTensor":
+        packed = cls(quantized.shape, quantized.bits, quantized.group_size)
         packed.packed, packed.scales, packed.minimums = quantized.packed, quantized.scales, quantized.minimums
         return packed
 
@@ -140,10 +143,14 @@ class QuantizedLinear(FactorizedModule):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, bits: int, group_size: int | None = None) -> "QuantizedLinear":
+    def from_linear(cls, linear: nn.Module, bits: int, group_size: int | None = None,
+                    quantized: QuantizedMatrix | None = None) -> "QuantizedLinear":
+        """``linear`` quantized to ``bits`` (round to nearest), or holding ``quantized`` (its weight quantized elsewhere,
+        e.g. by ``quantize_compensated``) with ``linear``'s bias."""
         weight = linear_weight(linear).detach()
-        layer = cls(weight.shape[1], weight.shape[0], bits, group_size, linear.bias is not None)
-        layer.weight_q = PackedTensor.from_tensor(weight, bits, group_size)
+        quantized = quantized if quantized is not None else quantize(weight, bits, group_size)
+        layer = cls(weight.shape[1], weight.shape[0], quantized.bits, quantized.group_size, linear.bias is not None)
+        layer.weight_q = PackedTensor.from_quantized(quantized)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias.detach().float())

@@ -92,6 +92,17 @@ class MethodOptions:
         return dataclasses.asdict(self)
 
 
+def required_stat(stats: dict, name: str, method: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """stats[name], checked: present (else a one-line error naming the method) and of ``shape`` when given."""
+    if name not in stats:
+        raise InvalidArgument("stats", f"method {method!r} needs the calibration statistic {name!r}, which is missing",
+                              "statistics from lmshrink.calibration.collect_stats (compress() gathers them when given data)")
+    value = stats[name]
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise InvalidArgument("stats", f"{name!r} has shape {tuple(value.shape)}", f"shape {tuple(shape)} for this matrix")
+    return value
+
+
 def plain_spectrum(weight: torch.Tensor, stats: dict, options: MethodOptions) -> tuple[torch.Tensor, bool]:
     """The default error spectrum: squared singular values of W, as a fraction of their total (relative error)."""
     values = torch.linalg.svdvals(weight.detach().double()) ** 2

@@ -36,8 +36,7 @@ from lmshrink.decompose.weighted import (
     whitened_svd,
 )
 from lmshrink.decompose.svd import truncated_svd
-from lmshrink.errors import InvalidArgument
-from lmshrink.methods import MethodOptions, option, register_method
+from lmshrink.methods import MethodOptions, option, register_method, required_stat
 
 
 @dataclass(frozen=True)
@@ -66,36 +65,26 @@ class ASVDOptions(MethodOptions):
     asvd_alpha: float = option(0.5, "exponent of the activation scale (0 = plain SVD)", bounds=Bounds(0, 2))
 
 
-def _stat(stats: dict, name: str, method: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    if name not in stats:
-        raise InvalidArgument("stats", f"method {method!r} needs the calibration statistic {name!r}, which is missing",
-                              "statistics from lmshrink.calibration.collect_stats (compress() gathers them when given data)")
-    value = stats[name]
-    if shape is not None and tuple(value.shape) != tuple(shape):
-        raise InvalidArgument("stats", f"{name!r} has shape {tuple(value.shape)}", f"shape {tuple(shape)} for this matrix")
-    return value
-
-
 # How each method scores truncation for the sensitivity allocation (lmshrink.budget): the spectrum it truncates.
 # Fisher-based ones are in loss units (a second-order estimate of the loss increase, comparable across matrices);
 # the others are relative to each matrix's total, the usual proxy.
 
 def _mean_input_gram(stats: dict, method: str) -> torch.Tensor:
     # input_gram is a sum over tokens; its token count is recovered from input_sq_mean (a mean) for per-token units.
-    gram, square_mean = _stat(stats, "input_gram", method), _stat(stats, "input_sq_mean", method)
+    gram, square_mean = required_stat(stats, "input_gram", method), required_stat(stats, "input_sq_mean", method)
     count = float(gram.double().diagonal().sum() / square_mean.double().sum().clamp_min(1e-300))
     return gram.double() / max(count, 1.0)
 
 
 def fisher_spectrum(weight, stats, options):
     """Fisher (fwsvd, tfwsvd): singular values of diag(mean row Fisher)^1/2 W, in loss units."""
-    rows = safe_weights(_stat(stats, "fisher", "fwsvd/tfwsvd").double().mean(1))  # sum_j I_ij d_ij^2 ~ mean_j I_ij ||d_i||^2
+    rows = safe_weights(required_stat(stats, "fisher", "fwsvd/tfwsvd").double().mean(1))  # sum_j I_ij d_ij^2 ~ mean_j I_ij ||d_i||^2
     return 0.5 * weighted_spectrum(weight, rows) ** 2, True
 
 
 def fisher_whitened_spectrum(weight, stats, options: WhitenOptions):
     """Fisher + input Gram (fwhiten): singular values of G^1/2 W A^1/2, in loss units."""
-    fisher, square_mean = _stat(stats, "fisher", "fwhiten"), _stat(stats, "input_sq_mean", "fwhiten")
+    fisher, square_mean = required_stat(stats, "fisher", "fwhiten"), required_stat(stats, "input_sq_mean", "fwhiten")
     root, _ = psd_sqrt(_mean_input_gram(stats, "fwhiten"), options.whiten_damping)
     rows = safe_weights(fisher_output_weights(fisher, square_mean))
     return 0.5 * weighted_spectrum(weight, rows, root) ** 2, True
@@ -108,21 +97,21 @@ def kfac_spectrum(weight, stats, options: KFACOptions):
     window length below fwhiten's Fisher-derived rows (measured 40-120x at 32 tokens on the tiny test LLaMA). It is the
     same factor for every matrix of a model, so the global budget of the sensitivity allocation is spent the same way.
     """
-    grad_gram = _stat(stats, "output_grad_gram", "kfac", (weight.shape[0], weight.shape[0])).to(weight.device)
+    grad_gram = required_stat(stats, "output_grad_gram", "kfac", (weight.shape[0], weight.shape[0])).to(weight.device)
     root, _ = psd_sqrt(_mean_input_gram(stats, "kfac").to(weight.device), options.whiten_damping)
     return 0.5 * kronecker_spectrum(weight, grad_gram, root, options.grad_damping) ** 2, True
 
 
 def whitened_spectrum(weight, stats, options: WhitenOptions):
     """Input Gram (svdllm): singular values of W C, C C^T = Gram, relative."""
-    root, _ = psd_sqrt(_stat(stats, "input_gram", "svdllm"), options.whiten_damping)
+    root, _ = psd_sqrt(required_stat(stats, "input_gram", "svdllm"), options.whiten_damping)
     values = weighted_spectrum(weight, None, root) ** 2
     return values / values.sum().clamp_min(1e-300), False
 
 
 def activation_spectrum(weight, stats, options: ASVDOptions):
     """Input |x| means (asvd): singular values of W diag(s), relative."""
-    scales = asvd_scales(_stat(stats, "input_abs_mean", "asvd"), options.asvd_alpha)
+    scales = asvd_scales(required_stat(stats, "input_abs_mean", "asvd"), options.asvd_alpha)
     values = weighted_spectrum(weight, None, torch.diag(scales)) ** 2
     return values / values.sum().clamp_min(1e-300), False
 
@@ -130,7 +119,7 @@ def activation_spectrum(weight, stats, options: ASVDOptions):
 @register_method("fwsvd", summary="Fisher-weighted SVD (Hsu et al. 2022): rows weighted by summed Fisher information",
                  needs=("fisher",), error_spectrum=fisher_spectrum)
 def fwsvd(weight, rank, stats, options):
-    fisher = _stat(stats, "fisher", "fwsvd", weight.shape).to(weight.device)
+    fisher = required_stat(stats, "fisher", "fwsvd", weight.shape).to(weight.device)
     return row_weighted_svd(weight, rank, fisher.double().sum(1))
 
 
@@ -142,7 +131,7 @@ def fwsvd(weight, rank, stats, options):
     error_spectrum=fisher_spectrum,
 )
 def tfwsvd(weight, rank, stats, options: TFWSVDOptions):
-    fisher = _stat(stats, "fisher", "tfwsvd", weight.shape).to(weight.device)
+    fisher = required_stat(stats, "fisher", "tfwsvd", weight.shape).to(weight.device)
     start = row_weighted_svd(weight, rank, fisher.double().sum(1))
     left, right, _ = elementwise_weighted_lowrank(
         weight, fisher, start, adam_steps=options.tfwsvd_adam_steps, sgd_steps=options.tfwsvd_sgd_steps,
@@ -159,7 +148,7 @@ def tfwsvd(weight, rank, stats, options: TFWSVDOptions):
     error_spectrum=activation_spectrum,
 )
 def asvd(weight, rank, stats, options: ASVDOptions):
-    scale = _stat(stats, "input_abs_mean", "asvd", (weight.shape[1],)).to(weight.device)
+    scale = required_stat(stats, "input_abs_mean", "asvd", (weight.shape[1],)).to(weight.device)
     return activation_scaled_svd(weight, rank, scale, options.asvd_alpha)
 
 
@@ -172,7 +161,7 @@ def asvd(weight, rank, stats, options: ASVDOptions):
     error_spectrum=whitened_spectrum,
 )
 def svdllm(weight, rank, stats, options: WhitenOptions):
-    gram = _stat(stats, "input_gram", "svdllm", (weight.shape[1], weight.shape[1])).to(weight.device)
+    gram = required_stat(stats, "input_gram", "svdllm", (weight.shape[1], weight.shape[1])).to(weight.device)
     return whitened_svd(weight, rank, gram, options.whiten_damping)
 
 
@@ -185,9 +174,9 @@ def svdllm(weight, rank, stats, options: WhitenOptions):
     error_spectrum=fisher_whitened_spectrum,
 )
 def fwhiten(weight, rank, stats, options: WhitenOptions):
-    fisher = _stat(stats, "fisher", "fwhiten", weight.shape).to(weight.device)
-    gram = _stat(stats, "input_gram", "fwhiten", (weight.shape[1], weight.shape[1])).to(weight.device)
-    square_mean = _stat(stats, "input_sq_mean", "fwhiten", (weight.shape[1],)).to(weight.device)
+    fisher = required_stat(stats, "fisher", "fwhiten", weight.shape).to(weight.device)
+    gram = required_stat(stats, "input_gram", "fwhiten", (weight.shape[1], weight.shape[1])).to(weight.device)
+    square_mean = required_stat(stats, "input_sq_mean", "fwhiten", (weight.shape[1],)).to(weight.device)
     rows = safe_weights(fisher_output_weights(fisher, square_mean))
     root, _ = psd_sqrt(gram, options.whiten_damping)
     return two_sided_lowrank(weight, rank, row_weights=rows, input_sqrt=root)
@@ -223,7 +212,7 @@ def weighted_errors(weight: torch.Tensor, rank: int, fisher: torch.Tensor, **tfw
 )
 def kfac(weight, rank, stats, options: KFACOptions):
     """The exact minimizer of the Kronecker loss model 1/2 tr(dW^T G dW A) with the full output-gradient Gram G."""
-    grad_gram = _stat(stats, "output_grad_gram", "kfac", (weight.shape[0], weight.shape[0])).to(weight.device)
-    gram = _stat(stats, "input_gram", "kfac", (weight.shape[1], weight.shape[1])).to(weight.device)
+    grad_gram = required_stat(stats, "output_grad_gram", "kfac", (weight.shape[0], weight.shape[0])).to(weight.device)
+    gram = required_stat(stats, "input_gram", "kfac", (weight.shape[1], weight.shape[1])).to(weight.device)
     root, _ = psd_sqrt(gram, options.whiten_damping)
     return kronecker_lowrank(weight, rank, grad_gram, root, options.grad_damping)

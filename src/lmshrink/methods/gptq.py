@@ -1,0 +1,40 @@
+"""GPTQ (Frantar et al. 2023): k-bit quantization of linears that compensates each rounding error on calibration
+inputs (lmshrink.decompose.quantize.quantize_compensated). Stored exactly like the ``quantize`` method's layers
+(packed integers + float16 scale and minimum per row or column group), so bytes are the same; only the output error
+differs. ``--bits`` / ``--quant-group`` (Plan.bits / group_size) as for ``quantize``; 4 bits when none are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmshrink.bounds import Bounds
+from lmshrink.decompose.quantize import SUPPORTED_BITS, check_bits, quantize_compensated
+from lmshrink.layers.lowrank import linear_weight
+from lmshrink.layers.quantized import QuantizedLinear
+from lmshrink.methods import MethodOptions, option, register_method, required_stat
+from lmshrink.methods.quantize import BITS, QUANT_GROUP
+
+
+@dataclass(frozen=True)
+class GPTQOptions(MethodOptions):
+    bits: int = option(4, f"bits per stored value, one of {SUPPORTED_BITS}", bounds=BITS)
+    quant_group: int = option(0, "columns sharing one scale (0: one scale per row)", bounds=QUANT_GROUP)
+    gptq_damping: float = option(0.01, "added to the input Gram's diagonal, as a share of its mean (keeps its inverse stable)",
+                                 bounds=Bounds(0, 1000, low_open=True))
+
+
+@register_method(
+    "gptq",
+    kind="module",
+    summary="GPTQ: k-bit quantization of linears, rounding errors compensated on calibration inputs (input Gram)",
+    needs=("input_gram",),
+    options=GPTQOptions,
+    target_kinds=("linear",),
+)
+def gptq(target, plan, stats, options: GPTQOptions):
+    bits = check_bits(options.bits, "--bits")
+    weight = linear_weight(target.module).detach()
+    gram = required_stat(stats, "input_gram", "gptq", (weight.shape[1], weight.shape[1])).to(weight.device)
+    quantized = quantize_compensated(weight, bits, options.quant_group or None, gram, options.gptq_damping)
+    return QuantizedLinear.from_linear(target.module, bits, quantized=quantized)

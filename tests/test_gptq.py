@@ -1,0 +1,114 @@
+"""GPTQ (error-compensated quantization): the pure routine, the ``gptq`` method, its layers and bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmshrink
+from conftest import tiny_llama
+from lmshrink.accounting import count_bytes
+from lmshrink.decompose.quantize import dequantize, quantize, quantize_compensated
+from lmshrink.errors import InvalidArgument
+from lmshrink.layers.quantized import QuantizedLinear
+
+
+def _correlated_inputs(columns: int, tokens: int = 3000, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(columns, columns, generator=generator) / columns ** 0.5
+    return torch.randn(tokens, columns, generator=generator) @ mixing + torch.randn(tokens, 1, generator=generator)
+
+
+@pytest.mark.parametrize("group_size", [None, 16, 48])
+def test_an_identity_gram_gives_round_to_nearest_exactly(group_size):
+    weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(1))
+    plain = quantize(weight, 4, group_size)
+    compensated = quantize_compensated(weight, 4, group_size, 7.0 * torch.eye(96), damping=0.0, block=32)
+    assert torch.equal(compensated.packed, plain.packed)
+    assert torch.equal(compensated.scales, plain.scales) and torch.equal(compensated.minimums, plain.minimums)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_compensation_lowers_the_output_error_on_the_calibration_inputs(bits, group_size):
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    inputs = _correlated_inputs(128)
+    gram = inputs.T @ inputs
+
+    def output_error(quantized):
+        return float(((inputs @ (weight - dequantize(quantized)).T) ** 2).sum())
+
+    plain, compensated = quantize(weight, bits, group_size), quantize_compensated(weight, bits, group_size, gram)
+    assert output_error(compensated) < 0.8 * output_error(plain)
+    assert compensated.nbytes() == plain.nbytes()
+    # Stored as quantize stores: every value on its group's grid (dequantize = minimum + code x scale, codes in range).
+    assert dequantize(compensated).shape == weight.shape
+
+
+def test_the_blocking_does_not_change_the_result():
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    inputs = _correlated_inputs(64, seed=4)
+    gram = inputs.T @ inputs
+    one = dequantize(quantize_compensated(weight, 4, 16, gram, block=16))
+    other = dequantize(quantize_compensated(weight, 4, 16, gram, block=64))
+    assert torch.allclose(one, other, atol=1e-3)
+
+
+def test_inputs_never_seen_and_bad_grams():
+    weight = torch.randn(8, 12, generator=torch.Generator().manual_seed(5))
+    inputs = _correlated_inputs(12)
+    inputs[:, 3] = 0  # a dead input: its column is rounded plainly, nothing fails
+    result = quantize_compensated(weight, 4, None, inputs.T @ inputs)
+    assert torch.isfinite(dequantize(result)).all()
+    with pytest.raises(InvalidArgument, match="gram"):
+        quantize_compensated(weight, 4, None, torch.eye(11))
+    with pytest.raises(InvalidArgument, match="bits"):
+        quantize_compensated(weight, 7, None, torch.eye(12))
+
+
+def test_the_gptq_method_beats_round_to_nearest_and_saves(prose, tmp_path):
+    make = tiny_llama
+    corpus = lmshrink.Corpus(prose.name, prose.train[:60_000], prose.test[:20_000], prose.source)
+    models, reports = {}, {}
+    for method in ("quantize", "gptq"):
+        models[method] = make(seed=3)
+        plan = lmshrink.Plan(method=method, targets=("linears",), ratio=1.0, bits=3, group_size=16,
+                             calibration_windows=6, window=48)
+        reports[method] = lmshrink.compress(models[method], plan, data=corpus, progress=False)
+    dense = make(seed=3)
+    ids = torch.tensor([dense.encode(corpus.train)[: 6 * 48]]).view(6, 48)  # the calibration windows themselves
+    with torch.no_grad():
+        reference = dense.logits(ids)
+        errors = {m: float(((models[m].logits(ids) - reference) ** 2).mean()) for m in models}
+    assert errors["gptq"] < errors["quantize"]
+    assert reports["gptq"].bytes_after == reports["quantize"].bytes_after == count_bytes(models["gptq"].model)
+    layers = [m for m in models["gptq"].model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(layer.weight_q.bits == 3 and layer.weight_q.group_size == 16 for layer in layers)
+    lmshrink.save(models["gptq"], tmp_path / "g")
+    again = lmshrink.load(tmp_path / "g")
+    with torch.no_grad():
+        assert torch.equal(again.logits(ids), models["gptq"].logits(ids))
+
+
+def test_gptq_quantizes_linears_only():
+    with pytest.raises(InvalidArgument, match="gptq"):
+        lmshrink.compress(tiny_llama(), lmshrink.Plan(method="gptq", targets=("embedding",), ratio=1.0, bits=4),
+                          data=lmshrink.Corpus("x", "hello world " * 2000, "hello world " * 200, "test"), progress=False)
+
+
+def test_gptq_bits_default_and_budget_prediction(prose):
+    """Without --bits gptq stores 4 bits; a recipe's predicted bytes for a gptq stage equal what it stores."""
+    from lmshrink.recipes import apply_recipe, parse_recipe
+
+    corpus = lmshrink.Corpus(prose.name, prose.train[:60_000], prose.test[:20_000], prose.source)
+    loaded = tiny_llama(seed=1)
+    report = lmshrink.compress(loaded, lmshrink.Plan(method="gptq", targets=("linears",), ratio=1.0, calibration_windows=4,
+                                                     window=32), data=corpus, progress=False)
+    assert {row["bits"] for row in report.modules if "bits" in row} <= {4}
+    assert all(m.weight_q.bits == 4 for m in loaded.model.modules() if isinstance(m, QuantizedLinear))
+    budgeted = tiny_llama(seed=1)
+    recipe = parse_recipe({"bytes": count_bytes(budgeted.model) // 2, "stages": [
+        {"targets": ["linears"], "method": "gptq", "ratio": 1, "bits": 4, "group_size": 32, "calibration_windows": 4, "window": 32},
+        {"targets": ["embedding", "lm_head"], "method": "svd", "ratio": 0.5}]})
+    apply_recipe(budgeted, recipe, corpus, progress=False)
+    assert count_bytes(budgeted.model) <= count_bytes(tiny_llama(seed=1).model) // 2
