@@ -144,6 +144,10 @@ def test_statistics_are_cached_and_keyed(cache, corpus, monkeypatch):
         targets[0].module.weight.mul_(1.5)
     collect_stats(loaded, targets, corpus, {"fisher"}, windows=2, window_len=32, progress=False)
     assert len(calls) == 2  # changed weights are another key
+    with torch.no_grad():
+        loaded.model.get_submodule("model.embed_tokens").weight.mul_(0.5)
+    collect_stats(loaded, targets, corpus, {"fisher"}, windows=2, window_len=32, progress=False)
+    assert len(calls) == 3  # so are changed weights elsewhere: an earlier stage changes a later stage's statistics
 
 
 def test_calibration_bad_input(cache, corpus):

@@ -1,6 +1,7 @@
 """Statistics that importance-aware methods ask for (``Method.needs``), gathered over calibration windows.
 
-- ``input_gram``: sum over tokens of x x^T for the target's input x (in x in), float64 accumulation.
+- ``input_gram``: sum over tokens of x x^T for the target's input x (in x in), float64 accumulation. A tied
+  embedding's input is its output layer's (the final hidden states); an untied embedding (token ids) has none.
 - ``input_abs_mean`` / ``input_sq_mean``: per input feature, mean |x| and mean x^2.
 - ``fisher``: per weight, the mean over windows of the squared gradient of the loss (empirical Fisher),
   (out, in). Causal LMs use their next-token loss. Encoders without an LM head use the loss of matching
@@ -14,8 +15,8 @@
 
 Memory stays bounded: one float32 accumulator per target weight (no per-window copies), input statistics
 of size in x in (output_grad_gram: out x out), and only the targeted weights require gradients while the Fisher is measured.
-Results are cached on disk (safetensors) under ``cache_dir()/stats``, keyed by a fingerprint of the
-targeted weights, the calibration token ids, the window count and length, and the statistic; a later
+Results are cached on disk (safetensors) under ``cache_dir()/stats``, keyed by a fingerprint of all the
+model's weights and buffers, the calibration token ids, the window count and length, and the statistic; a later
 call with the same key loads them instead of running the model. Only statistics that cost more to measure
 than to keep are written (``worth_caching``): measuring took at least CACHE_MIN_SECONDS and at least
 CACHE_SECONDS_PER_GB per GB stored. ``lmshrink cache`` lists and clears the entries.
@@ -135,10 +136,19 @@ def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
     return {t.name: {"token_counts": corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)} for t in targets}
 
 
+def _input_module(loaded, target: Target):
+    # A tied embedding's matrix is also the output layer's, whose input (the final hidden states) is the only
+    # activation that multiplies it: its input statistics are the head's.
+    if target.kind == "embedding" and target.tied_head:
+        return loaded.model.get_submodule(target.tied_head)
+    return target.module
+
+
 def _measure(loaded, targets, batches, needs, progress, world: World = SINGLE) -> dict[str, dict[str, torch.Tensor]]:
     stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
     input_needs = needs & INPUT_STATS
-    hooks = [t.module.register_forward_hook(input_hook(stats[t.name], input_needs)) for t in targets] if input_needs else []
+    hooks = [_input_module(loaded, t).register_forward_hook(input_hook(stats[t.name], input_needs))
+             for t in targets] if input_needs else []
     # An embedding's output is indexed by its columns, not by its matrix's rows (tokens): it gets no output_grad_gram.
     grad_names = {t.name for t in targets if t.kind != "embedding"} if "output_grad_gram" in needs else set()
     hooks += [t.module.register_forward_hook(output_grad_hook(stats[t.name])) for t in targets if t.name in grad_names]
@@ -291,7 +301,9 @@ def output_grad_mean(name: str, entry: dict) -> torch.Tensor:
 
 
 def _cache_key_parts(loaded, targets, batches) -> dict:
-    digest = weights_fingerprint((t.name, t.module.weight) for t in targets)
+    # Every weight and buffer of the model, not only the targets': a statistic depends on what runs before the target
+    # (its inputs) and after it (its gradients), e.g. on what an earlier recipe stage compressed.
+    digest = weights_fingerprint(loaded.model.state_dict().items())
     data = hashlib.sha256(batches.cpu().numpy().tobytes()).hexdigest()
     return {"format": CACHE_FORMAT, "model": loaded.source, "weights": digest, "data": data,
             "windows": int(batches.shape[0]), "window_len": int(batches.shape[1]), "causal": bool(loaded.causal)}

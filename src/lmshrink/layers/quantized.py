@@ -101,10 +101,13 @@ class QuantizedEmbedding(FactorizedModule):
         self.weight_q = PackedTensor((num_embeddings, embedding_dim), bits, group_size)
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, bits: int, group_size: int | None = None) -> "QuantizedEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, bits: int, group_size: int | None = None,
+                       quantized: QuantizedMatrix | None = None) -> "QuantizedEmbedding":
+        """``embedding`` quantized to ``bits`` (round to nearest), or holding ``quantized`` (its table quantized elsewhere)."""
         weight = embedding.weight.detach()
-        layer = cls(weight.shape[0], weight.shape[1], bits, group_size, embedding.padding_idx)
-        layer.weight_q = PackedTensor.from_tensor(weight, bits, group_size)
+        quantized = quantized if quantized is not None else quantize(weight, bits, group_size)
+        layer = cls(weight.shape[0], weight.shape[1], quantized.bits, quantized.group_size, embedding.padding_idx)
+        layer.weight_q = PackedTensor.from_quantized(quantized)
         return layer
 
     def forward(self, ids: Tensor) -> Tensor:

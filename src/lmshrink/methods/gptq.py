@@ -1,7 +1,10 @@
-"""GPTQ (Frantar et al. 2023): k-bit quantization of linears that compensates each rounding error on calibration
-inputs (lmshrink.decompose.quantize.quantize_compensated). Stored exactly like the ``quantize`` method's layers
-(packed integers + float16 scale and minimum per row or column group), so bytes are the same; only the output error
-differs. ``--bits`` / ``--quant-group`` (Plan.bits / group_size) as for ``quantize``; 4 bits when none are given.
+"""GPTQ (Frantar et al. 2023): k-bit quantization that compensates each rounding error on calibration inputs
+(lmshrink.decompose.quantize.quantize_compensated). Stored exactly like the ``quantize`` method's layers (packed
+integers + float16 scale and minimum per row or column group), so bytes are the same; only the output error differs.
+``--bits`` / ``--quant-group`` (Plan.bits / group_size) as for ``quantize``; 4 bits when none are given.
+
+Linears and output layers use their input Gram. An embedding tied to the output layer uses the head's (the final
+hidden states), so its logits are what is kept; an untied embedding has no activations to weigh it by.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from dataclasses import dataclass
 from lmshrink.bounds import Bounds
 from lmshrink.decompose.quantize import SUPPORTED_BITS, check_bits, quantize_compensated
 from lmshrink.layers.lowrank import linear_weight
-from lmshrink.layers.quantized import QuantizedLinear
+from lmshrink.errors import InvalidArgument
+from lmshrink.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from lmshrink.methods import MethodOptions, option, register_method, required_stat
 from lmshrink.methods.quantize import BITS, QUANT_GROUP
 
@@ -27,14 +31,20 @@ class GPTQOptions(MethodOptions):
 @register_method(
     "gptq",
     kind="module",
-    summary="GPTQ: k-bit quantization of linears, rounding errors compensated on calibration inputs (input Gram)",
+    summary="GPTQ: k-bit quantization, rounding errors compensated on calibration inputs (input Gram; tied embeddings: the head's)",
     needs=("input_gram",),
     options=GPTQOptions,
-    target_kinds=("linear",),
+    target_kinds=("linear", "lm_head", "embedding"),
 )
 def gptq(target, plan, stats, options: GPTQOptions):
     bits = check_bits(options.bits, "--bits")
-    weight = linear_weight(target.module).detach()
+    embedding = target.kind == "embedding"
+    if embedding and not target.tied_head:
+        raise InvalidArgument("--method gptq", f"embedding {target.name} is not tied to the output layer, so no "
+                              "activations weigh its rounding errors", "the quantize method for an untied embedding")
+    weight = (target.module.weight if embedding else linear_weight(target.module)).detach()
     gram = required_stat(stats, "input_gram", "gptq", (weight.shape[1], weight.shape[1])).to(weight.device)
     quantized = quantize_compensated(weight, bits, options.quant_group or None, gram, options.gptq_damping)
+    if embedding:
+        return QuantizedEmbedding.from_embedding(target.module, bits, quantized=quantized)
     return QuantizedLinear.from_linear(target.module, bits, quantized=quantized)
