@@ -1,16 +1,21 @@
-"""The size/quality frontier (issue 17): whole-model perplexity against whole-model bytes on SmolLM2-135M.
+"""The size/quality frontier (issue 17): whole-model perplexity against whole-model bytes (SmolLM2-135M, --model).
 
     python benchmarks/frontier.py [--data wikitext-2] [--eval-tokens 4096] [--calibration-windows 8] [--bits 8,4]
                                   [--only quant,lowrank,groupreduce,tt]
 
 Points: the original; quantization alone (every linear, the tied embedding/head; 8/6/4/3 bits, groups of 64
-columns); and three recipes, each with its factors quantized to every --bits width (groups of 64):
+columns); and recipes, each with its factors quantized to every --bits width (groups of 64):
   low-rank alone   svd on the embedding/head (ratio 0.5) + fwhiten on the linears (ratio 0.8, sensitivity)
   groupreduce      groupreduce on the embedding/head (ratio 0.5) + the same linears
   tt               tt (TensorGPT) on the embedding/head (ratio 0.5) + the same linears
   fwhiten          the embedding/head quantized at the same width + the same linears
   channels         the embedding/head quantized at the same width + the built-in channels recipe's linears
                    (nystrom MLP channels at 0.8 uniform, fwhiten attention at 0.8 sensitivity)
+  gptq             every linear, then the tied embedding/head, quantized by gptq (rounding errors compensated on
+                   calibration inputs; the table by the head's inputs) at the same width
+  channels-gptq    the channels recipe's linears with factors at that width, then the table by gptq
+  gptq-mix         (one point) attention by gptq at 5 bits, MLPs at 4, then the table at 3: about 25% of bf16
+  channels-gptq-mix  (one point) the channels recipe's linears with 4-bit factors, then the table by gptq at 3 bits
 Bytes are the whole model as held (packed integers, float16 scales/minimums, indices; the rest float32).
 Single-threaded (the machine is shared). Results are rewritten after every point, so a partial run still leaves a
 valid report: benchmarks/results/frontier.json, frontier.md, frontier.png.
@@ -56,6 +61,27 @@ def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[s
                               {**linears, "targets": ["attention"], "bits": bits, "group_size": GROUP}]
             name = f"{family} {bits}-bit"
             out.append((name, parse_recipe({"name": name, "stages": stages})))
+        if "gptq" in only:  # quantization with error compensation, the same bits everywhere
+            gptq = {"method": "gptq", "ratio": 1, "bits": bits, "group_size": GROUP, "calibration_windows": calibration_windows}
+            out.append((f"gptq {bits}-bit", parse_recipe({"name": f"gptq {bits}-bit", "stages": [
+                {"targets": ["linears"], **gptq}, {"targets": ["embedding", "lm_head"], **gptq}]})))
+        if "channels-gptq" in only:  # the channels recipe's linears, factors at these bits; the table by gptq
+            out.append((f"channels+gptq {bits}-bit", parse_recipe({"name": f"channels+gptq {bits}-bit", "stages": [
+                {**linears, "targets": ["mlp"], "method": "nystrom", "allocation": "uniform", "bits": bits, "group_size": GROUP},
+                {**linears, "targets": ["attention"], "bits": bits, "group_size": GROUP},
+                {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1, "bits": bits, "group_size": GROUP,
+                 "calibration_windows": calibration_windows}]})))
+    if "channels-gptq-mix" in only:  # low rank at a quarter of the bf16 bytes: channels linears at 4 bits, the table at 3
+        out.append(("channels+gptq 4/3-bit", parse_recipe({"name": "channels+gptq 4/3-bit", "stages": [
+            {**linears, "targets": ["mlp"], "method": "nystrom", "allocation": "uniform", "bits": 4, "group_size": GROUP},
+            {**linears, "targets": ["attention"], "bits": 4, "group_size": GROUP},
+            {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1, "bits": 3, "group_size": GROUP,
+             "calibration_windows": calibration_windows}]})))
+    if "gptq-mix" in only:  # a quarter of the bf16 bytes: the table at 3 bits, attention at 5, MLPs at 4
+        gptq = {"method": "gptq", "ratio": 1, "group_size": GROUP, "calibration_windows": calibration_windows}
+        out.append(("gptq 3/5/4-bit", parse_recipe({"name": "gptq 3/5/4-bit", "stages": [
+            {"targets": ["attention"], "bits": 5, **gptq}, {"targets": ["mlp"], "bits": 4, **gptq},
+            {"targets": ["embedding", "lm_head"], "bits": 3, **gptq}]})))
     return out
 
 
@@ -72,7 +98,7 @@ def main() -> None:
     parser.add_argument("--stem", default="frontier")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--keep-from", default=None,
-                        help="an earlier frontier.json with the same settings: its quantization-alone rows are reused")
+                        help="an earlier frontier JSON with the same model and protocol: its rows that this run does not make are kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
@@ -90,15 +116,19 @@ def main() -> None:
               "rows": []}
     print(f"original: {base['perplexity']:.3f} ({count_bytes(loaded.model):,} bytes)", flush=True)
     points = []
+    if "quant" in only:
+        points += [(f"quantize {b} bits", quantization_alone(loaded, b, GROUP)) for b in map(int, args.quant_bits.split(","))]
+    points += recipes([int(b) for b in args.bits.split(",")], args.calibration_windows, only)
     if args.keep_from:
         import json
 
         kept = json.loads(Path(args.keep_from).read_text())
-        result["rows"] += [row for row in kept["rows"] if row["kind"] == "quantization alone"]
-        result["kept_from"] = {"rows": "quantization alone", "command": kept.get("command")}
-    if "quant" in only:
-        points += [(f"quantize {b} bits", quantization_alone(loaded, b, GROUP)) for b in map(int, args.quant_bits.split(","))]
-    points += recipes([int(b) for b in args.bits.split(",")], args.calibration_windows, only)
+        if (kept["model"], kept["tokens"], kept["window"]) != (args.model, args.eval_tokens, args.window):
+            raise SystemExit(f"--keep-from {args.keep_from}: another model or evaluation protocol")
+        names = {name for name, _ in points}
+        result["rows"] += [row for row in kept["rows"] if row["name"] not in names]
+        result["kept_from"] = {"rows": [row["name"] for row in kept["rows"] if row["name"] not in names],
+                               "command": kept.get("command"), "kept_from": kept.get("kept_from")}
     for name, recipe in points:
         model = lmshrink.LoadedModel(copy.deepcopy(loaded.model), loaded.family, loaded.tokenizer, loaded.source)
         start = time.perf_counter()
