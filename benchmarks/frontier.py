@@ -15,6 +15,7 @@ columns); and recipes, each with its factors quantized to every --bits width (gr
                    calibration inputs; the table by the head's inputs) at the same width
   channels-gptq    the channels recipe's linears with factors at that width, then the table by gptq
   gptq-mix         (one point) attention by gptq at 5 bits, MLPs at 4, then the table at 3: about 25% of bf16
+  half, quarter    the built-in recipes of those names, with their whole-model budgets (lmshrink methods)
   channels-gptq-mix  (one point) the channels recipe's linears with 4-bit factors, then the table by gptq at 3 bits
 Bytes are the whole model as held (packed integers, float16 scales/minimums, indices; the rest float32).
 Single-threaded (the machine is shared). Results are rewritten after every point, so a partial run still leaves a
@@ -27,6 +28,7 @@ import argparse
 import copy
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +40,7 @@ from _common import RESULTS, command_line, environment, peak_rss_mib  # noqa: E4
 from lmshrink.accounting import count_bytes, count_params  # noqa: E402
 from lmshrink.evaluate import corpus_perplexity  # noqa: E402
 from lmshrink.frontier import markdown_table, plot, quantization_alone  # noqa: E402
-from lmshrink.recipes import apply_recipe, parse_recipe  # noqa: E402
+from lmshrink.recipes import apply_recipe, load_recipe, parse_recipe  # noqa: E402
 
 GROUP = 64
 
@@ -77,6 +79,11 @@ def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[s
             {**linears, "targets": ["attention"], "bits": 4, "group_size": GROUP},
             {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1, "bits": 3, "group_size": GROUP,
              "calibration_windows": calibration_windows}]})))
+    for builtin in ("half", "quarter"):  # the built-in recipes as shipped (their budgets), at these calibration windows
+        if builtin in only:
+            recipe = load_recipe(builtin)
+            recipe.stages = [replace(plan, calibration_windows=calibration_windows) for plan in recipe.stages]
+            out.append((f"built-in {builtin}", recipe))
     if "gptq-mix" in only:  # a quarter of the bf16 bytes: the table at 3 bits, attention at 5, MLPs at 4
         gptq = {"method": "gptq", "ratio": 1, "group_size": GROUP, "calibration_windows": calibration_windows}
         out.append(("gptq 3/5/4-bit", parse_recipe({"name": "gptq 3/5/4-bit", "stages": [

@@ -111,7 +111,7 @@ def test_gptq_bits_default_and_budget_prediction(prose):
 
 def test_a_tied_embedding_is_weighed_by_the_heads_inputs(prose):
     """The tied table's input Gram is the final hidden states' (the head's input), and gptq with it keeps the head's
-    logits closer than rounding to nearest; an untied embedding is refused in one line."""
+    logits closer than rounding to nearest; an untied embedding is rounded to nearest."""
     from lmshrink.calibration import collect_stats
     from lmshrink.plan import select_targets
 
@@ -137,6 +137,12 @@ def test_a_tied_embedding_is_weighed_by_the_heads_inputs(prose):
         head_errors[method] = float(((x @ (table - loaded.model.get_submodule("model.embed_tokens").weight.detach().double()).T) ** 2).sum())
     # What gptq minimizes: the logits' error on the calibration hidden states (the lookup side is not compensated).
     assert head_errors["gptq"] < 0.9 * head_errors["quantize"]
-    with pytest.raises(InvalidArgument, match="not tied"):
-        lmshrink.compress(tiny_llama(tie=False), lmshrink.Plan(method="gptq", targets=("embedding",), ratio=1.0, bits=4),
-                          data=corpus, progress=False)
+    # An untied table is looked up by one-hot ids (a diagonal Gram): gptq stores what rounding to nearest gives.
+    untied = {}
+    for method in ("quantize", "gptq"):
+        model = tiny_llama(seed=2, tie=False)
+        lmshrink.compress(model, lmshrink.Plan(method=method, targets=("embedding",), ratio=1.0, bits=4, group_size=16,
+                                               calibration_windows=2, window=32), data=corpus, progress=False)
+        untied[method] = model.model.get_submodule("model.embed_tokens").dense_weight()
+    assert torch.equal(untied["gptq"], untied["quantize"])
+    assert not torch.equal(untied["gptq"], tiny_llama(seed=2, tie=False).model.get_submodule("model.embed_tokens").weight)

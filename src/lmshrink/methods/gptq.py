@@ -4,7 +4,8 @@ integers + float16 scale and minimum per row or column group), so bytes are the 
 ``--bits`` / ``--quant-group`` (Plan.bits / group_size) as for ``quantize``; 4 bits when none are given.
 
 Linears and output layers use their input Gram. An embedding tied to the output layer uses the head's (the final
-hidden states), so its logits are what is kept; an untied embedding has no activations to weigh it by.
+hidden states), so its logits are what is kept; an untied embedding is looked up by one-hot token ids, whose Gram is
+diagonal, so GPTQ reduces to round to nearest there (stored as such: a recipe may name every table, tied or not).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from lmshrink.bounds import Bounds
 from lmshrink.decompose.quantize import SUPPORTED_BITS, check_bits, quantize_compensated
 from lmshrink.layers.lowrank import linear_weight
-from lmshrink.errors import InvalidArgument
 from lmshrink.layers.quantized import QuantizedEmbedding, QuantizedLinear
 from lmshrink.methods import MethodOptions, option, register_method, required_stat
 from lmshrink.methods.quantize import BITS, QUANT_GROUP
@@ -40,8 +40,9 @@ def gptq(target, plan, stats, options: GPTQOptions):
     bits = check_bits(options.bits, "--bits")
     embedding = target.kind == "embedding"
     if embedding and not target.tied_head:
-        raise InvalidArgument("--method gptq", f"embedding {target.name} is not tied to the output layer, so no "
-                              "activations weigh its rounding errors", "the quantize method for an untied embedding")
+        # Its inputs are one-hot token ids, whose Gram is diagonal: nothing to compensate across columns, so GPTQ's
+        # answer is round to nearest, and that is what is stored.
+        return QuantizedEmbedding.from_embedding(target.module, bits, options.quant_group or None)
     weight = (target.module.weight if embedding else linear_weight(target.module)).detach()
     gram = required_stat(stats, "input_gram", "gptq", (weight.shape[1], weight.shape[1])).to(weight.device)
     quantized = quantize_compensated(weight, bits, options.quant_group or None, gram, options.gptq_damping)
