@@ -238,6 +238,22 @@ def test_builtin_half_meets_its_budget_on_a_tied_llama(prose_small):
     assert torch.linalg.norm(after - reference) < 0.1 * torch.linalg.norm(reference)
 
 
+def test_builtin_quarter_meets_its_budget_with_fewer_mlp_channels(prose_small):
+    loaded = long_llama(tie=True)
+    bf16 = 2 * count_params(loaded.model)
+    apply_recipe(loaded, "quarter", prose_small, progress=False)
+    record = loaded.recipe["budget"]
+    assert record["limit"] == bf16 // 4 and record["met"] and count_bytes(loaded.model) == record["measured"]
+    attention, mlp, table = loaded.recipe["applied"]
+    # At 4 bits the model is above a quarter: the budget narrows the MLPs (the one scalable stage), and spends most of it.
+    assert mlp["method"] == "nystrom" and 0.5 < mlp["ratio"] < 0.95 and record["measured"] > 0.95 * record["limit"]
+    layer = loaded.model.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == "QuantizedLinear" and layer.self_attn.q_proj.weight_q.bits == 4
+    channels = layer.mlp.down_proj
+    assert type(channels).__name__ == "QuantizedChannelLinear" and channels.bits == 4 and channels.in_features < channels.dense_features == 128
+    assert type(loaded.model.model.embed_tokens).__name__ == "QuantizedEmbedding" and loaded.model.model.embed_tokens.weight_q.bits == 3
+
+
 # -- bad input: one line, nothing written ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -375,7 +375,7 @@ def test_bad_input_fails_cleanly_with_nothing_written(checkpoint, corpus, tmp_pa
         compress_sequential(gpt2, _plan("svd"), None, tmp_path / "out", device="cpu", progress=False)
     with pytest.raises(InvalidArgument, match="--targets: .*embed_tokens.* outside the decoder blocks"):
         compress_sequential(checkpoint, _plan("svd", targets=("embedding",)), None, tmp_path / "out", device="cpu", progress=False)
-    with pytest.raises(InvalidArgument, match="--method: 'tt' builds its own modules"):
+    with pytest.raises(InvalidArgument, match="--method: 'tt' builds its own modules for embedding only"):
         compress_sequential(checkpoint, _plan("tt"), None, tmp_path / "out", device="cpu", progress=False)
     with pytest.raises(InvalidArgument, match="--calibrate-on"):
         compress_sequential(checkpoint, _plan("svd"), None, tmp_path / "out", calibrate_on="teacher", progress=False)
@@ -549,6 +549,47 @@ def test_two_stages_inside_the_blocks_share_one_calibration_pass(checkpoint, cor
     assert record["met"] and record["measured"] <= int(0.8 * whole_params(checkpoint))
 
 
+def test_gptq_in_the_blocks_and_on_the_tied_table_after_them(corpus, tmp_path):
+    """gptq inside the blocks (open loop: what the whole-model path rounds), and a gptq stage on the tied table run
+    after the blocks, weighed by the final hidden states (blocks left dense: the whole-model recipe's table)."""
+    from lmshrink.layers.quantized import QuantizedEmbedding, QuantizedLinear
+    from lmshrink.recipes import apply_recipe, parse_recipe
+
+    folder = _checkpoint(tmp_path / "tied", tie=True)
+    gptq = {"method": "gptq", "ratio": 1, "bits": 4, "group_size": 16, "calibration_windows": WINDOWS, "window": WINDOW}
+
+    def same_integers(ours, theirs) -> bool:  # float64 Grams from two routes: a rare rounding may flip
+        return float((ours.dense_weight() != theirs.dense_weight()).float().mean()) < 0.01
+
+    dense_blocks = parse_recipe({"stages": [{"targets": ["linears"], "method": "svd", "ratio": 1.0, "calibration_windows": WINDOWS,
+                                             "window": WINDOW},
+                                            {"targets": ["embedding", "lm_head"], **gptq, "bits": 3}]})
+    report = compress_sequential(folder, dense_blocks, corpus, tmp_path / "table", dtype="float32", device="cpu", progress=False)
+    assert report.modules[-1]["stage"] == 2 and report.modules[-1]["layer"] == "QuantizedEmbedding"
+    whole = lmshrink.load_model(folder)
+    apply_recipe(whole, dense_blocks, corpus, progress=False)
+    saved = lmshrink.load(tmp_path / "table")
+    ours, theirs = saved.model.model.embed_tokens, whole.model.model.embed_tokens
+    assert isinstance(ours, QuantizedEmbedding) and ours.weight_q.bits == 3 and same_integers(ours, theirs)
+    rounded = QuantizedEmbedding.from_embedding(lmshrink.load_model(folder).model.model.embed_tokens, 3, 16)
+    assert not same_integers(ours, rounded)  # compensated, not rounded to nearest
+    assert type(saved.model.lm_head).__name__ == "TiedHead"
+
+    recipe = parse_recipe({"stages": [{"targets": ["linears"], **gptq}, {"targets": ["embedding", "lm_head"], **gptq, "bits": 3}]})
+    compress_sequential(folder, recipe, corpus, tmp_path / "open", dtype="float32", device="cpu", calibrate_on="original", progress=False)
+    whole = lmshrink.load_model(folder)
+    apply_recipe(whole, recipe, corpus, progress=False)
+    saved = lmshrink.load(tmp_path / "open")
+    for ours, theirs in zip(saved.model.model.layers, whole.model.model.layers):
+        for name in ("self_attn.q_proj", "mlp.down_proj"):
+            mine = ours.get_submodule(name)
+            assert isinstance(mine, QuantizedLinear) and same_integers(mine, theirs.get_submodule(name))
+    # Closed loop (the default): each block rounds knowing what the rounded blocks before it give.
+    compress_sequential(folder, recipe, corpus, tmp_path / "closed", dtype="float32", device="cpu", progress=False)
+    closed = lmshrink.load(tmp_path / "closed")
+    assert _ppl(closed, corpus) < 1.5 * _ppl(lmshrink.load_model(folder), corpus)
+
+
 def whole_params(checkpoint) -> int:
     return sum(p.numel() for p in lmshrink.load_model(checkpoint).model.parameters())
 
@@ -571,6 +612,10 @@ def test_recipes_block_by_block_refuse_what_they_cannot_run(checkpoint, corpus, 
                                                   {"targets": ["lm_head"], "method": "svdllm", "ratio": 0.5}]})
     with pytest.raises(InvalidArgument, match=r"recipe stage 2 \(svdllm\): compresses lm_head outside .* needs activation"):
         compress_sequential(checkpoint, calibrated_outside, corpus, tmp_path / "out", device="cpu", progress=False)
+    other_windows = parse_recipe({"stages": [{"targets": ["linears"], "method": "svdllm", "ratio": 0.5},
+                                             {"targets": ["lm_head"], "method": "gptq", "ratio": 1, "calibration_windows": 3}]})
+    with pytest.raises(InvalidArgument, match=r"recipe stage 2 \(gptq\): calibrates on 3 windows .* after them share one"):
+        compress_sequential(checkpoint, other_windows, corpus, tmp_path / "out", device="cpu", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -136,7 +136,8 @@ def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
     return {t.name: {"token_counts": corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)} for t in targets}
 
 
-def _input_module(loaded, target: Target):
+def input_module(loaded, target: Target):
+    """The module whose input is ``target``'s input (for statistics)."""
     # A tied embedding's matrix is also the output layer's, whose input (the final hidden states) is the only
     # activation that multiplies it: its input statistics are the head's.
     if target.kind == "embedding" and target.tied_head:
@@ -147,7 +148,7 @@ def _input_module(loaded, target: Target):
 def _measure(loaded, targets, batches, needs, progress, world: World = SINGLE) -> dict[str, dict[str, torch.Tensor]]:
     stats: dict[str, dict[str, torch.Tensor]] = {t.name: {} for t in targets}
     input_needs = needs & INPUT_STATS
-    hooks = [_input_module(loaded, t).register_forward_hook(input_hook(stats[t.name], input_needs))
+    hooks = [input_module(loaded, t).register_forward_hook(input_hook(stats[t.name], input_needs))
              for t in targets] if input_needs else []
     # An embedding's output is indexed by its columns, not by its matrix's rows (tokens): it gets no output_grad_gram.
     grad_names = {t.name for t in targets if t.kind != "embedding"} if "output_grad_gram" in needs else set()

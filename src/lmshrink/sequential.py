@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from lmshrink.accounting import count_bytes, count_params
 from lmshrink.allocation import allocate
-from lmshrink.calibration import GRADIENT_STATS, INPUT_STATS, add_across_processes, input_hook, output_grad_hook, output_grad_mean
+from lmshrink.calibration import (GRADIENT_STATS, INPUT_STATS, add_across_processes, input_hook, input_module, output_grad_hook,
+                                  output_grad_mean)
 from lmshrink.data import Corpus, calibration_windows, load_corpus, with_self_share
 from lmshrink.distributed import SINGLE, World, agree, all_reduce_sum, barrier, current_world
 from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
@@ -43,7 +44,7 @@ from lmshrink.models import load_model
 from lmshrink.models.blocks import DecoderStack, build_skeleton, run_block, to_device
 from lmshrink.joint import call_order_groups, joint_targets, merged_stats
 from lmshrink.plan import Plan, Target, select_targets
-from lmshrink.quantize_factors import quantize_factors, reconcile_bits
+from lmshrink.quantize_factors import DENSE_QUANTIZERS, quantize_factors, reconcile_bits
 from lmshrink.recipes import record_recipe
 from lmshrink.refit import refit_block
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
@@ -122,14 +123,44 @@ def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary |
     finally:
         for hook in hooks:
             hook.remove()
+    return _finish_input_stats(stats, targets, needs, world, next(block.parameters()).device), outputs
+
+
+def _finish_input_stats(stats: dict, targets, needs, world: World, device) -> dict:
+    # Sums added across processes before the means are taken.
     if world.distributed and needs and targets:
-        add_across_processes(world, stats, targets, next(block.parameters()).device)
+        add_across_processes(world, stats, targets, device)
     for entry in stats.values():
         count = entry.pop("_tokens", None)
         for key in ("input_abs_mean", "input_sq_mean"):
             if key in entry:
                 entry[key] = (entry[key] / count).float()
-    return stats, outputs
+    return stats
+
+
+def _compress_head_stages(engine: "Engine", hidden) -> list[dict]:
+    """Stages on the output layer (or the embedding tied to it) weighed by its inputs (gptq on a tied table): after
+    the blocks, on the final norm of the last block's outputs; their report rows."""
+    rows = []
+    for index, plan in engine.head_stages:
+        method = get_method(plan.method)
+        targets = select_targets(engine.loaded.candidates(), plan.targets)
+        needs = method.needs & INPUT_STATS
+        stats = {t.name: {} for t in targets}
+        hooks = [input_module(engine.loaded, t).register_forward_hook(input_hook(stats[t.name], needs)) for t in targets]
+        try:
+            with torch.no_grad():
+                for window in hidden:
+                    engine.stack.logits(window)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        stats = _finish_input_stats(stats, targets, needs, engine.world, engine.device)
+        stage_rows = replace_modules(engine.loaded, targets, method, plan, stats, method.resolve_options(plan.options))
+        if plan.bits is not None:
+            quantize_factors(engine.loaded.model, stage_rows, plan.bits, plan.group_size)
+        rows += [{**row, "stage": index + 1} for row in stage_rows]
+    return rows
 
 
 class _NoWriter:
@@ -162,7 +193,7 @@ class Engine:
         # The stages compressing the blocks (open_engine sets them); stages outside the blocks as (index, Plan); the
         # Recipe and its budget solution (None for a single Plan).
         self.stages: list[BlockStage] = []
-        self.outer_stages, self.recipe, self.solution = [], None, None
+        self.outer_stages, self.head_stages, self.recipe, self.solution = [], [], None, None
         self.budget_limit: tuple[str, int] | None = None  # (unit, limit) of a recipe's budget, from the original model
         self._probe = None  # (first hidden, calls) of a short input: what block_targets runs a block on to group its linears
 
@@ -259,7 +290,7 @@ def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True
     stages = [plan] if recipe is None else None
     if recipe is not None:
         stages, solution = check_recipe(loaded, recipe)  # overlaps, keys, the budget solved on the skeleton's shapes
-    inner, outer = _split_stages(loaded, stack, stages, recipe is not None)
+    inner, outer, head = _split_stages(loaded, stack, stages, recipe is not None)
     block_stages = []
     for index, plan in inner:
         _check_block_stage(plan)
@@ -269,17 +300,21 @@ def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True
         plan = reconcile_bits(plan).for_targets(targets)
         method = get_method(plan.method)
         block_stages.append(BlockStage(index, plan, method, method.resolve_options(plan.options), _by_block(stack, targets)))
+    head = [(index, reconcile_bits(plan)) for index, plan in head]
+    for _, plan in head:
+        check_plan(loaded, plan)
     first = block_stages[0].plan
-    for stage in block_stages[1:]:  # one calibration pass serves every stage
-        if (stage.plan.calibration_windows, stage.plan.window, stage.plan.self_share) != (first.calibration_windows, first.window, first.self_share):
-            raise InvalidArgument(f"recipe stage {stage.index + 1} ({stage.plan.method})",
-                                  f"calibrates on {stage.plan.calibration_windows} windows of {stage.plan.window} tokens (self_share "
-                                  f"{stage.plan.self_share}), stage {block_stages[0].index + 1} on {first.calibration_windows} of "
-                                  f"{first.window} (self_share {first.self_share}); block by block the stages inside the blocks share "
-                                  "one calibration", "the same calibration_windows, window and self_share")
+    for index, plan in [(stage.index, stage.plan) for stage in block_stages[1:]] + head:  # one calibration pass serves every stage
+        if (plan.calibration_windows, plan.window, plan.self_share) != (first.calibration_windows, first.window, first.self_share):
+            raise InvalidArgument(f"recipe stage {index + 1} ({plan.method})",
+                                  f"calibrates on {plan.calibration_windows} windows of {plan.window} tokens (self_share "
+                                  f"{plan.self_share}), stage {block_stages[0].index + 1} on {first.calibration_windows} of "
+                                  f"{first.window} (self_share {first.self_share}); block by block the stages inside the blocks and "
+                                  "after them share one calibration", "the same calibration_windows, window and self_share")
     targets = [t for stage in block_stages for by_block in stage.by_block for t in by_block]
     engine = Engine(checkpoint, loaded, stack, targets, device, dtype, progress, world)
-    engine.stages, engine.outer_stages, engine.recipe, engine.solution = block_stages, outer, recipe, solution
+    engine.stages, engine.outer_stages, engine.head_stages = block_stages, outer, head
+    engine.recipe, engine.solution = recipe, solution
     engine.budget_limit = budget_target(loaded, recipe) if recipe is not None else None  # of the original: before any stage
     return engine
 
@@ -287,10 +322,10 @@ def open_engine(source, plan, dtype="auto", device="auto", progress: bool = True
 def _check_block_stage(plan: Plan) -> None:
     method = get_method(plan.method)
     method.resolve_options(plan.options)
-    if method.kind != "lowrank" and method.group_targets is None:
-        raise InvalidArgument("--method", f"{plan.method!r} builds its own modules; the block-by-block engine runs low-rank methods "
-                              "and nystrom in the blocks", "a low-rank method (svd, rsvd, asvd, svdllm, fwsvd, tfwsvd, fwhiten, kfac), "
-                              "nystrom, or the whole-model path")
+    if "linear" not in method.target_kinds:
+        raise InvalidArgument("--method", f"{plan.method!r} builds its own modules for {', '.join(sorted(method.target_kinds))} only; the "
+                              "decoder blocks hold linears", "a method for linears (low-rank methods, nystrom, gptq, quantize, "
+                              "prune), with a separate recipe stage for the embedding")
     if method.kind != "lowrank" and plan.allocation == "sensitivity":
         # Its budget is spent across groups in one call; block by block a call sees one block's groups.
         raise InvalidArgument("--allocation", f"sensitivity with {plan.method!r} spends one budget across every MLP at once, "
@@ -300,14 +335,16 @@ def _check_block_stage(plan: Plan) -> None:
 
 
 def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool):
-    """[(index, stage) inside the decoder blocks], [(index, stage) outside them: embedding, head].
+    """[(index, stage) inside the decoder blocks], [(index, stage) outside them: embedding, head], [(index, stage) after them].
 
     Stages outside the blocks run first, on the outer modules, with methods that need no activations (data-free, or
     token counts such as GroupReduce's): every block then calibrates on what the compressed embedding gives it.
-    Stages inside the blocks share each block's calibration pass and are applied in recipe order."""
+    Stages inside the blocks share each block's calibration pass and are applied in recipe order. Stages on the output
+    layer (or the embedding tied to it) by a module method weighed by input statistics (gptq) run after the blocks, on
+    the head's inputs; the third list."""
     from lmshrink.calibration import TOKEN_STATS
 
-    inside, outside = [], []
+    inside, outside, head = [], [], []
     for index, stage in enumerate(stages):
         names = [t.name for t in select_targets(loaded.candidates(), stage.targets)]
         within = [name.startswith(stack.blocks_name + ".") for name in names]
@@ -324,17 +361,24 @@ def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool)
             raise InvalidArgument(what, "mixes matrices inside the decoder blocks with ones outside them (embedding, head)",
                                   "one stage for the blocks' linears and separate stages for the embedding and head")
         needs = set(get_method(stage.method).needs) - TOKEN_STATS
-        if needs:
+        if not needs:
+            outside.append((index, stage))
+            continue
+        # The only activations outside the blocks are the head's inputs: a module method weighed by them runs after the
+        # blocks (an untied embedding, looked up by one-hot ids, is what gptq rounds to nearest).
+        heads = [t for t in select_targets(loaded.candidates(), stage.targets)
+                 if t.kind == "lm_head" or t.tied_head or stage.method in DENSE_QUANTIZERS]
+        if get_method(stage.method).kind != "module" or needs - INPUT_STATS or len(heads) != len(names):
             raise InvalidArgument(what, f"compresses {names[0]} outside the decoder blocks with {stage.method}, which needs "
                                   f"activation statistics ({', '.join(sorted(needs))})",
                                   "a data-free or token-count method there (svd, rsvd, groupreduce, tt, tt-matrix, quantize), "
-                                  "or the whole-model path")
-        outside.append((index, stage))
+                                  "gptq (after the blocks, weighed by the head's inputs), or the whole-model path")
+        head.append((index, stage))
     if not inside:
         raise InvalidArgument("--recipe", "no stage compresses matrices inside the decoder blocks, which is what the block-by-block "
                               "engine does", "a stage on the blocks' linears (plus any on the embedding and head), "
                               "or the whole-model path")
-    return inside, outside
+    return inside, outside, head
 
 
 def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scratch: Path, needs=("fisher",)) -> Path:
@@ -452,8 +496,9 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
     ``plan``: a Plan on matrices inside the decoder blocks, or a Recipe (lmshrink.recipes) with one or more stages
     inside the blocks (disjoint targets, e.g. nystrom on the MLPs and fwhiten on attention: one calibration pass per
     block serves them all, applied in recipe order) and any stages on the embedding and head; those run first, with
-    data-free or token-count methods, so the blocks calibrate on what the compressed embedding gives them. Budgets
-    are solved as on the whole-model path. Rows of a recipe's report say their stage.
+    data-free or token-count methods, so the blocks calibrate on what the compressed embedding gives them; a gptq
+    stage on the head (or the embedding tied to it) runs after the last block, weighed by the final hidden states.
+    Budgets are solved as on the whole-model path. Rows of a recipe's report say their stage.
 
     ``dtype``: "auto" (the checkpoint's declared dtype; a GGUF: bfloat16), "float32", "bfloat16" or "float16":
     weights are held and saved in it, each factorization runs in float32 (float64 where the method does).
@@ -496,10 +541,8 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
         for index, stage in engine.outer_stages:  # embedding / head stages: before the blocks calibrate on their output
             outer_reports.append(compress(loaded, stage, data=data, progress=False, world=world))
             outer_reports[-1].plan["stage"] = index + 1
-        writer.add(engine.outer_state())
-        writer.end_shard()
         windows, first_inputs, calls = (engine.calibrate(with_self_share(data, first.plan.self_share), first.plan.calibration_windows,
-                                                         first.plan.window) if needs or refit
+                                                         first.plan.window) if needs or refit or engine.head_stages
                                         else (None, engine.boundary(), []))
         stats_start = time.perf_counter()
         fisher_dir = exact_fisher(engine, windows, first_inputs, calls, Path(scratch), needs & GRADIENT_STATS) if needs & GRADIENT_STATS else None
@@ -537,6 +580,9 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             for target in matrices:
                 release(target.module)  # a replaced module is out of the model's tree, but its Target still holds it
             del stats
+        rows += _compress_head_stages(engine, hidden)  # gptq on the table: weighed by the final hidden states
+        writer.add(engine.outer_state())  # embedding, final norm, head: as the stages outside and after the blocks left them
+        writer.end_shard()
         release(model)
         writer.close()
         missed = None
@@ -544,7 +590,8 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             rows = sorted([{**row, "stage": report.plan["stage"]} for report in outer_reports for row in report.modules] + rows,
                           key=lambda row: row["stage"])
             loaded.compression = rows
-            plans = [plan for _, plan in sorted([*engine.outer_stages, *((stage.index, stage.plan) for stage in stages)], key=lambda pair: pair[0])]
+            plans = [plan for _, plan in sorted([*engine.outer_stages, *engine.head_stages, *((stage.index, stage.plan) for stage in stages)],
+                                                key=lambda pair: pair[0])]
             missed = record_recipe(loaded, engine.recipe, plans, engine.solution, engine.budget_limit, params_before)
         loaded.compression = rows
         plan_dict = {**first.plan.to_dict(), "executor": "sequential", "calibrate_on": calibrate_on, "refit": refit, "dtype": dtype_name(dtype),
