@@ -146,3 +146,36 @@ def test_a_tied_embedding_is_weighed_by_the_heads_inputs(prose):
         untied[method] = model.model.get_submodule("model.embed_tokens").dense_weight()
     assert torch.equal(untied["gptq"], untied["quantize"])
     assert not torch.equal(untied["gptq"], tiny_llama(seed=2, tie=False).model.get_submodule("model.embed_tokens").weight)
+
+
+def test_factors_are_rounded_on_the_stages_input_grams(prose):
+    """Quantized factors (Plan.bits) of a calibrated stage: the low-rank right factor rounded on the input Gram, the
+    left on what the rounded right one gives; a narrowed MLP consumer on its kept channels' Gram. Both keep the
+    layer's output on the calibration inputs closer than rounding to nearest, at the same bytes."""
+    from lmshrink.layers.channels import ChannelLinear
+    from lmshrink.layers.lowrank import LowRankLinear
+    from lmshrink.layers.quantized_factors import QuantizedChannelLinear, QuantizedLowRankLinear
+
+    generator = torch.Generator().manual_seed(3)
+    inputs = _correlated_inputs(128)
+    gram = (inputs.T @ inputs).double()
+    lowrank = LowRankLinear.from_factors(torch.randn(96, 24, generator=generator), torch.randn(24, 128, generator=generator))
+    kept = torch.arange(0, 128, 2)
+    consumer = ChannelLinear.from_weight(torch.randn(48, 64, generator=generator), kept, "columns", 128)
+
+    def output_error(layer, quantized):
+        return float(((inputs @ (layer.dense_weight() - quantized.dense_weight()).T.detach()) ** 2).sum())
+
+    for layer, build in ((lowrank, QuantizedLowRankLinear.from_lowrank), (consumer, QuantizedChannelLinear.from_channels)):
+        nearest, compensated = build(layer, 3, 16), build(layer, 3, 16, gram)
+        assert output_error(layer, compensated) < 0.8 * output_error(layer, nearest)
+        assert count_bytes(compensated) == count_bytes(nearest)
+
+    # In a stage: calibrated methods round compensated, data-free ones to nearest; the row says which.
+    corpus = lmshrink.Corpus(prose.name, prose.train[:60_000], prose.test[:20_000], prose.source)
+    rounding = {}
+    for method in ("svdllm", "svd"):
+        report = lmshrink.compress(tiny_llama(seed=4), lmshrink.Plan(method=method, ratio=0.5, bits=3, group_size=16,
+                                                                     calibration_windows=4, window=32), data=corpus, progress=False)
+        rounding[method] = {row["rounding"] for row in report.modules}
+    assert rounding == {"svdllm": {"compensated"}, "svd": {"nearest"}}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmshrink.accounting import count_bytes, relative_error
-from lmshrink.decompose.quantize import SUPPORTED_BITS
+from lmshrink.decompose.quantize import SUPPORTED_BITS, quantize_compensated
 from lmshrink.errors import InvalidArgument
 from lmshrink.layers.base import carry_output_scale, replace_module
 from lmshrink.layers.block import _BlockLowRankTable
@@ -76,12 +76,13 @@ def check_quantizable(method, targets: list[Target], plan: Plan) -> None:
                               "--bits on linears, embeddings and output layers only")
 
 
-def quantized_layer(layer: nn.Module, bits: int, group_size: int | None) -> nn.Module:
-    """The k-bit twin of a factorized layer (a new module; GroupReduce tables are rebuilt with ``bits``)."""
+def quantized_layer(layer: nn.Module, bits: int, group_size: int | None, input_gram=None) -> nn.Module:
+    """The k-bit twin of a factorized layer (a new module; GroupReduce tables are rebuilt with ``bits``). Linear
+    layers given ``input_gram`` (of their input) round with GPTQ's error compensation."""
     if isinstance(layer, (QuantizedLinear, QuantizedEmbedding)):
         return layer  # the quantize method's own layers: already at their bits
     if isinstance(layer, LowRankLinear):
-        return QuantizedLowRankLinear.from_lowrank(layer, bits, group_size)
+        return QuantizedLowRankLinear.from_lowrank(layer, bits, group_size, input_gram)
     if isinstance(layer, LowRankEmbedding):
         return QuantizedLowRankEmbedding.from_lowrank(layer, bits, group_size)
     if isinstance(layer, TTEmbedding):
@@ -91,12 +92,12 @@ def quantized_layer(layer: nn.Module, bits: int, group_size: int | None) -> nn.M
     if isinstance(layer, _BlockLowRankTable):
         return _quantized_table(layer, bits, group_size)
     if isinstance(layer, ChannelLinear):
-        return QuantizedChannelLinear.from_channels(layer, bits, group_size)
+        return QuantizedChannelLinear.from_channels(layer, bits, group_size, input_gram)
     raise InvalidArgument("--bits", f"layer {type(layer).__name__} cannot store quantized factors",
                           f"layers {', '.join(QUANTIZABLE_LAYERS)}; bits one of {SUPPORTED_BITS}")
 
 
-def _quantize_dense(model: nn.Module, row: dict, bits: int, group_size: int | None) -> None:
+def _quantize_dense(model: nn.Module, row: dict, bits: int, group_size: int | None, input_gram=None) -> None:
     """A target the stage left dense (factors not smaller) is stored at the stage's bits too, as a quantized matrix:
     a stage with ``bits`` holds none of its targets in float (a tied head follows its embedding)."""
 
@@ -104,7 +105,9 @@ def _quantize_dense(model: nn.Module, row: dict, bits: int, group_size: int | No
     if row["kind"] == "embedding":
         new = QuantizedEmbedding.from_embedding(module, bits, group_size)
     elif row["kind"] in ("linear", "lm_head"):
-        new = QuantizedLinear.from_linear(module, bits, group_size)
+        compensated = None if input_gram is None else quantize_compensated(linear_weight(module).detach(), bits, group_size,
+                                                                           input_gram.to(module.weight.device))
+        new = QuantizedLinear.from_linear(module, bits, group_size, quantized=compensated)
     else:
         return
     weight = module.weight if row["kind"] == "embedding" else linear_weight(module)
@@ -134,8 +137,12 @@ def _quantized_table(layer: _BlockLowRankTable, bits: int, group_size: int | Non
     return new
 
 
-def quantize_factors(model: nn.Module, rows: list[dict], bits: int, group_size: int | None) -> None:
+def quantize_factors(model: nn.Module, rows: list[dict], bits: int, group_size: int | None, stats: dict | None = None) -> None:
     """Swap every layer a stage factorized (``rows`` of its report) for its k-bit twin, in place; tied heads follow.
+
+    ``stats``: the stage's calibration statistics by target name. A linear whose input Gram is there is rounded by
+    GPTQ's error compensation (low-rank: the right factor on the input, the left on what the rounded right gives),
+    which keeps its output closer than rounding to nearest (row "rounding": "compensated" or "nearest").
 
     Each row gets ``bits``, ``group_size``, ``bytes_after`` (what the stored layer takes) and ``quantization_error``
     (relative Frobenius error of the quantized factors' product against the float factors'). A target the stage left
@@ -143,14 +150,17 @@ def quantize_factors(model: nn.Module, rows: list[dict], bits: int, group_size: 
     """
 
     for row in rows:
+        gram = (stats or {}).get(row["name"], {}).get("input_gram") if row["kind"] != "embedding" else None
         if row.get("status") == "dense (not smaller)":
-            _quantize_dense(model, row, bits, group_size)
+            _quantize_dense(model, row, bits, group_size, gram)
+            row["rounding"] = "nearest" if gram is None else "compensated"
             continue
         if row.get("status") != "factorized":
             continue
         layer = model.get_submodule(row["name"])
-        new = quantized_layer(layer, bits, group_size)
+        new = quantized_layer(layer, bits, group_size, gram)
         if new is not layer:
+            row["rounding"] = "nearest" if gram is None or not isinstance(layer, (LowRankLinear, ChannelLinear)) else "compensated"
             with torch.no_grad():
                 row["quantization_error"] = relative_error(layer.dense_weight(), new.dense_weight())
             carry_output_scale(layer, new)

@@ -158,7 +158,7 @@ def _compress_head_stages(engine: "Engine", hidden) -> list[dict]:
         stats = _finish_input_stats(stats, targets, needs, engine.world, engine.device)
         stage_rows = replace_modules(engine.loaded, targets, method, plan, stats, method.resolve_options(plan.options))
         if plan.bits is not None:
-            quantize_factors(engine.loaded.model, stage_rows, plan.bits, plan.group_size)
+            quantize_factors(engine.loaded.model, stage_rows, plan.bits, plan.group_size, stats)
         rows += [{**row, "stage": index + 1} for row in stage_rows]
     return rows
 
@@ -568,7 +568,7 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
                                          original_hidden if calibrate_on == "compressed" else hidden, hidden, calls, calibrate_on == "compressed")
             for stage, block_rows in stage_rows:
                 if stage.plan.bits is not None:  # after the refit; the next block calibrates on what the stored (quantized) block gives
-                    quantize_factors(loaded.model, block_rows, stage.plan.bits, stage.plan.group_size)
+                    quantize_factors(loaded.model, block_rows, stage.plan.bits, stage.plan.group_size, stats)
                 rows += [{**row, "stage": stage.index + 1} for row in block_rows] if engine.recipe is not None else block_rows
             if calibrate_on == "original":
                 hidden = original_outputs

@@ -133,7 +133,7 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         rows = replace_modules(loaded, targets, method, plan, stats, options, progress)
     if plan.bits is not None:
         on_stage(f"quantizing the factors ({plan.bits} bits, {'one scale per row' if plan.group_size is None else f'groups of {plan.group_size}'})")
-        quantize_factors(loaded.model, rows, plan.bits, plan.group_size)
+        quantize_factors(loaded.model, rows, plan.bits, plan.group_size, stats)
     report = CompressionReport({**plan.to_dict(), "params": asked.params}, rows, params_before, count_params(loaded.model), bytes_before,
                                count_bytes(loaded.model), time.perf_counter() - start, stats_seconds)
     if not report.compressed and not any(row["status"] == "dense, quantized" for row in rows):

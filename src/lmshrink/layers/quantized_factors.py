@@ -4,6 +4,7 @@ Each mirrors a float layer (LowRankLinear, LowRankEmbedding, TTEmbedding, TTMatr
 as a ``PackedTensor`` (packed integers + float16 scale and minimum per row or column group): buffers, so they are
 saved and counted exactly. Block low-rank (GroupReduce) tables quantize in place (their ``bits``), and a tied output
 layer stays a ``TiedHead`` over the quantized embedding. Factors are dequantized once and cached outside the state dict.
+Linear layers given their input Gram round their factors by GPTQ's error compensation (``_packed``), else to nearest.
 Tensor-train cores (V, R, n, R') / (r, v, n, r') are quantized as 2-D matrices, one row per token (or per r x v slice).
 """
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmshrink.decompose.quantize import quantize_compensated
 from lmshrink.decompose.tt import tt_matrix_reconstruct, tt_matrix_rows, tt_parameter_counts, tt_reconstruct_batched
 from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int, register_layer
 from lmshrink.layers.channels import check_channels, scatter_channels
@@ -29,6 +31,13 @@ def _bits_repr(layer) -> str:
 
 def _quant_config(config: dict[str, Any], layer: str) -> tuple[int, int | None]:
     return config_bits(config, layer), config_int(config, "group_size", layer, optional=True)
+
+
+def _packed(matrix: Tensor, bits: int, group_size: int | None, input_gram: Tensor | None) -> PackedTensor:
+    # With the Gram of what the matrix multiplies, each rounding error is spread over the columns not yet rounded.
+    if input_gram is None:
+        return PackedTensor.from_tensor(matrix, bits, group_size)
+    return PackedTensor.from_quantized(quantize_compensated(matrix, bits, group_size, input_gram.to(matrix.device)))
 
 
 @register_layer
@@ -45,11 +54,16 @@ class QuantizedLowRankLinear(FactorizedModule):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_lowrank(cls, layer, bits: int, group_size: int | None = None) -> "QuantizedLowRankLinear":
+    def from_lowrank(cls, layer, bits: int, group_size: int | None = None,
+                     input_gram: Tensor | None = None) -> "QuantizedLowRankLinear":
+        """``input_gram``: of the layer's input; the left factor is then rounded on what the rounded right one gives."""
         new = cls(layer.in_features, layer.out_features, layer.rank, bits, group_size, layer.bias is not None,
                   dtype=layer.left.dtype)
-        new.left_q = PackedTensor.from_tensor(layer.left.detach(), bits, group_size)
-        new.right_q = PackedTensor.from_tensor(layer.right.detach(), bits, group_size)
+        new.right_q = _packed(layer.right.detach(), bits, group_size, input_gram)
+        if input_gram is not None:
+            right = new.right_q.value().double().to(input_gram.device)
+            input_gram = right @ input_gram.double() @ right.T
+        new.left_q = _packed(layer.left.detach(), bits, group_size, input_gram)
         if layer.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(layer.bias.detach())
@@ -245,10 +259,15 @@ class QuantizedChannelLinear(FactorizedModule):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_channels(cls, layer, bits: int, group_size: int | None = None) -> "QuantizedChannelLinear":
+    def from_channels(cls, layer, bits: int, group_size: int | None = None,
+                      input_gram: Tensor | None = None) -> "QuantizedChannelLinear":
+        """``input_gram``: of the dense layer's input (a consumer reads only its kept channels of it)."""
         new = cls(layer.in_features, layer.out_features, layer.side, layer.dense_features, bits, group_size,
                   layer.bias is not None, dtype=layer.weight.dtype)
-        new.weight_q = PackedTensor.from_tensor(layer.weight.detach(), bits, group_size)
+        if input_gram is not None and layer.side == "columns":
+            kept = layer.kept.long().to(input_gram.device)
+            input_gram = input_gram[kept][:, kept]
+        new.weight_q = _packed(layer.weight.detach(), bits, group_size, input_gram)
         with torch.no_grad():
             new.kept.copy_(layer.kept)
             if layer.bias is not None:
