@@ -122,7 +122,7 @@ def plot(result: dict, path: Path) -> None:
               label="original (as held)")
     axes.axvline(original["bf16_bytes"] / 1e6, linestyle=":", color="black", linewidth=1, label="original's bf16 size")
     values = [original["perplexity"]] + [r["perplexity"] for r in result["rows"] if math.isfinite(r["perplexity"])]
-    if max(values) / min(values) > 20:
+    if max(values) / min(values) > 10:
         axes.set_yscale("log")
     axes.set_xlabel("whole-model bytes (MB)")
     axes.set_ylabel("perplexity")

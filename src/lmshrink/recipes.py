@@ -45,7 +45,7 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
     "quarter": {
         "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq at 4 bits on attention, "
-                       "nystrom MLP channels with 4-bit weights (the share the budget leaves, at most 0.95), then gptq at "
+                       "nystrom MLP channels with 4-bit weights rounded on calibration inputs (the share the budget leaves, at most 0.95), then gptq at "
                        "3 bits on the embedding/head",
         # Quantization alone cannot reach a quarter at 4 bits (scales included, 4-bit groups of 64 are 0.28 of bf16),
         # and 3 bits everywhere breaks the model (frontier_*.md); dropping a few MLP channels pays for the rest.
