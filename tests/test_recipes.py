@@ -252,6 +252,15 @@ def test_builtin_quarter_meets_its_budget_with_fewer_mlp_channels(prose_small):
     channels = layer.mlp.down_proj
     assert type(channels).__name__ == "QuantizedChannelLinear" and channels.bits == 4 and channels.in_features < channels.dense_features == 128
     assert type(loaded.model.model.embed_tokens).__name__ == "QuantizedEmbedding" and loaded.model.model.embed_tokens.weight_q.bits == 3
+    # With room for every channel, the MLPs keep them all, as 4-bit matrices rounded on their inputs (gptq's way).
+    roomy = load_recipe("quarter")
+    roomy.bf16_fraction = 0.3
+    loaded = long_llama(tie=True)
+    reports = apply_recipe(loaded, roomy, prose_small, progress=False)
+    assert loaded.recipe["applied"][1]["ratio"] == 1.0 and loaded.recipe["budget"]["met"]
+    down = loaded.model.model.layers[0].mlp.down_proj
+    assert type(down).__name__ == "QuantizedLinear" and down.weight_q.bits == 4
+    assert {row["rounding"] for row in reports[1].modules} == {"compensated"}
 
 
 # -- bad input: one line, nothing written ----------------------------------------------------------------------------

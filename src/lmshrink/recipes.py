@@ -45,8 +45,8 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     },
     "quarter": {
         "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq at 4 bits on attention, "
-                       "nystrom MLP channels with 4-bit weights rounded on calibration inputs (the share the budget leaves, at most 0.95), then gptq at "
-                       "3 bits on the embedding/head",
+                       "nystrom MLP channels with 4-bit weights rounded on calibration inputs (the share the budget "
+                       "leaves; all of them stored as gptq would when it fits), then gptq at 3 bits on the embedding/head",
         # Quantization alone cannot reach a quarter at 4 bits (scales included, 4-bit groups of 64 are 0.28 of bf16),
         # and 3 bits everywhere breaks the model (frontier_*.md); dropping a few MLP channels pays for the rest.
         "bf16_fraction": 0.25,
@@ -411,7 +411,8 @@ BUDGET_MARGIN = 0.005
 
 
 def _useful_ratio(plan, targets: list) -> float:
-    """The largest ratio at which a low-rank stage still factorizes every target (0.95 for groupreduce/tt, 1 for quantize).
+    """The largest ratio at which a low-rank stage still factorizes every target (0.95 for groupreduce/tt, 1 for the
+    dense quantizers and for nystrom with bits).
 
     Above it a matrix stays dense, in float: under a byte budget that is never what quantized factors were for. A
     sensitivity allocation moves ranks up to (1 + max_shift) times the uniform rank, so its limit is lower by that much.
@@ -422,6 +423,8 @@ def _useful_ratio(plan, targets: list) -> float:
 
     if plan.method in DENSE_QUANTIZERS or not targets:
         return 1.0
+    if get_method(plan.method).group_targets is not None and plan.bits is not None:
+        return 1.0  # an MLP keeping all its channels is stored as a quantized dense matrix (rounded as gptq rounds)
     if get_method(plan.method).kind != "lowrank":
         return 0.95  # block / train factorizations at ratio ~1 may come out no smaller than dense, and stay dense
 
