@@ -15,6 +15,7 @@ columns); and recipes, each with its factors quantized to every --bits width (gr
                    calibration inputs; the table by the head's inputs) at the same width
   channels-gptq    the channels recipe's linears with factors at that width, then the table by gptq
   gptq-mix         (one point) attention by gptq at 5 bits, MLPs at 4, then the table at 3: about 25% of bf16
+  gptq-mix-4       (one point) the same with attention at 4 bits
   half, quarter    the built-in recipes of those names, with their whole-model budgets (lmshrink methods)
   channels-gptq-mix  (one point) the channels recipe's linears with 4-bit factors, then the table by gptq at 3 bits
 Bytes are the whole model as held (packed integers, float16 scales/minimums, indices; the rest float32).
@@ -84,11 +85,12 @@ def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[s
             recipe = load_recipe(builtin)
             recipe.stages = [replace(plan, calibration_windows=calibration_windows) for plan in recipe.stages]
             out.append((f"built-in {builtin}", recipe))
-    if "gptq-mix" in only:  # a quarter of the bf16 bytes: the table at 3 bits, attention at 5, MLPs at 4
-        gptq = {"method": "gptq", "ratio": 1, "group_size": GROUP, "calibration_windows": calibration_windows}
-        out.append(("gptq 3/5/4-bit", parse_recipe({"name": "gptq 3/5/4-bit", "stages": [
-            {"targets": ["attention"], "bits": 5, **gptq}, {"targets": ["mlp"], "bits": 4, **gptq},
-            {"targets": ["embedding", "lm_head"], "bits": 3, **gptq}]})))
+    for family, attention in (("gptq-mix", 5), ("gptq-mix-4", 4)):  # about a quarter: table 3 bits, MLPs 4, attention 5 or 4
+        if family in only:
+            gptq = {"method": "gptq", "ratio": 1, "group_size": GROUP, "calibration_windows": calibration_windows}
+            out.append((f"gptq 3/{attention}/4-bit", parse_recipe({"name": f"gptq 3/{attention}/4-bit", "stages": [
+                {"targets": ["attention"], "bits": attention, **gptq}, {"targets": ["mlp"], "bits": 4, **gptq},
+                {"targets": ["embedding", "lm_head"], "bits": 3, **gptq}]})))
     return out
 
 

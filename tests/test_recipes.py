@@ -244,17 +244,18 @@ def test_builtin_quarter_meets_its_budget_with_fewer_mlp_channels(prose_small):
     apply_recipe(loaded, "quarter", prose_small, progress=False)
     record = loaded.recipe["budget"]
     assert record["limit"] == bf16 // 4 and record["met"] and count_bytes(loaded.model) == record["measured"]
+    assert record["margin"] == 0.0  # no sensitivity allocation: sizes are predicted exactly, the whole budget is usable
     attention, mlp, table = loaded.recipe["applied"]
     # At 4 bits the model is above a quarter: the budget narrows the MLPs (the one scalable stage), and spends most of it.
     assert mlp["method"] == "nystrom" and 0.5 < mlp["ratio"] < 0.95 and record["measured"] > 0.95 * record["limit"]
     layer = loaded.model.model.layers[0]
-    assert type(layer.self_attn.q_proj).__name__ == "QuantizedLinear" and layer.self_attn.q_proj.weight_q.bits == 4
+    assert type(layer.self_attn.q_proj).__name__ == "QuantizedLinear" and layer.self_attn.q_proj.weight_q.bits == 5
     channels = layer.mlp.down_proj
     assert type(channels).__name__ == "QuantizedChannelLinear" and channels.bits == 4 and channels.in_features < channels.dense_features == 128
     assert type(loaded.model.model.embed_tokens).__name__ == "QuantizedEmbedding" and loaded.model.model.embed_tokens.weight_q.bits == 3
     # With room for every channel, the MLPs keep them all, as 4-bit matrices rounded on their inputs (gptq's way).
     roomy = load_recipe("quarter")
-    roomy.bf16_fraction = 0.3
+    roomy.bf16_fraction = 0.35
     loaded = long_llama(tie=True)
     reports = apply_recipe(loaded, roomy, prose_small, progress=False)
     assert loaded.recipe["applied"][1]["ratio"] == 1.0 and loaded.recipe["budget"]["met"]

@@ -44,14 +44,14 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         ],
     },
     "quarter": {
-        "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq at 4 bits on attention, "
+        "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq at 5 bits on attention, "
                        "nystrom MLP channels with 4-bit weights rounded on calibration inputs (the share the budget "
                        "leaves; all of them stored as gptq would when it fits), then gptq at 3 bits on the embedding/head",
         # Quantization alone cannot reach a quarter at 4 bits (scales included, 4-bit groups of 64 are 0.28 of bf16),
         # and 3 bits everywhere breaks the model (frontier_*.md); dropping a few MLP channels pays for the rest.
         "bf16_fraction": 0.25,
         "stages": [
-            {"targets": ["attention"], "method": "gptq", "ratio": 1.0, "bits": 4, "group_size": 64},
+            {"targets": ["attention"], "method": "gptq", "ratio": 1.0, "bits": 5, "group_size": 64},
             {"targets": ["mlp"], "method": "nystrom", "ratio": 1.0, "bits": 4, "group_size": 64},
             {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1.0, "bits": 3, "group_size": 64},
         ],
@@ -454,6 +454,8 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
     all_targets = [t for group in targets for t in group]
     fixed = model_size(loaded, unit) - _dense_size(loaded, all_targets, unit)
     shares = [plan.ratio for plan in stages]
+    # Other stages' sizes are predicted exactly (or bounded above: groupreduce, tt), so they need no margin.
+    margin = BUDGET_MARGIN if any(plan.allocation == "sensitivity" for plan in stages) else 0.0
     caps = [_useful_ratio(plan, t) for plan, t in zip(stages, targets)]
 
     def scaled(s):
@@ -461,8 +463,8 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
                 for plan, share, cap in zip(stages, shares, caps)]
 
     def size(s):
-        try:  # sized against the limit less BUDGET_MARGIN: sensitivity allocations shift ranks, and bytes with them
-            return math.ceil((fixed + sum(predicted_size(plan, t, unit) for plan, t in zip(scaled(s), targets))) * (1 + BUDGET_MARGIN))
+        try:  # sized against the limit less a margin where sensitivity allocations shift ranks, and bytes with them
+            return math.ceil((fixed + sum(predicted_size(plan, t, unit) for plan, t in zip(scaled(s), targets))) * (1 + margin))
         except InvalidArgument:
             return None  # a stage cannot go that small
 
@@ -490,7 +492,7 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
                 low = middle
             else:
                 top = middle
-    return scaled(low), {"unit": unit, "limit": limit, "predicted": size(low), "margin": BUDGET_MARGIN, "scale": low,
+    return scaled(low), {"unit": unit, "limit": limit, "predicted": size(low), "margin": margin, "scale": low,
                          "fixed": fixed}
 
 
