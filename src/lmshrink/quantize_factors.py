@@ -158,9 +158,10 @@ def quantize_factors(model: nn.Module, rows: list[dict], bits: int, group_size: 
         if row.get("status") != "factorized":
             continue
         layer = model.get_submodule(row["name"])
+        gram = gram if isinstance(layer, (LowRankLinear, ChannelLinear)) else None  # the layers that round on a Gram
         new = quantized_layer(layer, bits, group_size, gram)
         if new is not layer:
-            row["rounding"] = "nearest" if gram is None or not isinstance(layer, (LowRankLinear, ChannelLinear)) else "compensated"
+            row["rounding"] = "nearest" if gram is None else "compensated"
             with torch.no_grad():
                 row["quantization_error"] = relative_error(layer.dense_weight(), new.dense_weight())
             carry_output_scale(layer, new)
