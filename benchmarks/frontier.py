@@ -17,6 +17,8 @@ columns); and recipes, each with its factors quantized to every --bits width (gr
   gptq-mix         (one point) attention by gptq at 5 bits, MLPs at 4, then the table at 3: about 25% of bf16
   gptq-mix-4       (one point) the same with attention at 4 bits
   half, quarter    the built-in recipes of those names, with their whole-model budgets (lmshrink methods)
+  quarter-rare     a fixed quarter: gptq attention 6 bits, nystrom MLP 5 bits, table 4 bits with 80% rare rows at 2
+  quarter-rare-half  the built-in quarter with rare_share 0.5
   channels-gptq-mix  (one point) the channels recipe's linears with 4-bit factors, then the table by gptq at 3 bits
 Bytes are the whole model as held (packed integers, float16 scales/minimums, indices; the rest float32).
 Single-threaded (the machine is shared). Results are rewritten after every point, so a partial run still leaves a
@@ -41,7 +43,7 @@ from _common import RESULTS, command_line, environment, peak_rss_mib  # noqa: E4
 from lmshrink.accounting import count_bytes, count_params  # noqa: E402
 from lmshrink.evaluate import corpus_perplexity  # noqa: E402
 from lmshrink.frontier import markdown_table, plot, quantization_alone  # noqa: E402
-from lmshrink.recipes import apply_recipe, load_recipe, parse_recipe  # noqa: E402
+from lmshrink.recipes import BUILTIN_RECIPES, apply_recipe, load_recipe, parse_recipe  # noqa: E402
 
 GROUP = 64
 
@@ -85,6 +87,17 @@ def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[s
             recipe = load_recipe(builtin)
             recipe.stages = [replace(plan, calibration_windows=calibration_windows) for plan in recipe.stages]
             out.append((f"built-in {builtin}", recipe))
+    if "quarter-rare-half" in only:  # the built-in quarter with half the table's rows rare, whatever the budget allows
+        data = copy.deepcopy(BUILTIN_RECIPES["quarter"])
+        data["stages"] = [{**stage, "calibration_windows": calibration_windows, **({"rare_share": 0.5} if "rare_share" in stage else {})}
+                          for stage in data["stages"]]
+        out.append(("built-in quarter, rare share 0.5", parse_recipe({**data, "name": "built-in quarter, rare share 0.5"})))
+    if "quarter-rare" in only:  # a quarter with the table's rarest rows at 2 bits, paying for more bits elsewhere
+        out.append(("quarter, rare rows at 2 bits", parse_recipe({"name": "quarter, rare rows at 2 bits", "bf16_fraction": 0.25, "stages": [
+            {"targets": ["attention"], "method": "gptq", "ratio": 1, "bits": 6, "group_size": GROUP, "calibration_windows": calibration_windows},
+            {"targets": ["mlp"], "method": "nystrom", "ratio": 1, "bits": 5, "group_size": GROUP, "calibration_windows": calibration_windows},
+            {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1, "bits": 4, "rare_bits": 2, "rare_share": 0.8,
+             "group_size": GROUP, "calibration_windows": calibration_windows}]})))
     for family, attention in (("gptq-mix", 5), ("gptq-mix-4", 4)):  # about a quarter: table 3 bits, MLPs 4, attention 5 or 4
         if family in only:
             gptq = {"method": "gptq", "ratio": 1, "group_size": GROUP, "calibration_windows": calibration_windows}

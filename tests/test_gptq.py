@@ -179,3 +179,95 @@ def test_factors_are_rounded_on_the_stages_input_grams(prose):
                                                                      calibration_windows=4, window=32), data=corpus, progress=False)
         rounding[method] = {row["rounding"] for row in report.modules}
     assert rounding == {"svdllm": {"compensated"}, "svd": {"nearest"}}
+
+
+def _small(prose):
+    return lmshrink.Corpus(prose.name, prose.train[:60_000], prose.test[:20_000], prose.source)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_rare_rows_take_fewer_bits_and_the_common_rows_are_unchanged(prose, tmp_path, tie):
+    """--rare-bits: the least-counted share of the table's rows at fewer bits; every other row exactly as plain gptq
+    stores it (rows round independently); bytes as the budget predicts; save/load gives the same logits."""
+    from lmshrink.frequencies import corpus_frequencies
+    from lmshrink.layers.quantized import MixedBitsEmbedding
+    from lmshrink.methods.gptq import rare_rows
+    from lmshrink.plan import select_targets
+    from lmshrink.recipes import predicted_size
+
+    corpus = _small(prose)
+    base = dict(method="gptq", targets=("embedding",), ratio=1.0, bits=4, group_size=16, calibration_windows=4, window=32)
+    plain, mixed = tiny_llama(seed=5, tie=tie), tiny_llama(seed=5, tie=tie)
+    lmshrink.compress(plain, lmshrink.Plan(**base), data=corpus, progress=False)
+    plan = lmshrink.Plan(**base, options={"rare_bits": 2, "rare_share": 0.5})
+    targets = select_targets(mixed.candidates(), ("embedding",))
+    predicted = predicted_size(plan, targets, "bytes")
+    bytes_before = count_bytes(mixed.model)
+    report = lmshrink.compress(mixed, plan, data=corpus, progress=False)
+    layer = mixed.model.get_submodule("model.embed_tokens")
+    assert isinstance(layer, MixedBitsEmbedding) and (layer.common_q.bits, layer.rare_q.bits) == (4, 2)
+    counts = corpus_frequencies(mixed, corpus.train, 256).counts
+    rare = rare_rows(counts, 0.5)
+    assert torch.equal(layer.rare, rare) and int(rare.sum()) == 128
+    assert int(counts[rare].max()) <= int(counts[~rare].min())  # the rare half is the least counted
+    reference = plain.model.get_submodule("model.embed_tokens").dense_weight()
+    assert torch.equal(layer.dense_weight()[~rare], reference[~rare])
+    assert not torch.equal(layer.dense_weight()[rare], reference[rare])
+    # 2-bit rows hold 4 values per row group at most: the rare rows really are on the coarser grid.
+    assert all(len(torch.unique(row[:16])) <= 4 for row in layer.dense_weight()[rare])
+    embedding_bytes = 256 * 64 * 4  # the float32 table it replaced (tied: the head reads the same one)
+    assert report.bytes_after == count_bytes(mixed.model) == bytes_before - embedding_bytes + predicted
+    lmshrink.save(mixed, tmp_path / "m")
+    again = lmshrink.load(tmp_path / "m")
+    ids = torch.tensor([mixed.encode(corpus.test)[:64]])
+    with torch.no_grad():
+        assert torch.equal(again.logits(ids), mixed.logits(ids))
+
+
+def test_rare_rows_keep_the_logits_closer_than_fewer_bits_everywhere(prose):
+    """At equal bytes, the frequent rows at 4 bits and the rare at 2 lose less on text than 3 bits on every row."""
+    corpus = _small(prose)
+    base = dict(method="gptq", targets=("embedding",), ratio=1.0, group_size=16, calibration_windows=4, window=32)
+    dense = tiny_llama(seed=6, tie=True)
+    ids = torch.tensor([dense.encode(corpus.test)[: 4 * 48]]).view(4, 48)
+    with torch.no_grad():
+        reference = dense.logits(ids)
+    errors, sizes = {}, {}
+    for name, extra in (("uniform", {"bits": 3}), ("mixed", {"bits": 4, "options": {"rare_bits": 2, "rare_share": 0.5}})):
+        model = tiny_llama(seed=6, tie=True)
+        report = lmshrink.compress(model, lmshrink.Plan(**base, **extra), data=corpus, progress=False)
+        with torch.no_grad():
+            errors[name] = float(((model.logits(ids) - reference) ** 2).mean())
+        sizes[name] = report.bytes_after
+    assert sizes["mixed"] <= sizes["uniform"] + 256  # the same packed bits; the mixed table adds a bool per row
+    assert errors["mixed"] < errors["uniform"]
+
+
+def test_rare_bits_refusals(prose):
+    corpus = _small(prose)
+    base = dict(method="gptq", ratio=1.0, bits=4, calibration_windows=2, window=32)
+    with pytest.raises(InvalidArgument, match="--rare-bits.*embedding"):
+        lmshrink.compress(tiny_llama(), lmshrink.Plan(**base, targets=("linears",), options={"rare_bits": 2, "rare_share": 0.5}),
+                          data=corpus, progress=False)
+    with pytest.raises(InvalidArgument, match="--rare-share"):
+        lmshrink.compress(tiny_llama(), lmshrink.Plan(**base, targets=("embedding",), options={"rare_bits": 2}),
+                          data=corpus, progress=False)
+    with pytest.raises(InvalidArgument, match="rare.share"):
+        lmshrink.compress(tiny_llama(), lmshrink.Plan(**base, targets=("embedding",), options={"rare_bits": 2, "rare_share": 1.0}),
+                          data=corpus, progress=False)
+
+
+def test_a_mixed_bits_table_config_and_mask_are_checked():
+    from lmshrink.errors import CorruptFile
+    from lmshrink.layers.quantized import MixedBitsEmbedding
+
+    config = {"num_embeddings": 10, "embedding_dim": 8, "padding_idx": None, "bits": 4, "rare_bits": 2, "rare_rows": 4,
+              "group_size": None}
+    layer = MixedBitsEmbedding.from_config(config, None)
+    assert (layer.common_q.shape, layer.rare_q.shape) == ((6, 8), (4, 8))
+    for key, value in (("rare_rows", 10), ("rare_bits", 7), ("rare_rows", -1)):
+        with pytest.raises(CorruptFile, match=key):
+            MixedBitsEmbedding.from_config({**config, key: value}, None)
+    layer.rare[:3] = True  # three rows marked, four stored: refused rather than misplaced
+    with pytest.raises(CorruptFile, match="marks 3 rows rare but stores 4"):
+        layer(torch.tensor([0]))

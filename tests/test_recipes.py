@@ -239,29 +239,89 @@ def test_builtin_half_meets_its_budget_on_a_tied_llama(prose_small):
 
 
 def test_builtin_quarter_meets_its_budget_with_fewer_mlp_channels(prose_small):
+    from lmshrink.layers.quantized import MixedBitsEmbedding
+
     loaded = long_llama(tie=True)
     bf16 = 2 * count_params(loaded.model)
     apply_recipe(loaded, "quarter", prose_small, progress=False)
-    record = loaded.recipe["budget"]
-    assert record["limit"] == bf16 // 4 and record["met"] and count_bytes(loaded.model) == record["measured"]
-    assert record["margin"] == 0.0  # no sensitivity allocation: sizes are predicted exactly, the whole budget is usable
-    attention, mlp, table = loaded.recipe["applied"]
-    # At 4 bits the model is above a quarter: the budget narrows the MLPs (the one scalable stage), and spends most of it.
-    assert mlp["method"] == "nystrom" and 0.5 < mlp["ratio"] < 0.95 and record["measured"] > 0.95 * record["limit"]
+    record = loaded.recipe
+    budget = record["budget"]
+    assert budget["limit"] == bf16 // 4 and budget["met"] and count_bytes(loaded.model) == budget["measured"]
+    assert budget["margin"] == 0.0  # no sensitivity allocation: sizes are predicted exactly, the whole budget is usable
+    attention, mlp, table = record["applied"]
+    # No choice keeps every MLP channel within a quarter here: each list's last value (5 / 4 bits, half the table's
+    # rows rare), the MLPs narrowed to fit, the budget spent.
+    assert budget["chosen"] == [{"bits": 5}, {"bits": 4}, {"rare_share": 0.5}] and [attention["bits"], mlp["bits"]] == [5, 4]
+    assert mlp["method"] == "nystrom" and 0.5 < mlp["ratio"] < 0.95 and budget["measured"] > 0.95 * budget["limit"]
     layer = loaded.model.model.layers[0]
     assert type(layer.self_attn.q_proj).__name__ == "QuantizedLinear" and layer.self_attn.q_proj.weight_q.bits == 5
     channels = layer.mlp.down_proj
     assert type(channels).__name__ == "QuantizedChannelLinear" and channels.bits == 4 and channels.in_features < channels.dense_features == 128
-    assert type(loaded.model.model.embed_tokens).__name__ == "QuantizedEmbedding" and loaded.model.model.embed_tokens.weight_q.bits == 3
-    # With room for every channel, the MLPs keep them all, as 4-bit matrices rounded on their inputs (gptq's way).
+    embedding = loaded.model.model.embed_tokens
+    assert isinstance(embedding, MixedBitsEmbedding) and (embedding.common_q.bits, embedding.rare_q.bits) == (4, 2)
+    assert int(embedding.rare.sum()) == round(0.5 * 256)
+    # With room for every channel at the most bits, the budget takes the largest such choice: 6-bit attention, every
+    # MLP channel at 5 bits (as gptq would store them), and here even the smaller rare share.
     roomy = load_recipe("quarter")
-    roomy.bf16_fraction = 0.35
+    roomy.bf16_fraction = 0.45
     loaded = long_llama(tie=True)
     reports = apply_recipe(loaded, roomy, prose_small, progress=False)
-    assert loaded.recipe["applied"][1]["ratio"] == 1.0 and loaded.recipe["budget"]["met"]
+    assert loaded.recipe["budget"]["chosen"] == [{"bits": 6}, {"bits": 5}, {"rare_share": 0.5}]
+    assert loaded.recipe["applied"][1]["ratio"] == 1.0
+    assert loaded.recipe["budget"]["met"] and count_bytes(loaded.model) == loaded.recipe["budget"]["predicted"]
     down = loaded.model.model.layers[0].mlp.down_proj
-    assert type(down).__name__ == "QuantizedLinear" and down.weight_q.bits == 4
+    assert type(down).__name__ == "QuantizedLinear" and down.weight_q.bits == 5
     assert {row["rounding"] for row in reports[1].modules} == {"compensated"}
+
+
+def test_a_budget_chooses_among_listed_widths(prose_small, tmp_path):
+    """A stage's bits as a list: the budget takes the widths predicted largest among those that keep every stage at its
+    full amount; when none does, the fewest bits everywhere, amounts scaled. Saved recipes keep the list."""
+    from itertools import product
+
+    from lmshrink.recipes import check_recipe
+
+    def recipe(limit, attention=(6, 4), mlp=(5, 4)):
+        return parse_recipe({"bytes": limit, "stages": [
+            {"targets": ["attention"], "method": "gptq", "ratio": 1, "bits": list(attention) if len(attention) > 1 else attention[0], "group_size": 32},
+            {"targets": ["mlp"], "method": "nystrom", "ratio": 1, "bits": list(mlp) if len(mlp) > 1 else mlp[0], "group_size": 32},
+            {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1, "bits": 4, "group_size": 32}]})
+
+    def full_size(attention, mlp):  # the fixed-width solution with a roomy budget: every stage at its full amount
+        stages, solution = check_recipe(long_llama(tie=True), recipe(10**9, (attention,), (mlp,)))
+        assert stages[1].ratio == 1.0
+        return solution["predicted"]
+
+    sizes = {pair: full_size(*pair) for pair in product((6, 4), (5, 4))}
+    assert sizes[(6, 5)] == max(sizes.values()) and sizes[(4, 4)] == min(sizes.values())
+    for limit in (sizes[(6, 5)], sizes[(6, 5)] - 1, sizes[(4, 4)]):
+        stages, solution = check_recipe(long_llama(tie=True), recipe(limit))
+        fitting = {pair: size for pair, size in sizes.items() if size <= limit}
+        best = max(fitting, key=fitting.get)
+        assert [solution["chosen"][0]["bits"], solution["chosen"][1]["bits"]] == list(best) and [p.bits for p in stages] == [*best, 4]
+        assert stages[1].ratio == 1.0 and solution["predicted"] == sizes[best] <= limit
+    # Below every full assignment: the fewest bits, and the MLPs narrowed to fit.
+    stages, solution = check_recipe(long_llama(tie=True), recipe(sizes[(4, 4)] - 2000))
+    assert solution["chosen"] == [{"bits": 4}, {"bits": 4}, {}] and stages[1].ratio < 1.0 and solution["predicted"] <= sizes[(4, 4)] - 2000
+    # Applied: the chosen widths are what is stored, the budget is met, and the saved recipe keeps the lists.
+    loaded = long_llama(tie=True)
+    chosen = recipe(sizes[(6, 5)] - 1)
+    apply_recipe(loaded, chosen, prose_small, progress=False)
+    record = loaded.recipe
+    assert record["budget"]["met"] and count_bytes(loaded.model) == record["budget"]["measured"] == record["budget"]["predicted"]
+    assert [stage["bits"] for stage in record["applied"][:2]] == [choice["bits"] for choice in record["budget"]["chosen"][:2]]
+    assert loaded.model.model.layers[0].self_attn.q_proj.weight_q.bits == record["budget"]["chosen"][0]["bits"]
+    lmshrink.save(loaded, tmp_path / "saved")
+    again = load_recipe(tmp_path / "saved")
+    assert again.choices[:2] == [{"bits": (6, 4)}, {"bits": (5, 4)}] and again.to_dict()["stages"][0]["bits"] == [6, 4]
+    with pytest.raises(InvalidArgument, match=r"recipe stage 1 bits: is a list \[6, 4\] but the recipe has no budget"):
+        parse_recipe({"stages": [{"targets": ["attention"], "method": "gptq", "bits": [6, 4]}]})
+    with pytest.raises(InvalidArgument, match=r"recipe stage 1 bits: \[6, 7\] is not a list of distinct allowed values"):
+        parse_recipe({"bytes": 10**6, "stages": [{"targets": ["attention"], "method": "gptq", "bits": [6, 7]}]})
+    with pytest.raises(InvalidArgument, match=r"recipe stage 1 rare_share: \[0.8, 1.5\] is not a list of distinct allowed values"):
+        parse_recipe({"bytes": 10**6, "stages": [{"targets": ["embedding"], "method": "gptq", "rare_bits": 2, "rare_share": [0.8, 1.5]}]})
+    with pytest.raises(InvalidArgument, match=r"recipe stage 1 \(svd\).*unknown key\(s\) \['rare_share'\]"):
+        parse_recipe({"bytes": 10**6, "stages": [{"targets": ["embedding"], "method": "svd", "rare_share": [0.8, 0.5]}]})
 
 
 # -- bad input: one line, nothing written ----------------------------------------------------------------------------

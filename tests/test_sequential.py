@@ -590,6 +590,26 @@ def test_gptq_in_the_blocks_and_on_the_tied_table_after_them(corpus, tmp_path):
     assert _ppl(closed, corpus) < 1.5 * _ppl(lmshrink.load_model(folder), corpus)
 
 
+def test_a_table_with_rare_rows_at_fewer_bits_after_the_blocks(corpus, tmp_path):
+    """gptq --rare-bits on the tied table block by block: after the blocks, on the calibration text's token counts and
+    the final hidden states; the same rows and integers as the whole-model path (blocks left dense)."""
+    from lmshrink.layers.quantized import MixedBitsEmbedding
+    from lmshrink.recipes import apply_recipe, parse_recipe
+
+    folder = _checkpoint(tmp_path / "tied", tie=True)
+    recipe = parse_recipe({"stages": [
+        {"targets": ["linears"], "method": "svd", "ratio": 1.0, "calibration_windows": WINDOWS, "window": WINDOW},
+        {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1, "bits": 4, "rare_bits": 2, "rare_share": 0.5,
+         "group_size": 16, "calibration_windows": WINDOWS, "window": WINDOW}]})
+    compress_sequential(folder, recipe, corpus, tmp_path / "mixed", dtype="float32", device="cpu", progress=False)
+    whole = lmshrink.load_model(folder)
+    apply_recipe(whole, recipe, corpus, progress=False)
+    ours, theirs = lmshrink.load(tmp_path / "mixed").model.model.embed_tokens, whole.model.model.embed_tokens
+    assert isinstance(ours, MixedBitsEmbedding) and (ours.common_q.bits, ours.rare_q.bits) == (4, 2)
+    assert torch.equal(ours.rare, theirs.rare) and 0 < int(ours.rare.sum()) < ours.num_embeddings
+    assert float((ours.dense_weight() != theirs.dense_weight()).float().mean()) < 0.01
+
+
 def whole_params(checkpoint) -> int:
     return sum(p.numel() for p in lmshrink.load_model(checkpoint).model.parameters())
 

@@ -133,7 +133,11 @@ def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
                               "a text corpus, or TEXT+self (frequencies from TEXT)")
     from lmshrink.frequencies import corpus_frequencies
 
-    return {t.name: {"token_counts": corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)} for t in targets}
+    counted = {}  # by vocabulary size: counted once for an embedding and its head
+    for t in targets:
+        if t.kind in ("embedding", "lm_head") and t.shape[0] not in counted:  # rows = tokens; other matrices get none
+            counted[t.shape[0]] = corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)
+    return {t.name: {"token_counts": counted[t.shape[0]]} if t.kind in ("embedding", "lm_head") else {} for t in targets}
 
 
 def input_module(loaded, target: Target):

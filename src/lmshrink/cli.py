@@ -782,7 +782,9 @@ def methods():
 
     click.echo("methods (--method):")
     for method in all_methods().values():
-        extra = f" (calibrates: {', '.join(sorted(method.needs))})" if method.needs else ""
+        optional = sorted({stat for stat, _ in method.needs_when} - method.needs)
+        extra = (f" (calibrates: {', '.join(sorted(method.needs))}" + (f"; {', '.join(optional)} with some options" if optional else "")
+                 + ")") if method.needs else ""
         click.echo(f"{method.name:12s} {method.summary}{extra}")
         for option in method.options:
             click.echo(f"{'':14s}--{option.name.replace('_', '-')}: {option.help} [default: {option.default}]")

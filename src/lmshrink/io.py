@@ -125,7 +125,7 @@ def save(loaded, directory: str | Path, overwrite: bool = False, max_shard_bytes
 # Tensor names only lmshrink's factorized layers produce: a directory holding them without a manifest is a damaged
 # lmshrink directory, never a Hugging Face one (which would load as a dense model with fresh random weights).
 FACTOR_TENSOR = re.compile(r"(^|\.)(left|right|token_group|token_ranks|indices)$|(^|\.)(lefts|rights|cores)\.\d+$"
-                           r"|(^|\.)(lefts_q|rights_q|cores_q)\.\d+\.|(^|\.)(weight_q|left_q|right_q)\.(packed|scales|minimums)$")
+                           r"|(^|\.)(lefts_q|rights_q|cores_q)\.\d+\.|(^|\.)(weight_q|left_q|right_q|common_q|rare_q)\.(packed|scales|minimums)$")
 
 
 def looks_like_lmshrink(directory: Path) -> bool:

@@ -20,7 +20,7 @@ from lmshrink.layers.base import carry_output_scale, replace_module
 from lmshrink.layers.block import _BlockLowRankTable
 from lmshrink.layers.channels import ChannelLinear
 from lmshrink.layers.lowrank import LowRankEmbedding, LowRankLinear, TiedHead, linear_weight
-from lmshrink.layers.quantized import PackedTensor, QuantizedEmbedding, QuantizedLinear
+from lmshrink.layers.quantized import MixedBitsEmbedding, PackedTensor, QuantizedEmbedding, QuantizedLinear
 from lmshrink.layers.quantized_factors import (QuantizedChannelLinear, QuantizedLowRankEmbedding, QuantizedLowRankLinear,
                                                QuantizedTTEmbedding, QuantizedTTMatrixEmbedding)
 from lmshrink.layers.tt import TTEmbedding, TTMatrixEmbedding
@@ -79,8 +79,8 @@ def check_quantizable(method, targets: list[Target], plan: Plan) -> None:
 def quantized_layer(layer: nn.Module, bits: int, group_size: int | None, input_gram=None) -> nn.Module:
     """The k-bit twin of a factorized layer (a new module; GroupReduce tables are rebuilt with ``bits``). Linear
     layers given ``input_gram`` (of their input) round with GPTQ's error compensation."""
-    if isinstance(layer, (QuantizedLinear, QuantizedEmbedding)):
-        return layer  # the quantize method's own layers: already at their bits
+    if isinstance(layer, (QuantizedLinear, QuantizedEmbedding, MixedBitsEmbedding)):
+        return layer  # the quantize and gptq methods' own layers: already at their bits
     if isinstance(layer, LowRankLinear):
         return QuantizedLowRankLinear.from_lowrank(layer, bits, group_size, input_gram)
     if isinstance(layer, LowRankEmbedding):

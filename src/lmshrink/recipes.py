@@ -14,9 +14,10 @@ saved by lmshrink (the recipe in its manifest); ``apply_recipe`` runs the stages
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ PLAN_KEYS = ("targets", "method", "ratio", "rank", "energy", "params", "bits", "
 OPTIONAL_PLAN_KEYS = ("bits", "group_size", "allocation", "max_shift", "multiple_of", "calibration_windows", "window", "self_share",
                       "untie_head", "joint")
 BUDGET_KEYS = ("bytes", "params", "bf16_fraction")
+# Stage keys that may be lists under a budget, which then picks one value of each (solve_budget): Plan.bits and
+# gptq's rare_share.
+CHOOSABLE = ("bits", "rare_share")
 RECIPE_KEYS = ("stages", "name", "description") + BUDGET_KEYS
 
 BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
@@ -44,16 +48,21 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         ],
     },
     "quarter": {
-        "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq at 5 bits on attention, "
-                       "nystrom MLP channels with 4-bit weights rounded on calibration inputs (the share the budget "
-                       "leaves; all of them stored as gptq would when it fits), then gptq at 3 bits on the embedding/head",
+        "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq on attention at 6 or 5 bits, "
+                       "nystrom MLP channels with 5- or 4-bit weights rounded on calibration inputs, gptq on the "
+                       "embedding/head at 4 bits with the 80% or 50% of its rows the calibration text uses least at 2 bits; "
+                       "the budget takes the most bytes that keep every MLP channel, else 5/4 bits, a 50% share, and the "
+                       "channels that leaves",
         # Quantization alone cannot reach a quarter at 4 bits (scales included, 4-bit groups of 64 are 0.28 of bf16),
-        # and 3 bits everywhere breaks the model (frontier_*.md); dropping a few MLP channels pays for the rest.
+        # and 3 bits everywhere breaks the model (frontier_*.md). Gemma-3-270M on 16k tokens (dense 43.77): the table at
+        # 3 bits with attention 5 / MLP 4 gave 51.82; 80% rare rows at 2 bits paid for 6 / 5 and gave 47.25. SmolLM2
+        # (a small table, 4k tokens): 80% rare rows 42.06, 50% 39.22, the table at 3 bits 39.87.
         "bf16_fraction": 0.25,
         "stages": [
-            {"targets": ["attention"], "method": "gptq", "ratio": 1.0, "bits": 5, "group_size": 64},
-            {"targets": ["mlp"], "method": "nystrom", "ratio": 1.0, "bits": 4, "group_size": 64},
-            {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1.0, "bits": 3, "group_size": 64},
+            {"targets": ["attention"], "method": "gptq", "ratio": 1.0, "bits": [6, 5], "group_size": 64},
+            {"targets": ["mlp"], "method": "nystrom", "ratio": 1.0, "bits": [5, 4], "group_size": 64},
+            {"targets": ["embedding", "lm_head"], "method": "gptq", "ratio": 1.0, "bits": 4, "rare_bits": 2,
+             "rare_share": [0.8, 0.5], "group_size": 64},
         ],
     },
     "channels": {
@@ -80,6 +89,11 @@ class Recipe:
     bf16_fraction: float | None = None
     name: str = ""
     description: str = ""
+    # Per stage: {key: values} for the CHOOSABLE keys given as lists (the budget picks one value each); empty: none.
+    choices: list = field(default_factory=list)
+
+    def stage_choices(self, index: int) -> dict[str, tuple]:
+        return self.choices[index] if index < len(self.choices) else {}
 
     def budget(self) -> tuple[str, float] | None:
         given = [(key, getattr(self, key)) for key in BUDGET_KEYS if getattr(self, key) is not None]
@@ -87,14 +101,19 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "description": self.description,
-               "stages": [_stage_dict(plan) for plan in self.stages]}
+               "stages": [{**_stage_dict(plan), **{key: list(values) for key, values in self.stage_choices(i).items()}}
+                          for i, plan in enumerate(self.stages)]}
         out.update({key: getattr(self, key) for key in BUDGET_KEYS if getattr(self, key) is not None})
         return out
 
     def describe(self) -> str:
         budget = self.budget()
+        def bits(i, plan):  # a list the budget chooses from: "6|5 bits"
+            widths = self.stage_choices(i).get("bits") or ((plan.bits,) if plan.bits else ())
+            return f", {'|'.join(map(str, widths))} bits" if widths else ""
+
         head = f"recipe {self.name or '(unnamed)'}: " + "; ".join(
-            f"{p.method} on {', '.join(p.targets)} ({p.amount()}{f', {p.bits} bits' if p.bits else ''})" for p in self.stages)
+            f"{p.method} on {', '.join(p.targets)} ({p.amount()}{bits(i, p)})" for i, p in enumerate(self.stages))
         return head + (f"; budget {budget[0]}={budget[1]:,}" if budget else "")
 
 
@@ -184,13 +203,34 @@ def parse_recipe(data: Any, where: str = "recipe", default_name: str = "") -> Re
                 raise InvalidArgument("bf16_fraction", f"{value!r} is not a number in (0, 1]", "0 < F <= 1 of the original's bfloat16 bytes")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < 1e18 or value != int(value):
             raise InvalidArgument(key, f"{value!r} is not a positive integer", f"an integer {key} >= 1 for the whole model")
-    plans = [_parse_stage(stage, index, bool(budget)) for index, stage in enumerate(stages, 1)]
+    choices = [_stage_choices(stage, index, bool(budget)) for index, stage in enumerate(stages, 1)]
+    plans = [_parse_stage({**stage, **{key: values[0] for key, values in given.items()}}, index, bool(budget))
+             for index, (stage, given) in enumerate(zip(stages, choices), 1)]
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
             raise InvalidArgument("--recipe", f"{where} '{key}' is a {type(data[key]).__name__}", "a string")
     return Recipe(plans, bytes=int(budget["bytes"]) if "bytes" in budget else None,
                   params=int(budget["params"]) if "params" in budget else None, bf16_fraction=budget.get("bf16_fraction"),
-                  name=data.get("name") or default_name, description=data.get("description", ""))
+                  name=data.get("name") or default_name, description=data.get("description", ""),
+                  choices=choices if any(choices) else [])
+
+
+def _stage_choices(stage: Any, index: int, budgeted: bool) -> dict[str, tuple]:
+    """A stage's CHOOSABLE keys given as lists: {key: values}, checked (each value is checked again as the stage's)."""
+    from lmshrink.decompose.quantize import SUPPORTED_BITS
+
+    given = {key: stage[key] for key in CHOOSABLE if isinstance(stage, dict) and isinstance(stage.get(key), list)}
+    for key, values in given.items():
+        where = f"recipe stage {index} {key}"
+        if not budgeted:
+            raise InvalidArgument(where, f"is a list {values!r} but the recipe has no budget to choose by",
+                                  "one value, or a budget (bytes, params, bf16_fraction) with the list")
+        valid = (all(not isinstance(v, bool) and v in SUPPORTED_BITS for v in values) if key == "bits" else
+                 all(not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < 1 for v in values))
+        if not values or not valid or len(set(values)) != len(values):
+            raise InvalidArgument(where, f"{values!r} is not a list of distinct allowed values",
+                                  f"widths from {SUPPORTED_BITS}, e.g. [6, 5]" if key == "bits" else "shares in (0, 1), e.g. [0.8, 0.5]")
+    return {key: tuple(values) for key, values in given.items()}
 
 
 def _parse_stage(stage: Any, index: int, budgeted: bool):
@@ -306,7 +346,17 @@ def predicted_size(plan, targets: list, unit: str) -> int:
             total += bias + _factor_bytes([(m, n)] if k is None else [(m, k), (k, n)], bits, plan.group_size, e)
         return total
     if plan.method in DENSE_QUANTIZERS:
-        return sum(_bias_size(t, unit) + _factor_bytes([t.shape], bits, plan.group_size, element or _element_bytes(t)) for t in targets)
+        for t in targets:
+            e = element or _element_bytes(t)
+            if getattr(options, "mixed", False) and t.kind == "embedding" and bits is not None:  # gptq --rare-bits
+                from lmshrink.methods.gptq import rare_row_count
+
+                (vocab, dim), rare = t.shape, rare_row_count(t.shape[0], options.rare_share)
+                total += (_factor_bytes([(vocab - rare, dim)], bits, plan.group_size, e)
+                          + _factor_bytes([(rare, dim)], options.rare_bits, plan.group_size, e) + vocab)  # + a bool per row
+            else:
+                total += _bias_size(t, unit) + _factor_bytes([t.shape], bits, plan.group_size, e)
+        return total
     if plan.method == "groupreduce":
         from lmshrink.decompose.groupreduce import budget_for_ratio
 
@@ -372,7 +422,7 @@ def predicted_size(plan, targets: list, unit: str) -> int:
                 bias = _bias_size(member, unit)
                 total += (bias * keep // channels if member is not group.consumer else bias) \
                     + _factor_bytes([shrunk], bits, plan.group_size, element or _element_bytes(member)) \
-                    + (keep * 4 if unit == "bytes" else 0)  # the kept channels' int32 index
+                    + (keep * 4 if unit == "bytes" and keep < channels else 0)  # the kept channels' int32 index (none: all kept)
         return total
     raise InvalidArgument("--recipe", f"method {plan.method!r} under a whole-model budget: its size cannot be predicted",
                           "budgeted stages with low-rank methods, nystrom, groupreduce, tt, tt-matrix or quantize; or no budget")
@@ -444,13 +494,52 @@ def _useful_ratio(plan, targets: list) -> float:
 
 def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dict]:
     """The stages with their ratios scaled by the one factor s that meets the budget (largest s whose predicted size
-    fits); and what was predicted. A budget below what the recipe reaches at its smallest is an error naming that."""
+    fits); and what was predicted. A budget below what the recipe reaches at its smallest is an error naming that.
+
+    Stages whose ``bits`` (or gptq's ``rare_share``) is a list: of the assignments with which every stage keeps its
+    full amount within the budget, the one predicted largest (ties: the earlier values); if none, the last value of
+    each list, amounts scaled. So bytes go to more bits only where nothing has to be cut to pay for them."""
     unit, limit = budget_target(loaded, recipe)
     for plan in recipe.stages:
         if plan.energy is not None:
             raise InvalidArgument("--recipe", f"stage {plan.method} on {', '.join(plan.targets)} uses energy under a budget",
                                   "ratio (a share of the budget), params or rank stages with a budget")
     stages = [plan.for_targets(t) if plan.params is not None else plan for plan, t in zip(recipe.stages, targets)]
+    lists = [(i, key, values) for i in range(len(stages)) for key, values in recipe.stage_choices(i).items()]
+    if not lists:
+        return _solve_scale(loaded, unit, limit, stages, targets)
+
+    def chosen(assignment) -> list:
+        plans = list(stages)
+        for (i, key, _), value in zip(lists, assignment):
+            plans[i] = (replace(plans[i], bits=value) if key == "bits"
+                        else replace(plans[i], options={**plans[i].options, key: value}))
+        return plans
+
+    full = [(size, assignment) for assignment in itertools.product(*(values for _, _, values in lists))
+            if (size := _full_size(loaded, unit, chosen(assignment), targets)) is not None and size <= limit]
+    # max keeps the first of equal sizes; none full: each list's last value
+    assignment = max(full, key=lambda item: item[0])[1] if full else tuple(values[-1] for _, _, values in lists)
+    stages, solution = _solve_scale(loaded, unit, limit, chosen(assignment), targets)
+    picked = [{} for _ in stages]
+    for (i, key, _), value in zip(lists, assignment):
+        picked[i][key] = value
+    return stages, {**solution, "chosen": picked}
+
+
+def _full_size(loaded, unit: str, stages: list, targets: list[list]) -> int | None:
+    """The predicted whole-model size with every scalable stage at its largest useful amount (None: cannot be built)."""
+    fixed = model_size(loaded, unit) - _dense_size(loaded, [t for group in targets for t in group], unit)
+    margin = BUDGET_MARGIN if any(plan.allocation == "sensitivity" for plan in stages) else 0.0  # as _solve_scale sizes it
+    try:
+        return math.ceil((fixed + sum(predicted_size(replace(plan, ratio=_useful_ratio(plan, t)) if plan.ratio is not None else plan,
+                                                     t, unit) for plan, t in zip(stages, targets))) * (1 + margin))
+    except InvalidArgument:
+        return None
+
+
+def _solve_scale(loaded, unit: str, limit: int, stages: list, targets: list[list]) -> tuple[list, dict]:
+    """solve_budget for stages of fixed widths: the one scale of their ratios."""
     all_targets = [t for group in targets for t in group]
     fixed = model_size(loaded, unit) - _dense_size(loaded, all_targets, unit)
     shares = [plan.ratio for plan in stages]
@@ -575,7 +664,7 @@ def record_recipe(loaded, recipe: Recipe, stages: list, solution: dict | None, l
 def _needs_data(plan) -> bool:
     from lmshrink.methods import get_method
 
-    return bool(get_method(plan.method).needs)
+    return bool(get_method(plan.method).needs_for(plan.options))
 
 
 def combined_report(reports: list):

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from lmshrink.accounting import count_bytes, count_params
 from lmshrink.allocation import allocate
-from lmshrink.calibration import (GRADIENT_STATS, INPUT_STATS, add_across_processes, input_hook, input_module, output_grad_hook,
-                                  output_grad_mean)
+from lmshrink.calibration import (GRADIENT_STATS, INPUT_STATS, TOKEN_STATS, add_across_processes, collect_stats, input_hook,
+                                  input_module, output_grad_hook, output_grad_mean)
 from lmshrink.data import Corpus, calibration_windows, load_corpus, with_self_share
 from lmshrink.distributed import SINGLE, World, agree, all_reduce_sum, barrier, current_world
 from lmshrink.errors import DataError, InvalidArgument, LmshrinkError
@@ -138,14 +138,16 @@ def _finish_input_stats(stats: dict, targets, needs, world: World, device) -> di
     return stats
 
 
-def _compress_head_stages(engine: "Engine", hidden) -> list[dict]:
+def _compress_head_stages(engine: "Engine", hidden, data) -> list[dict]:
     """Stages on the output layer (or the embedding tied to it) weighed by its inputs (gptq on a tied table): after
-    the blocks, on the final norm of the last block's outputs; their report rows."""
+    the blocks, on the final norm of the last block's outputs (and on ``data``'s token counts where the method's
+    options ask for them); their report rows."""
     rows = []
     for index, plan in engine.head_stages:
         method = get_method(plan.method)
+        options = method.resolve_options(plan.options)
         targets = select_targets(engine.loaded.candidates(), plan.targets)
-        needs = method.needs & INPUT_STATS
+        needs = method.needs_for(options) & INPUT_STATS
         stats = {t.name: {} for t in targets}
         hooks = [input_module(engine.loaded, t).register_forward_hook(input_hook(stats[t.name], needs)) for t in targets]
         try:
@@ -156,7 +158,10 @@ def _compress_head_stages(engine: "Engine", hidden) -> list[dict]:
             for hook in hooks:
                 hook.remove()
         stats = _finish_input_stats(stats, targets, needs, engine.world, engine.device)
-        stage_rows = replace_modules(engine.loaded, targets, method, plan, stats, method.resolve_options(plan.options))
+        if method.needs_for(options) & TOKEN_STATS:  # counted on the text itself: no forward pass
+            counts = collect_stats(engine.loaded, targets, data if isinstance(data, Corpus) else load_corpus(data), TOKEN_STATS)
+            stats = {name: {**stats[name], **counts[name]} for name in stats}
+        stage_rows = replace_modules(engine.loaded, targets, method, plan, stats, options)
         if plan.bits is not None:
             quantize_factors(engine.loaded.model, stage_rows, plan.bits, plan.group_size, stats)
         rows += [{**row, "stage": index + 1} for row in stage_rows]
@@ -342,8 +347,6 @@ def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool)
     Stages inside the blocks share each block's calibration pass and are applied in recipe order. Stages on the output
     layer (or the embedding tied to it) by a module method weighed by input statistics (gptq) run after the blocks, on
     the head's inputs; the third list."""
-    from lmshrink.calibration import TOKEN_STATS
-
     inside, outside, head = [], [], []
     for index, stage in enumerate(stages):
         names = [t.name for t in select_targets(loaded.candidates(), stage.targets)]
@@ -360,7 +363,7 @@ def _split_stages(loaded, stack: DecoderStack, stages: list[Plan], recipe: bool)
         if any(within):
             raise InvalidArgument(what, "mixes matrices inside the decoder blocks with ones outside them (embedding, head)",
                                   "one stage for the blocks' linears and separate stages for the embedding and head")
-        needs = set(get_method(stage.method).needs) - TOKEN_STATS
+        needs = set(get_method(stage.method).needs_for(stage.options)) - TOKEN_STATS
         if not needs:
             outside.append((index, stage))
             continue
@@ -580,7 +583,7 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
             for target in matrices:
                 release(target.module)  # a replaced module is out of the model's tree, but its Target still holds it
             del stats
-        rows += _compress_head_stages(engine, hidden)  # gptq on the table: weighed by the final hidden states
+        rows += _compress_head_stages(engine, hidden, data)  # gptq on the table: weighed by the final hidden states
         writer.add(engine.outer_state())  # embedding, final norm, head: as the stages outside and after the blocks left them
         writer.end_shard()
         release(model)

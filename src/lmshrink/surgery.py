@@ -113,12 +113,12 @@ def compress(model, plan: Plan, data: Corpus | str | None = None, progress: bool
         agree(world, {"lmshrink": __version__, "plan": plan.to_dict(), "targets": [t.name for t in targets]})
     params_before, bytes_before = count_params(loaded.model), count_bytes(loaded.model)
     start = time.perf_counter()
-    stats = {}
-    if method.needs:
+    stats, needs = {}, method.needs_for(options)
+    if needs:
         corpus = with_self_share(data, plan.self_share)
-        on_stage(f"calibrating ({', '.join(sorted(method.needs))} over {plan.calibration_windows} windows of {plan.window} tokens"
+        on_stage(f"calibrating ({', '.join(sorted(needs))} over {plan.calibration_windows} windows of {plan.window} tokens"
                  f"{f', {corpus.sampled:g} of them sampled from the model' if corpus.sampled else ''})")
-        stats = collect_stats(loaded, targets, corpus, method.needs, windows=plan.calibration_windows,
+        stats = collect_stats(loaded, targets, corpus, needs, windows=plan.calibration_windows,
                               window_len=plan.window, progress=progress, world=world)
     stats_seconds = time.perf_counter() - start
     rows = []

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmshrink.decompose.quantize import QuantizedMatrix, dequantize, quantize
+from lmshrink.errors import CorruptFile
 from lmshrink.layers.base import FactorizedModule, config_bool, config_field, config_int, register_layer
 from lmshrink.layers.lowrank import linear_weight
 
@@ -53,9 +54,12 @@ class PackedTensor(nn.Module):
     def value(self) -> Tensor:
         """The dequantized float32 matrix (computed once, then cached)."""
         if self._cache is None:
-            quantized = QuantizedMatrix(self.packed, self.scales, self.minimums, self.shape, self.bits, self.group_size)
-            self._cache = dequantize(quantized)
+            self._cache = self.dequantized()
         return self._cache
+
+    def dequantized(self) -> Tensor:
+        """The dequantized float32 matrix, computed now and not kept (for a layer that caches what it builds of it)."""
+        return dequantize(QuantizedMatrix(self.packed, self.scales, self.minimums, self.shape, self.bits, self.group_size))
 
     def config(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size}
@@ -75,7 +79,6 @@ class PackedTensor(nn.Module):
 def config_bits(config: Any, layer: str, optional: bool = False) -> int | None:
     """The ``bits`` of a layer config: one of the supported widths (or null when ``optional``)."""
     from lmshrink.decompose.quantize import SUPPORTED_BITS
-    from lmshrink.errors import CorruptFile
 
     bits = config_field(config, "bits", layer)
     if bits is None and optional:
@@ -133,6 +136,84 @@ class QuantizedEmbedding(FactorizedModule):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.weight_q.bits}"
+
+
+@register_layer
+class MixedBitsEmbedding(FactorizedModule):
+    """A (V, d) embedding whose rows are stored at one of two widths: most at ``bits``, the ``rare`` ones (a bool per
+    row, saved and counted) at ``rare_bits``, each set packed in id order; ``logits`` serves a tied head.
+
+    For vocabularies most of whose rows a text never reads (Gemma 3's 262,144 tokens on English prose): the bits
+    those rows give up pay for the rest of the model.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, rare_bits: int, rare_rows: int,
+                 group_size: int | None = None, padding_idx: int | None = None):
+        super().__init__()
+        if not 0 <= rare_rows <= num_embeddings:
+            raise ValueError(f"rare_rows must lie in [0, {num_embeddings}], got {rare_rows}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("rare", torch.zeros(num_embeddings, dtype=torch.bool))
+        self.common_q = PackedTensor((num_embeddings - rare_rows, embedding_dim), bits, group_size)
+        self.rare_q = PackedTensor((rare_rows, embedding_dim), rare_bits, group_size)
+        self._cache: Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_cache())
+
+    @classmethod
+    def from_parts(cls, embedding: nn.Embedding, rare: Tensor, common: QuantizedMatrix, rare_part: QuantizedMatrix
+                   ) -> "MixedBitsEmbedding":
+        """``embedding`` held as ``common`` (its rows where ``rare`` is False, in id order) and ``rare_part`` (the others)."""
+        vocab, dim = embedding.weight.shape
+        layer = cls(vocab, dim, common.bits, rare_part.bits, int(rare.sum()), common.group_size, embedding.padding_idx)
+        layer.rare = rare.to(torch.bool).clone()
+        layer.common_q, layer.rare_q = PackedTensor.from_quantized(common), PackedTensor.from_quantized(rare_part)
+        return layer
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def dense_weight(self) -> Tensor:
+        """The float32 table (built once from both parts, then cached)."""
+        if self._cache is None:
+            rows = int(self.rare.sum())
+            if rows != self.rare_q.shape[0]:  # a file whose mask disagrees with its parts: refuse rather than misplace rows
+                raise CorruptFile(f"MixedBitsEmbedding marks {rows} rows rare but stores {self.rare_q.shape[0]}")
+            table = torch.empty(self.num_embeddings, self.embedding_dim, device=self.rare.device)
+            table[~self.rare] = self.common_q.dequantized()
+            table[self.rare] = self.rare_q.dequantized()
+            self._cache = table
+        return self._cache
+
+    def forward(self, ids: Tensor) -> Tensor:
+        _check_ids(ids, self.num_embeddings)
+        return F.embedding(ids, self.dense_weight())
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.dense_weight().to(hidden.dtype))
+
+    def layer_config(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx,
+                "bits": self.common_q.bits, "rare_bits": self.rare_q.bits, "rare_rows": self.rare_q.shape[0],
+                "group_size": self.common_q.group_size}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], model: nn.Module) -> "MixedBitsEmbedding":
+        name = cls.__name__
+        vocab, rare_rows = config_int(config, "num_embeddings", name), config_int(config, "rare_rows", name)
+        if rare_rows >= vocab:
+            raise CorruptFile(f"{name} config 'rare_rows' is {rare_rows}; allowed: fewer than num_embeddings ({vocab})")
+        return cls(vocab, config_int(config, "embedding_dim", name), config_bits(config, name),
+                   config_bits({"bits": config_field(config, "rare_bits", name)}, name + " rare_bits"), rare_rows,
+                   config_int(config, "group_size", name, optional=True),
+                   config_int(config, "padding_idx", name, minimum=0, optional=True))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.common_q.bits}, "
+                f"rare_bits={self.rare_q.bits} on {self.rare_q.shape[0]} rows")
 
 
 @register_layer

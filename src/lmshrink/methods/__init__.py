@@ -123,10 +123,17 @@ class Method:
     spectrum: Callable[[torch.Tensor, dict, MethodOptions], tuple[torch.Tensor, bool]] = plain_spectrum
     # (targets) -> targets with some replaced by groups of them (module methods only; None: one target at a time)
     group_targets: Callable[[list], list] | None = None
+    # statistic -> (options) -> whether these options need it too (beyond ``needs``): gptq's token counts for rare rows
+    needs_when: tuple[tuple[str, Callable[[MethodOptions], bool]], ...] = ()
 
     @property
     def options(self) -> tuple[MethodOption, ...]:
         return self.options_type.describe()
+
+    def needs_for(self, options: dict[str, Any] | MethodOptions | None) -> frozenset[str]:
+        """The calibration statistics a run with these options needs: ``needs`` and those some options add."""
+        resolved = self.resolve_options(options)
+        return self.needs | {stat for stat, wanted in self.needs_when if wanted(resolved)}
 
     def resolve_options(self, given: dict[str, Any] | MethodOptions | None) -> MethodOptions:
         """This method's options: what was given (checked against each option's type and bounds), defaults for the rest.
@@ -163,6 +170,7 @@ def register_method(
     target_kinds: tuple[str, ...] = ("linear", "embedding"),
     error_spectrum: Callable[[torch.Tensor, dict, MethodOptions], tuple[torch.Tensor, bool]] = plain_spectrum,
     group_targets: Callable[[list], list] | None = None,
+    needs_when: dict[str, Callable[[MethodOptions], bool]] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator that adds a method to METHODS under ``name``."""
     if kind not in ("lowrank", "module"):
@@ -176,6 +184,7 @@ def register_method(
         METHODS.register(name, Method(
             name, function, kind, summary or (function.__doc__ or "").strip().split("\n")[0],
             frozenset(needs), options, frozenset(target_kinds), error_spectrum, group_targets,
+            tuple((needs_when or {}).items()),
         ))
         return function
 
