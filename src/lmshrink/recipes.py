@@ -496,9 +496,10 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
     """The stages with their ratios scaled by the one factor s that meets the budget (largest s whose predicted size
     fits); and what was predicted. A budget below what the recipe reaches at its smallest is an error naming that.
 
-    Stages whose ``bits`` (or gptq's ``rare_share``) is a list: of the assignments with which every stage keeps its
-    full amount within the budget, the one predicted largest (ties: the earlier values); if none, the last value of
-    each list, amounts scaled. So bytes go to more bits only where nothing has to be cut to pay for them."""
+    Stages whose ``bits`` (or gptq's ``rare_share``) is a list: the first assignment, in the lists' order (earlier
+    stages first, each list most preferred first), with which every stage keeps its full amount within the budget; if
+    none, the last value of each list, amounts scaled. So bytes go to more bits only where nothing has to be cut to pay
+    for them."""
     unit, limit = budget_target(loaded, recipe)
     for plan in recipe.stages:
         if plan.energy is not None:
@@ -516,10 +517,9 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
                         else replace(plans[i], options={**plans[i].options, key: value}))
         return plans
 
-    full = [(size, assignment) for assignment in itertools.product(*(values for _, _, values in lists))
-            if (size := _full_size(loaded, unit, chosen(assignment), targets)) is not None and size <= limit]
-    # max keeps the first of equal sizes; none full: each list's last value
-    assignment = max(full, key=lambda item: item[0])[1] if full else tuple(values[-1] for _, _, values in lists)
+    fitting = (assignment for assignment in itertools.product(*(values for _, _, values in lists))
+               if (size := _full_size(loaded, unit, chosen(assignment), targets)) is not None and size <= limit)
+    assignment = next(fitting, None) or tuple(values[-1] for _, _, values in lists)
     stages, solution = _solve_scale(loaded, unit, limit, chosen(assignment), targets)
     picked = [{} for _ in stages]
     for (i, key, _), value in zip(lists, assignment):
