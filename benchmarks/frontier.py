@@ -162,7 +162,7 @@ def main() -> None:
                                "description": recipe.description or recipe.describe(), "params": count_params(model.model),
                                "bytes": size, "bytes_vs_bf16": size / (2 * params), "perplexity": measured["perplexity"],
                                "perplexity_vs_original": measured["perplexity"] / base["perplexity"], "seconds": seconds,
-                               "stages": model.recipe["applied"], "peak_rss_mib": peak_rss_mib()})
+                               "stages": model.recipe["applied"], "budget": model.recipe.get("budget"), "peak_rss_mib": peak_rss_mib()})
         print(f"{name}: {measured['perplexity']:.3f} at {size:,} bytes ({size / (2 * params):.3f} of bf16) in {seconds:.0f} s",
               flush=True)
         del model
