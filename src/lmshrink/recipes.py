@@ -51,8 +51,8 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq on attention at 6 or 5 bits, "
                        "nystrom MLP channels with 5- or 4-bit weights rounded on calibration inputs, gptq on the "
                        "embedding/head at 4 bits with the 80% or 50% of its rows the calibration text uses least at 2 bits; "
-                       "the budget takes the most bytes that keep every MLP channel, else 5/4 bits, a 50% share, and the "
-                       "channels that leaves",
+                       "the budget takes the first of these choices (in that order) that keeps every MLP channel, else 5/4 "
+                       "bits, a 50% share, and the channels that leaves",
         # Quantization alone cannot reach a quarter at 4 bits (scales included, 4-bit groups of 64 are 0.28 of bf16),
         # and 3 bits everywhere breaks the model (frontier_*.md). Gemma-3-270M on 16k tokens (dense 43.77): the table at
         # 3 bits with attention 5 / MLP 4 gave 51.82; 80% rare rows at 2 bits paid for 6 / 5 and gave 47.25. SmolLM2
