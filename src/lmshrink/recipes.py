@@ -527,10 +527,16 @@ def solve_budget(loaded, recipe: Recipe, targets: list[list]) -> tuple[list, dic
     return stages, {**solution, "chosen": picked}
 
 
+def _fixed_and_margin(loaded, unit: str, stages: list, targets: list[list]) -> tuple[int, float]:
+    """What the stages do not touch, and the margin their sizes are taken with: sensitivity allocations shift ranks, and
+    bytes with them; other stages' sizes are predicted exactly (or bounded above: groupreduce, tt), so need none."""
+    fixed = model_size(loaded, unit) - _dense_size(loaded, [t for group in targets for t in group], unit)
+    return fixed, BUDGET_MARGIN if any(plan.allocation == "sensitivity" for plan in stages) else 0.0
+
+
 def _full_size(loaded, unit: str, stages: list, targets: list[list]) -> int | None:
     """The predicted whole-model size with every scalable stage at its largest useful amount (None: cannot be built)."""
-    fixed = model_size(loaded, unit) - _dense_size(loaded, [t for group in targets for t in group], unit)
-    margin = BUDGET_MARGIN if any(plan.allocation == "sensitivity" for plan in stages) else 0.0  # as _solve_scale sizes it
+    fixed, margin = _fixed_and_margin(loaded, unit, stages, targets)
     try:
         return math.ceil((fixed + sum(predicted_size(replace(plan, ratio=_useful_ratio(plan, t)) if plan.ratio is not None else plan,
                                                      t, unit) for plan, t in zip(stages, targets))) * (1 + margin))
@@ -540,11 +546,8 @@ def _full_size(loaded, unit: str, stages: list, targets: list[list]) -> int | No
 
 def _solve_scale(loaded, unit: str, limit: int, stages: list, targets: list[list]) -> tuple[list, dict]:
     """solve_budget for stages of fixed widths: the one scale of their ratios."""
-    all_targets = [t for group in targets for t in group]
-    fixed = model_size(loaded, unit) - _dense_size(loaded, all_targets, unit)
+    fixed, margin = _fixed_and_margin(loaded, unit, stages, targets)
     shares = [plan.ratio for plan in stages]
-    # Other stages' sizes are predicted exactly (or bounded above: groupreduce, tt), so they need no margin.
-    margin = BUDGET_MARGIN if any(plan.allocation == "sensitivity" for plan in stages) else 0.0
     caps = [_useful_ratio(plan, t) for plan, t in zip(stages, targets)]
 
     def scaled(s):

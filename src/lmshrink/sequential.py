@@ -147,7 +147,8 @@ def _compress_head_stages(engine: "Engine", hidden, data) -> list[dict]:
         method = get_method(plan.method)
         options = method.resolve_options(plan.options)
         targets = select_targets(engine.loaded.candidates(), plan.targets)
-        needs = method.needs_for(options) & INPUT_STATS
+        wanted = method.needs_for(options)
+        needs = wanted & INPUT_STATS
         stats = {t.name: {} for t in targets}
         hooks = [input_module(engine.loaded, t).register_forward_hook(input_hook(stats[t.name], needs)) for t in targets]
         try:
@@ -158,7 +159,7 @@ def _compress_head_stages(engine: "Engine", hidden, data) -> list[dict]:
             for hook in hooks:
                 hook.remove()
         stats = _finish_input_stats(stats, targets, needs, engine.world, engine.device)
-        if method.needs_for(options) & TOKEN_STATS:  # counted on the text itself: no forward pass
+        if wanted & TOKEN_STATS:  # counted on the text itself: no forward pass
             counts = collect_stats(engine.loaded, targets, data if isinstance(data, Corpus) else load_corpus(data), TOKEN_STATS)
             stats = {name: {**stats[name], **counts[name]} for name in stats}
         stage_rows = replace_modules(engine.loaded, targets, method, plan, stats, options)
