@@ -1,14 +1,16 @@
 """The size/quality frontier (issue 17): whole-model perplexity against whole-model bytes (SmolLM2-135M, --model).
 
     python benchmarks/frontier.py [--data wikitext-2] [--eval-tokens 4096] [--calibration-windows 8] [--bits 8,4]
-                                  [--only quant,lowrank,groupreduce,tt]
+                                  [--ratios 0.8,0.5] [--only quant,lowrank,groupreduce,tt]
 
 Points: the original; quantization alone (every linear, the tied embedding/head; 8/6/4/3 bits, groups of 64
-columns); and recipes, each with its factors quantized to every --bits width (groups of 64):
-  low-rank alone   svd on the embedding/head (ratio 0.5) + fwhiten on the linears (ratio 0.8, sensitivity)
-  groupreduce      groupreduce on the embedding/head (ratio 0.5) + the same linears
-  tt               tt (TensorGPT) on the embedding/head (ratio 0.5) + the same linears
-  fwhiten          the embedding/head quantized at the same width + the same linears
+columns); and recipes, each with its factors quantized to every --bits width (groups of 64; "bf16": factors not
+quantized, held in bfloat16: every float parameter rounded to bfloat16 in place and counted at 2 bytes), at every
+--ratios ratio r (the share of the parameters the embedding/head and the linears each keep):
+  lowrank          svd on the embedding/head (ratio r) + fwhiten on the linears (ratio r, sensitivity)
+  groupreduce      groupreduce on the embedding/head (ratio r) + the same linears
+  tt               tt (TensorGPT) on the embedding/head (ratio r) + the same linears
+  fwhiten          the embedding/head quantized at the same width + fwhiten on the linears (ratio 0.8, sensitivity)
   channels         the embedding/head quantized at the same width + the built-in channels recipe's linears
                    (nystrom MLP channels at 0.8 uniform, fwhiten attention at 0.8 sensitivity)
   gptq             every linear, then the tied embedding/head, quantized by gptq (rounding errors compensated on
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from dataclasses import replace
@@ -46,21 +49,32 @@ from lmshrink.frontier import markdown_table, plot, quantization_alone  # noqa: 
 from lmshrink.recipes import BUILTIN_RECIPES, apply_recipe, load_recipe, parse_recipe  # noqa: E402
 
 GROUP = 64
+SWEPT = {"lowrank": "low rank (svd table + fwhiten linears)", "groupreduce": "groupreduce table + fwhiten linears",
+         "tt": "tt table + fwhiten linears"}
 
 
-def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[str, object]]:
+def recipes(bits_list, calibration_windows: int, only: set[str], ratios=(0.8, 0.5)) -> list[tuple[str, object]]:
+    """(name, recipe) for every family in ``only``; a width of None: factors not quantized (held in bfloat16)."""
     linears = {"targets": ["linears"], "method": "fwhiten", "ratio": 0.8, "allocation": "sensitivity",
                "calibration_windows": calibration_windows}
     out = []
     for bits in bits_list:
-        for family, embedding in (("groupreduce", {"method": "groupreduce"}), ("lowrank", {"method": "svd"}), ("tt", {"method": "tt"}),
-                                  ("fwhiten", {"method": "quantize", "ratio": 1}), ("channels", {"method": "quantize", "ratio": 1})):
+        width = {} if bits is None else {"bits": bits, "group_size": GROUP}
+        label = "bf16" if bits is None else f"{bits}-bit"
+        for family, embedding in (("lowrank", {"method": "svd"}), ("groupreduce", {"method": "groupreduce"}), ("tt", {"method": "tt"})):
+            for ratio in ratios if family in only else ():  # the embedding/head and the linears at one ratio
+                stages = [{"targets": ["embedding", "lm_head"], "ratio": ratio, **width, **embedding},
+                          {**linears, "ratio": ratio, **width}]
+                if family == "groupreduce":
+                    stages[0]["calibration_windows"] = calibration_windows  # token counts come from the same text
+                name = f"{family} {ratio:g} {label}"
+                out.append((name, parse_recipe({"name": name, "stages": stages})))
+        if bits is None:  # the families below quantize the table: they need a width
+            continue
+        for family in ("fwhiten", "channels"):
             if family not in only:
                 continue
-            stages = [{"targets": ["embedding", "lm_head"], "ratio": 0.5, "bits": bits, "group_size": GROUP, **embedding},
-                      {**linears, "bits": bits, "group_size": GROUP}]
-            if family == "groupreduce":
-                stages[0]["calibration_windows"] = calibration_windows  # token counts come from the same text
+            stages = [{"targets": ["embedding", "lm_head"], "method": "quantize", "ratio": 1, **width}, {**linears, **width}]
             if family == "channels":
                 stages[1:] = [{**linears, "targets": ["mlp"], "method": "nystrom", "allocation": "uniform", "bits": bits, "group_size": GROUP},
                               {**linears, "targets": ["attention"], "bits": bits, "group_size": GROUP}]
@@ -107,6 +121,29 @@ def recipes(bits_list, calibration_windows: int, only: set[str]) -> list[tuple[s
     return out
 
 
+def sweep_point(name: str) -> dict:
+    """A swept family's row names its family (one line in the plot) and its point on it ("0.8 4-bit")."""
+    family, _, point = name.partition(" ")
+    return {"family": SWEPT[family], "point": point} if family in SWEPT else {}
+
+
+def hold_in_bf16(model: torch.nn.Module) -> int:
+    """Round every float32 tensor the model stores to bfloat16 in place; return its bytes with those at 2 bytes each.
+
+    Rounding in place (rather than ``model.to(bfloat16)``) keeps the float32 arithmetic and leaves unsaved buffers
+    (rotary frequencies) as they are: the perplexity is that of the bfloat16 values a saved model would hold.
+    """
+    size = 0
+    with torch.no_grad():
+        for tensor in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values():
+            if tensor.dtype == torch.float32:
+                tensor.copy_(tensor.to(torch.bfloat16))
+                size += 2 * tensor.numel()
+            else:
+                size += tensor.numel() * tensor.element_size()
+    return size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -114,21 +151,29 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--calibration-windows", type=int, default=8)
-    parser.add_argument("--bits", default="8,4", help="factor widths of the recipes")
+    parser.add_argument("--bits", default="8,4", help="factor widths of the recipes; bf16: not quantized")
+    parser.add_argument("--ratios", default="0.8,0.5", help="ratios of the lowrank, groupreduce and tt families")
     parser.add_argument("--quant-bits", default="8,6,4,3", help="widths of quantization alone")
     parser.add_argument("--only", default="quant,lowrank,groupreduce,tt")
     parser.add_argument("--stem", default="frontier")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--keep-from", default=None,
-                        help="an earlier frontier JSON with the same model and protocol: its rows that this run does not make are kept")
+                        help="an earlier frontier JSON with the same model and protocol: its rows that this run does not make "
+                             "are kept, and its original's perplexity when the original is the same")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
     corpus = lmshrink.load_corpus(args.data)
     loaded = lmshrink.load_model(args.model)
     params = count_params(loaded.model)
+    kept = json.loads(Path(args.keep_from).read_text()) if args.keep_from else None
+    if kept and (kept["model"], kept["tokens"], kept["window"]) != (args.model, args.eval_tokens, args.window):
+        raise SystemExit(f"--keep-from {args.keep_from}: another model or evaluation protocol")
     start = time.perf_counter()
-    base = corpus_perplexity(loaded, corpus, tokens=args.eval_tokens, window=args.window, progress=False)
+    if kept and kept["original"]["bytes"] == count_bytes(loaded.model):  # the same original: its perplexity is kept too
+        base = {"perplexity": kept["original"]["perplexity"], "protocol": kept["protocol"]}
+    else:
+        base = corpus_perplexity(loaded, corpus, tokens=args.eval_tokens, window=args.window, progress=False)
     result = {"model": args.model, "data": corpus.source, "protocol": base["protocol"], "tokens": args.eval_tokens,
               "window": args.window, "settings": {"calibration_windows": args.calibration_windows, "group_size": GROUP,
                                                   "threads": args.threads, "reduced": "eval tokens / calibration windows as given"},
@@ -140,13 +185,9 @@ def main() -> None:
     points = []
     if "quant" in only:
         points += [(f"quantize {b} bits", quantization_alone(loaded, b, GROUP)) for b in map(int, args.quant_bits.split(","))]
-    points += recipes([int(b) for b in args.bits.split(",")], args.calibration_windows, only)
-    if args.keep_from:
-        import json
-
-        kept = json.loads(Path(args.keep_from).read_text())
-        if (kept["model"], kept["tokens"], kept["window"]) != (args.model, args.eval_tokens, args.window):
-            raise SystemExit(f"--keep-from {args.keep_from}: another model or evaluation protocol")
+    points += recipes([None if b == "bf16" else int(b) for b in args.bits.split(",")], args.calibration_windows, only,
+                      [float(r) for r in args.ratios.split(",")])
+    if kept:
         names = {name for name, _ in points}
         result["rows"] += [row for row in kept["rows"] if row["name"] not in names]
         result["kept_from"] = {"rows": [row["name"] for row in kept["rows"] if row["name"] not in names],
@@ -156,13 +197,14 @@ def main() -> None:
         start = time.perf_counter()
         apply_recipe(model, recipe, corpus, progress=False)
         seconds = time.perf_counter() - start
+        size = hold_in_bf16(model.model) if recipe.name.endswith(" bf16") else count_bytes(model.model)
         measured = corpus_perplexity(model, corpus, tokens=args.eval_tokens, window=args.window, progress=False)
-        size = count_bytes(model.model)
         result["rows"].append({"name": name, "kind": "quantization alone" if name.startswith("quantize") else "recipe",
                                "description": recipe.description or recipe.describe(), "params": count_params(model.model),
                                "bytes": size, "bytes_vs_bf16": size / (2 * params), "perplexity": measured["perplexity"],
                                "perplexity_vs_original": measured["perplexity"] / base["perplexity"], "seconds": seconds,
-                               "stages": model.recipe["applied"], "budget": model.recipe.get("budget"), "peak_rss_mib": peak_rss_mib()})
+                               "stages": model.recipe["applied"], "budget": model.recipe.get("budget"), "peak_rss_mib": peak_rss_mib(),
+                               **sweep_point(name)})
         print(f"{name}: {measured['perplexity']:.3f} at {size:,} bytes ({size / (2 * params):.3f} of bf16) in {seconds:.0f} s",
               flush=True)
         del model
@@ -170,8 +212,6 @@ def main() -> None:
 
 
 def _write(result: dict, stem: str) -> None:
-    import json
-
     RESULTS.mkdir(exist_ok=True)
     note = (f"\nSettings: {result['tokens']} evaluation tokens, {result['settings']['calibration_windows']} calibration windows "
             f"of {result['window']} tokens (reduced from the defaults 8192 / 32), factor groups of {GROUP} columns, "

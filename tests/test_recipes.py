@@ -446,6 +446,21 @@ def test_cli_compare_writes_table_json_and_png(workspace, tmp_path):
     assert Image.open(out / "frontier.png").size[0] >= 600
 
 
+def test_frontier_plot_draws_a_family_as_one_line_by_bytes(tmp_path):
+    from lmshrink.frontier import plot, recipe_series
+
+    rows = [{"name": "gr 0.8 4-bit", "kind": "recipe", "family": "gr", "point": "0.8 4-bit", "bytes": 30e6, "perplexity": 40.0},
+            {"name": "quantize 4 bits", "kind": "quantization alone", "bytes": 40e6, "perplexity": 38.0},
+            {"name": "gr 0.5 4-bit", "kind": "recipe", "family": "gr", "point": "0.5 4-bit", "bytes": 20e6, "perplexity": 90.0},
+            {"name": "half", "kind": "recipe", "bytes": 60e6, "perplexity": 30.0}]
+    series = recipe_series(rows)
+    assert {label: [r["name"] for r in members] for label, members in series.items()} == {
+        "gr": ["gr 0.5 4-bit", "gr 0.8 4-bit"], "half": ["half"]}
+    result = {"model": "m", "rows": rows, "original": {"bytes": 200e6, "bf16_bytes": 100e6, "perplexity": 29.0}}
+    plot(result, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_compare_bad_recipe_writes_nothing(workspace, tmp_path):
     out = tmp_path / "frontier"
     result = invoke_cli(workspace, "compare", "llama", "--recipes", "a.yaml", "overlap.yaml", "--data", "text.txt", "--tokens", "64",

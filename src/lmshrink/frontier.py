@@ -101,6 +101,15 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recipe_series(rows: list[dict]) -> dict[str, list[dict]]:
+    """The recipe rows as plot series: rows with the same ``family`` (a sweep of amounts and widths) form one line,
+    ordered by bytes; a row without one is its own point, under its name."""
+    series: dict[str, list[dict]] = {}
+    for row in (r for r in rows if r["kind"] == "recipe"):
+        series.setdefault(row.get("family") or row["name"], []).append(row)
+    return {label: sorted(members, key=lambda r: r["bytes"]) for label, members in series.items()}
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -116,8 +125,12 @@ def plot(result: dict, path: Path) -> None:
         for r in quant:
             axes.annotate(r["name"].replace("quantize ", ""), (r["bytes"] / 1e6, r["perplexity"]), fontsize=8,
                           textcoords="offset points", xytext=(4, 4))
-    for r in (r for r in result["rows"] if r["kind"] == "recipe"):
-        axes.plot(r["bytes"] / 1e6, r["perplexity"], "o", label=r["name"])
+    for family, rows in recipe_series(result["rows"]).items():
+        axes.plot([r["bytes"] / 1e6 for r in rows], [r["perplexity"] for r in rows], "o-" if len(rows) > 1 else "o",
+                  linewidth=0.8, label=family)
+        for r in rows if len(rows) > 1 else ():
+            axes.annotate(r.get("point", r["name"]), (r["bytes"] / 1e6, r["perplexity"]), fontsize=6,
+                          textcoords="offset points", xytext=(3, -8))
     axes.plot(original["bytes"] / 1e6, original["perplexity"], "*", markersize=14, color="black",
               label="original (as held)")
     axes.axvline(original["bf16_bytes"] / 1e6, linestyle=":", color="black", linewidth=1, label="original's bf16 size")
