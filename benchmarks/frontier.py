@@ -49,6 +49,7 @@ from lmshrink.frontier import markdown_table, plot, quantization_alone  # noqa: 
 from lmshrink.recipes import BUILTIN_RECIPES, apply_recipe, load_recipe, parse_recipe  # noqa: E402
 
 GROUP = 64
+BF16_NOTE = "; factors not quantized, every float value held in bfloat16"
 SWEPT = {"lowrank": "low rank (svd table + fwhiten linears)", "groupreduce": "groupreduce table + fwhiten linears",
          "tt": "tt table + fwhiten linears"}
 
@@ -197,10 +198,12 @@ def main() -> None:
         start = time.perf_counter()
         apply_recipe(model, recipe, corpus, progress=False)
         seconds = time.perf_counter() - start
-        size = hold_in_bf16(model.model) if recipe.name.endswith(" bf16") else count_bytes(model.model)
+        in_bf16 = recipe.name.endswith(" bf16")
+        size = hold_in_bf16(model.model) if in_bf16 else count_bytes(model.model)
         measured = corpus_perplexity(model, corpus, tokens=args.eval_tokens, window=args.window, progress=False)
         result["rows"].append({"name": name, "kind": "quantization alone" if name.startswith("quantize") else "recipe",
-                               "description": recipe.description or recipe.describe(), "params": count_params(model.model),
+                               "description": (recipe.description or recipe.describe()) + (BF16_NOTE if in_bf16 else ""),
+                               "params": count_params(model.model),
                                "bytes": size, "bytes_vs_bf16": size / (2 * params), "perplexity": measured["perplexity"],
                                "perplexity_vs_original": measured["perplexity"] / base["perplexity"], "seconds": seconds,
                                "stages": model.recipe["applied"], "budget": model.recipe.get("budget"), "peak_rss_mib": peak_rss_mib(),
