@@ -39,14 +39,34 @@ VARIANTS = {"whole": ("whole", None, False), "channels": ("channels", None, Fals
 
 
 def _channel_stages(spec: dict, plan):
-    """The channels recipe at the spec's ratio: nystrom on the MLPs, the spec's method on attention."""
+    """The channels recipe at the spec's ratio: nystrom on the MLPs, the spec's method on attention.
+
+    With ``mlp_ratio``, the MLPs keep that share and attention what keeps the linears' total at the ratio
+    (the same budget split differently between the parts).
+    """
     from dataclasses import replace
 
     from lmshrink.recipes import Recipe
 
-    return Recipe([replace(plan, method="nystrom", targets=("mlp",), options={},
+    mlp, attention = plan.ratio, plan.ratio
+    if spec.get("mlp_ratio") is not None:
+        mlp, attention = spec["mlp_ratio"], _attention_ratio(spec["model"], plan.ratio, spec["mlp_ratio"])
+    return Recipe([replace(plan, method="nystrom", targets=("mlp",), options={}, ratio=mlp,
                            allocation=spec.get("channel_allocation") or plan.allocation),
-                   replace(plan, targets=("attention",))])
+                   replace(plan, targets=("attention",), ratio=attention)])
+
+
+def _attention_ratio(model: str, ratio: float, mlp_ratio: float) -> float:
+    """The attention ratio that, with the MLPs at ``mlp_ratio``, keeps ``ratio`` of the decoder linears' parameters."""
+    import lmshrink
+    from lmshrink.plan import select_targets
+
+    sizes = {group: sum(t.shape[0] * t.shape[1] for t in select_targets(lmshrink.load_model(model).candidates(), (group,)))
+             for group in ("mlp", "attention")}
+    attention = (ratio * (sizes["mlp"] + sizes["attention"]) - mlp_ratio * sizes["mlp"]) / sizes["attention"]
+    if not 0 < attention <= 1:
+        raise SystemExit(f"--mlp-ratio {mlp_ratio}: attention would need ratio {attention:.3f}; allowed: a share that leaves it in (0, 1]")
+    return attention
 
 
 def child(spec: dict) -> dict:
@@ -106,6 +126,8 @@ def main() -> None:
     parser.add_argument("--joint", action="store_true", help="Plan.joint: linears of one input share one right factor.")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="A method option (Plan.options), e.g. whiten_damping=0.1; repeatable.")
+    parser.add_argument("--mlp-ratio", type=float, default=None,
+                        help="channels variants: the MLPs at this ratio, attention at what keeps the linears' total at --ratios.")
     parser.add_argument("--self-share", type=float, default=None,
                         help="Plan.self_share: that share of the calibration windows sampled from the model itself.")
     parser.add_argument("--name", default="closer")
@@ -133,6 +155,8 @@ def main() -> None:
                     "options": {k: float(v) for k, v in (o.split("=", 1) for o in args.option)}}
             if args.self_share is not None and variant != "dense":
                 spec["self_share"] = args.self_share
+            if variant.startswith("channels") and args.mlp_ratio is not None:
+                spec["mlp_ratio"] = args.mlp_ratio
             if variant.startswith("channels") and args.channel_allocation not in (None, args.allocation):
                 spec["channel_allocation"] = args.channel_allocation
             if variant == "dense":
@@ -141,7 +165,7 @@ def main() -> None:
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
             key = ("model", "variant", "method", "allocation", "ratio", "calib", "data", "windows", "tokens", "joint", "options",
-                   "channel_allocation", "self_share")
+                   "channel_allocation", "self_share", "mlp_ratio")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
@@ -159,6 +183,7 @@ def _write(name: str, runs: list[dict], write_results) -> None:
     dense = {(r["model"], r["data"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
     rows = [[r["model"], r["variant"] + (" +joint" if r.get("joint") else "") +
              (f" (MLP channels {r['channel_allocation']})" if r.get("channel_allocation") else "") +
+             (f" mlp_ratio={r['mlp_ratio']:g}" if r.get("mlp_ratio") is not None else "") +
              "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())) +
              (f" self_share={r['self_share']:g}" if r.get("self_share") is not None else ""), r["method"] or "-", r["allocation"] if r["method"] else "-",
              r["ratio"], r["calib"], r["data"], r["windows"], r["tokens"], r.get("perplexity"),
@@ -195,6 +220,7 @@ def _plot(name: str, runs: list[dict], dense: dict) -> None:
                 or (r["model"], r["data"], r["tokens"]) not in dense:
             continue
         options = "".join(f" {k}={v:g}" for k, v in sorted((r.get("options") or {}).items())) + \
+            (f" mlp_ratio={r['mlp_ratio']:g}" if r.get("mlp_ratio") is not None else "") + \
             (f" self_share={r['self_share']:g}" if r.get("self_share") is not None else "")
         channel = f" (MLP channels {r['channel_allocation']})" if r.get("channel_allocation") else ""
         label = (f"{r['model']} {r['variant']}{channel}{' +joint' if r.get('joint') else ''}{options} {r['method']} {r['allocation']}, "
