@@ -6,6 +6,7 @@ import json
 import platform
 import resource
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def peak_rss_mib() -> float:
 
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def run_child(command: list[str], env: dict | None = None) -> dict:
+    """Run one measurement in its own process (its own peak RSS, nothing shared): the JSON it prints after "RESULT "
+    on stdout (the last such line), else {"error": the last line of its stderr}."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
 
 
 def write_results(name: str, payload: dict, table_header: list[str], table_rows: list[list], notes: list[str] = ()) -> None:

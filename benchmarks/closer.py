@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -108,7 +107,7 @@ def child(spec: dict) -> dict:
 
 
 def main() -> None:
-    from _common import RESULTS, write_results
+    from _common import RESULTS, run_child, write_results
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -161,9 +160,7 @@ def main() -> None:
                 spec["channel_allocation"] = args.channel_allocation
             if variant == "dense":
                 spec.update(method=None, ratio=None, calib=args.data, joint=False)
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            result = run_child([sys.executable, __file__, "--child", json.dumps(spec)], env)
             key = ("model", "variant", "method", "allocation", "ratio", "calib", "data", "windows", "tokens", "joint", "options",
                    "channel_allocation", "self_share", "mlp_ratio")
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]

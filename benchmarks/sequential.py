@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ def child(spec: dict) -> dict:
 
 
 def main() -> None:
-    from _common import write_results
+    from _common import run_child, write_results
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -92,9 +91,7 @@ def main() -> None:
             spec = {"model": args.model, "path": path, "method": method, "dtype": dtype, "calibrate_on": calibrate_on,
                     "ratio": ratio, "allocation": args.allocation, "windows": args.windows, "window": args.window,
                     "tokens": args.tokens, "data": args.data, "threads": args.threads, "out": str(Path(scratch) / f"run{number}")}
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            result = run_child([sys.executable, __file__, "--child", json.dumps(spec)], env)
             results.append({**spec, **result, "label": _label(path, dtype, calibrate_on)})
             rows.append([_label(path, dtype, calibrate_on), method or "-", ratio, result.get("perplexity"), result.get("peak_rss_mib"),
                          result.get("seconds"), result.get("weights_bytes_on_disk"), result.get("error")])

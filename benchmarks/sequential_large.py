@@ -123,7 +123,7 @@ def write_model(folder: Path, layers: int, hidden: int, intermediate: int, vocab
 
 
 def main() -> None:
-    from _common import write_results
+    from _common import run_child, write_results
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=28)
@@ -163,14 +163,10 @@ def main() -> None:
                     "window": args.window, "data": args.data, "threads": args.threads, "headroom": headroom, "device": args.device,
                     "allocation": args.allocation,
                     "out": str(Path(scratch) / f"out-{path}")}
-            done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            runs[path] = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            runs[path] = run_child([sys.executable, "-c", _CHILD, json.dumps(spec)], env)
             print(path, runs[path], flush=True)
             if path == "sequential" and args.speed and "error" not in runs[path]:
-                done = subprocess.run([sys.executable, "-c", _SPEED, json.dumps(spec)], capture_output=True, text=True)
-                line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-                speed = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                speed = run_child([sys.executable, "-c", _SPEED, json.dumps(spec)])
                 print("speed", speed, flush=True)
     sequential = runs["sequential"]
     blocks = sorted(sequential.get("block_seconds") or [])

@@ -1,6 +1,6 @@
 """Where block-by-block compression's peak RSS comes from (issue 13): resident memory by phase, heap trimmed or not.
 
-    python benchmarks/sequential_memory.py [--model smollm2-135m] [--windows 16] [--blocks 2] [--trim on,off]
+    python benchmarks/sequential_memory.py [--model smollm2-135m] [--windows 16] [--blocks 2] [--trim off,on,mmap]
 
 Each run is a child process: ``compress_sequential`` (fwhiten, sensitivity, ratio 0.8, float32, closed loop) while a
 thread reads VmRSS / RssAnon / RssFile from /proc every 0.2 s and files each reading under the phase running then
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import threading
 import time
@@ -84,40 +84,43 @@ def child(spec: dict) -> dict:
 def main() -> None:
     import tempfile
 
-    from _common import write_results
+    from _common import run_child, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="wikitext-2")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--trim", default="off,on")
+    parser.add_argument("--trim", default="off,on", help="off, on, mmap (on, and glibc's mmap threshold fixed at 128 KiB)")
+    parser.add_argument("--name", default="sequential_memory", help="results/<name>.json and .md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))))
         return
     runs, rows = [], []
-    env = {**__import__("os").environ, "LMSHRINK_NO_STATS_CACHE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="lmshrink-memory-") as scratch:
         for trim in args.trim.split(","):
-            spec = {"model": args.model, "data": args.data, "windows": args.windows, "blocks": args.blocks, "trim": trim == "on",
+            spec = {"model": args.model, "data": args.data, "windows": args.windows, "blocks": args.blocks, "trim": trim != "off",
                     "out": str(Path(scratch) / f"out-{trim}")}
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            result = json.loads(line[len("RESULT "):]) if line else {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+            # mmap: glibc's mmap threshold fixed at its default 128 KiB, so it never rises and every larger block is
+            # its own mapping, unmapped when freed (set before the process starts, as glibc reads it then)
+            result = run_child([sys.executable, __file__, "--child", json.dumps(spec)],
+                               {**env, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if trim == "mmap" else {})})
             runs.append({**spec, **result})
             for name, peak in result.get("phases", {}).items():
                 rows.append([f"trim {trim}", name, peak["rss"], peak["anon"], peak["file"]])
             rows.append([f"trim {trim}", "peak (VmHWM)", result.get("peak_rss_mib"), None, result.get("error")])
             print(rows[-1], flush=True)
-    write_results("sequential_memory", {"model": args.model, "windows": args.windows, "runs": runs},
+    write_results(args.name, {"model": args.model, "windows": args.windows, "runs": runs},
                   ["run", "phase", "peak RSS MiB", "of it anonymous", "of it file-backed"], rows,
                   notes=[f"{args.model}, fwhiten + sensitivity at 0.8, block by block in float32 (closed loop), {args.windows} "
                          f"calibration windows of 512 from {args.data}; stopped after {args.blocks} blocks; 1 thread.",
                          "Readings every 0.2 s from /proc/self/status, filed under the phase running then; VmHWM: the "
                          "process's own peak.",
-                         "trim on: glibc's malloc_trim after every released block (lmshrink.shards.return_freed_memory); off: as before."])
+                         "trim on: glibc's malloc_trim after every released block (lmshrink.shards.return_freed_memory); off: as before; "
+                         "mmap: on, and MALLOC_MMAP_THRESHOLD_=131072 (glibc's default threshold, kept from rising)."])
 
 
 if __name__ == "__main__":
