@@ -325,10 +325,10 @@ def release(module: nn.Module) -> None:
 def return_freed_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
 
-    Block by block, a block's weights and the activations of one boundary are freed for the next block's, but glibc
-    keeps freed chunks of a few MB in its heap, fragmented, and the heap grows instead of reusing them: measured on
-    SmolLM2 (16 windows), peak RSS 1950 MiB without, ... with (benchmarks/results/sequential_16k.md). Neither torch
-    nor the standard library offers this, hence ctypes.
+    Block by block, a block's weights and one boundary's activations are freed for the next block's, but glibc keeps
+    freed chunks of a few MB in its heap, fragmented, and the heap grows beside them: on SmolLM2 (16 calibration
+    windows) peak RSS 2064 MiB without this, 1472 MiB with it (benchmarks/results/sequential_memory.md). Neither torch
+    nor the standard library offers it, hence ctypes.
     """
     trim = _malloc_trim()
     if trim is not None:
