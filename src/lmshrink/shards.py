@@ -310,7 +310,7 @@ def materialize(module: nn.Module, device, recurse: bool = True, made: dict | No
 
 
 def release(module: nn.Module) -> None:
-    """Move every parameter of ``module`` back to the meta device (frees its memory); tied stay tied."""
+    """Move every parameter of ``module`` back to the meta device (frees its memory, handed back to the OS); tied stay tied."""
     made: dict[int, nn.Parameter] = {}
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
