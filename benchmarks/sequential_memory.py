@@ -5,9 +5,11 @@
 Each run is a child process: ``compress_sequential`` (fwhiten, sensitivity, ratio 0.8, float32, closed loop) while a
 thread reads VmRSS / RssAnon / RssFile from /proc every 0.2 s and files each reading under the phase running then
 (opening the model, calibration capture, the exact-Fisher pass, the sensitivity spectra pass, then each block). The
-run stops after ``--blocks`` blocks: the phases before the blocks are where the peak is. ``trim off`` replaces
-``lmshrink.shards.return_freed_memory`` (glibc's malloc_trim after every released block) by nothing, as before it.
-Writes benchmarks/results/sequential_memory.json and .md.
+run stops after ``--blocks`` blocks: the phases before the blocks are where the peak is. ``--trim``: ``off`` replaces
+``lmshrink.shards.return_freed_memory`` (glibc's malloc_trim after every released block and calibration window) by
+nothing; ``on`` runs as lmshrink does; ``mmap`` also holds glibc's mmap threshold at 128 KiB (MALLOC_MMAP_THRESHOLD_).
+Wall seconds per phase give the speed cost.
+Writes benchmarks/results/<name>.json and .md.
 """
 
 from __future__ import annotations
@@ -35,9 +37,16 @@ def child(spec: dict) -> dict:
     import lmshrink.shards as shards
 
     torch.set_num_threads(1)
-    if not spec["trim"]:
-        shards._malloc_trim = lambda: None  # return_freed_memory looks it up at each call
-    phase, peaks = ["start"], {}
+    glibc = shards._glibc
+    dropped = ("malloc_trim",) if spec["trim"] == "off" else ()
+    shards._glibc = lambda name: None if name in dropped else glibc(name)  # looked up at each call
+    phase, peaks, seconds = ["start"], {}, {}
+    clock = [time.perf_counter()]
+
+    def enter(label):
+        now = time.perf_counter()
+        seconds[phase[0]] = seconds.get(phase[0], 0.0) + now - clock[0]
+        phase[0], clock[0] = label, now
 
     def sample():
         while True:
@@ -51,7 +60,7 @@ def child(spec: dict) -> dict:
 
     def labelled(function, label):
         def run(*args, **kwargs):
-            phase[0] = label
+            enter(label)
             return function(*args, **kwargs)
         return run
 
@@ -63,22 +72,23 @@ def child(spec: dict) -> dict:
     def block(engine, index, *args, **kwargs):
         if index >= spec["blocks"]:
             raise _Stop
-        phase[0] = f"block {index}"
+        enter(f"block {index}")
         return compress_block(engine, index, *args, **kwargs)
 
     sequential._compress_block_stage = block
     threading.Thread(target=sample, daemon=True).start()
-    phase[0] = "opening the model"
+    enter("opening the model")
     plan = lmshrink.Plan(method="fwhiten", ratio=0.8, allocation="sensitivity", calibration_windows=spec["windows"], window=512)
     try:
         sequential.compress_sequential(spec["model"], plan, lmshrink.load_corpus(spec["data"]), spec["out"], dtype="float32",
                                        device="cpu", progress=False, overwrite=True)
     except _Stop:
         pass
+    enter("stopped")
     time.sleep(0.5)
     with open("/proc/self/status") as status:
         hwm = next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
-    return {"peak_rss_mib": hwm, "phases": peaks}
+    return {"peak_rss_mib": hwm, "phases": peaks, "seconds": seconds}
 
 
 def main() -> None:
@@ -91,7 +101,7 @@ def main() -> None:
     parser.add_argument("--data", default="wikitext-2")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--trim", default="off,on", help="off, on, mmap (on, and glibc's mmap threshold fixed at 128 KiB)")
+    parser.add_argument("--trim", default="on,mmap", help="off, on (as lmshrink runs), mmap (on, and glibc's mmap threshold held at 128 KiB)")
     parser.add_argument("--name", default="sequential_memory", help="results/<name>.json and .md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,25 +112,30 @@ def main() -> None:
     env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="lmshrink-memory-") as scratch:
         for trim in args.trim.split(","):
-            spec = {"model": args.model, "data": args.data, "windows": args.windows, "blocks": args.blocks, "trim": trim != "off",
+            spec = {"model": args.model, "data": args.data, "windows": args.windows, "blocks": args.blocks, "trim": trim,
                     "out": str(Path(scratch) / f"out-{trim}")}
-            # mmap: glibc's mmap threshold fixed at its default 128 KiB, so it never rises and every larger block is
-            # its own mapping, unmapped when freed (set before the process starts, as glibc reads it then)
+            # mmap: glibc's mmap threshold held at its default 128 KiB, so it never rises and every larger block is its
+            # own mapping, unmapped when freed (read when the process starts)
             result = run_child([sys.executable, __file__, "--child", json.dumps(spec)],
                                {**env, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if trim == "mmap" else {})})
             runs.append({**spec, **result})
+            seconds = result.get("seconds", {})
             for name, peak in result.get("phases", {}).items():
-                rows.append([f"trim {trim}", name, peak["rss"], peak["anon"], peak["file"]])
-            rows.append([f"trim {trim}", "peak (VmHWM)", result.get("peak_rss_mib"), None, result.get("error")])
+                rows.append([f"trim {trim}", name, peak["rss"], peak["anon"], peak["file"], round(seconds.get(name, 0.0), 1)])
+            rows.append([f"trim {trim}", "peak (VmHWM); all phases", result.get("peak_rss_mib"), None, result.get("error"),
+                         round(sum(seconds.values()), 1) if seconds else None])
             print(rows[-1], flush=True)
     write_results(args.name, {"model": args.model, "windows": args.windows, "runs": runs},
-                  ["run", "phase", "peak RSS MiB", "of it anonymous", "of it file-backed"], rows,
+                  ["run", "phase", "peak RSS MiB", "of it anonymous", "of it file-backed", "seconds"], rows,
                   notes=[f"{args.model}, fwhiten + sensitivity at 0.8, block by block in float32 (closed loop), {args.windows} "
                          f"calibration windows of 512 from {args.data}; stopped after {args.blocks} blocks; 1 thread.",
                          "Readings every 0.2 s from /proc/self/status, filed under the phase running then; VmHWM: the "
                          "process's own peak.",
-                         "trim on: glibc's malloc_trim after every released block (lmshrink.shards.return_freed_memory); off: as before; "
-                         "mmap: on, and MALLOC_MMAP_THRESHOLD_=131072 (glibc's default threshold, kept from rising)."])
+                         "trim off: no malloc_trim; on: as lmshrink runs (lmshrink.shards.return_freed_memory: glibc's "
+                         "malloc_trim after every released block and, since stop 38, every calibration window); mmap: on, "
+                         "and MALLOC_MMAP_THRESHOLD_=131072 (glibc's default threshold, kept from rising).",
+                         "seconds: wall time in each phase, one thread, the runs one after another (another job may run "
+                         "beside: compare within a run)."])
 
 
 if __name__ == "__main__":

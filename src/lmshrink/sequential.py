@@ -47,7 +47,7 @@ from lmshrink.plan import Plan, Target, select_targets
 from lmshrink.quantize_factors import DENSE_QUANTIZERS, quantize_factors, reconcile_bits
 from lmshrink.recipes import record_recipe
 from lmshrink.refit import refit_block
-from lmshrink.shards import ShardWriter, fill, materialize, open_source, release
+from lmshrink.shards import ShardWriter, fill, materialize, open_source, release, return_freed_memory
 from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
 from lmshrink.io import check_out, staging_directory, write_manifest
 from lmshrink.budget import weighted_spectra
@@ -120,6 +120,8 @@ def _block_pass(block, inputs, calls, index, targets, needs, outputs: Boundary |
                 out = run_block(block, hidden, calls[window][index])
                 if outputs is not None:
                     outputs.append(out)
+                del out
+                return_freed_memory()  # this window's intermediates, freed between the kept outputs (shards)
     finally:
         for hook in hooks:
             hook.remove()

@@ -325,23 +325,25 @@ def release(module: nn.Module) -> None:
 def return_freed_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
 
-    Block by block, a block's weights and one boundary's activations are freed for the next block's, but glibc keeps
-    freed chunks of a few MB in its heap, fragmented, and the heap grows beside them: on SmolLM2 (16 calibration
-    windows) peak RSS 2064 MiB without this, 1472 MiB with it (benchmarks/results/sequential_memory.md). Neither torch
-    nor the standard library offers it, hence ctypes.
+    Block by block, a block's weights, one boundary's activations and each window's intermediates are freed for the
+    next ones, but glibc keeps freed chunks of a few MB in its heap, fragmented, and the heap grows beside them. On
+    SmolLM2 (64 calibration windows) peak RSS 2073 MiB when trimmed after each block, 1484 MiB after each window too
+    (benchmarks/results/sequential_memory_64*.md); the pages handed back are faulted in again when reused. Neither
+    torch nor the standard library offers it, hence ctypes.
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc(name: str):
+    """A function of the process's C library by name, or None where it is not glibc (macOS, musl, Windows)."""
     import ctypes
 
     try:
-        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc's on Linux
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return getattr(ctypes.CDLL(None), name)  # the process's own symbols: glibc's on Linux
+    except (OSError, AttributeError):
         return None
 
 
