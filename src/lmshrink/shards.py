@@ -331,19 +331,18 @@ def return_freed_memory() -> None:
     (benchmarks/results/sequential_memory_64*.md); the pages handed back are faulted in again when reused. Neither
     torch nor the standard library offers it, hence ctypes.
     """
-    trim = _glibc("malloc_trim")
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
 @functools.cache
-def _glibc(name: str):
-    """A function of the process's C library by name, or None where it is not glibc (macOS, musl, Windows)."""
+def _malloc_trim():
     import ctypes
 
     try:
-        return getattr(ctypes.CDLL(None), name)  # the process's own symbols: glibc's on Linux
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc's on Linux
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
         return None
 
 
