@@ -189,6 +189,7 @@ def _small(prose):
 def test_rare_rows_take_fewer_bits_and_the_common_rows_are_unchanged(prose, tmp_path, tie):
     """--rare-bits: the least-counted share of the table's rows at fewer bits; every other row exactly as plain gptq
     stores it (rows round independently); bytes as the budget predicts; save/load gives the same logits."""
+    from lmshrink.data import reference_text
     from lmshrink.frequencies import corpus_frequencies
     from lmshrink.layers.quantized import MixedBitsEmbedding
     from lmshrink.methods.gptq import rare_rows
@@ -207,9 +208,11 @@ def test_rare_rows_take_fewer_bits_and_the_common_rows_are_unchanged(prose, tmp_
     layer = mixed.model.get_submodule("model.embed_tokens")
     assert isinstance(layer, MixedBitsEmbedding) and (layer.common_q.bits, layer.rare_q.bits) == (4, 2)
     counts = corpus_frequencies(mixed, corpus.train, 256).counts
-    rare = rare_rows(counts, 0.5)
+    reference = corpus_frequencies(mixed, reference_text(), 256).counts
+    rare = rare_rows(counts, 0.5, reference)
     assert torch.equal(layer.rare, rare) and int(rare.sum()) == 128
-    assert int(counts[rare].max()) <= int(counts[~rare].min())  # the rare half is the least counted
+    both = counts / counts.sum() + reference / reference.sum()  # each text weighs half
+    assert float(both[rare].max()) <= float(both[~rare].min())  # the rare half is the least counted
     reference = plain.model.get_submodule("model.embed_tokens").dense_weight()
     assert torch.equal(layer.dense_weight()[~rare], reference[~rare])
     assert not torch.equal(layer.dense_weight()[rare], reference[rare])
@@ -222,6 +225,37 @@ def test_rare_rows_take_fewer_bits_and_the_common_rows_are_unchanged(prose, tmp_
     ids = torch.tensor([mixed.encode(corpus.test)[:64]])
     with torch.no_grad():
         assert torch.equal(again.logits(ids), mixed.logits(ids))
+
+
+def test_rare_rows_weigh_the_reference_text_as_much_as_the_calibration_text():
+    from lmshrink.methods.gptq import rare_rows
+
+    counts, reference = torch.tensor([10, 0, 0, 5]), torch.tensor([0, 100, 0, 0])
+    # reference scaled to the calibration total (15): [10, 15, 0, 5]; without it the unused rows 1 and 2 (ties: higher id first)
+    assert rare_rows(counts, 0.5, reference).tolist() == [False, False, True, True]
+    assert rare_rows(counts, 0.5).tolist() == [False, True, True, False]
+    assert rare_rows(counts, 0.5, torch.zeros(4, dtype=torch.long)).tolist() == [False, True, True, False]
+
+
+def test_rows_most_text_needs_are_not_rare_for_a_calibration_text_that_lacks_them(prose):
+    """A calibration text without line breaks or parentheses (WikiText-2 has no bare newline token) would put their rows
+    among the rare ones; the reference text's counts (--rare-reference, the default) keep them at --bits."""
+    from lmshrink.frequencies import corpus_frequencies
+
+    corpus = _small(prose)
+    flat = lmshrink.Corpus("flat", corpus.train.translate(str.maketrans("\n()", "   ")), corpus.test, "no newlines")
+    base = dict(method="gptq", targets=("embedding",), ratio=1.0, bits=4, group_size=16, calibration_windows=2, window=32)
+    probe = tiny_llama()
+    needed = [probe.encode(c)[0] for c in "\n()"]
+    unused = int((corpus_frequencies(probe, flat.train, 256).counts == 0).sum())  # every unused row rare without the reference
+    masks = {}
+    for reference in (True, False):
+        model = tiny_llama(seed=7, tie=True)
+        options = {"rare_bits": 2, "rare_share": unused / 256, "rare_reference": reference}
+        lmshrink.compress(model, lmshrink.Plan(**base, options=options), data=flat, progress=False)
+        masks[reference] = model.model.get_submodule("model.embed_tokens").rare
+    assert masks[False][needed].all() and not masks[True][needed].any()
+    assert int(masks[True].sum()) == int(masks[False].sum()) == unused
 
 
 def test_rare_rows_keep_the_logits_closer_than_fewer_bits_everywhere(prose):

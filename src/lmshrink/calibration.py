@@ -34,13 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lmshrink.cache import cache_dir, weights_fingerprint, write_safetensors
-from lmshrink.data import Corpus, calibration_windows
+from lmshrink.data import Corpus, calibration_windows, reference_text
 from lmshrink.distributed import SINGLE, World, all_gather_json, all_reduce_sum
 from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.plan import Target
 
 INPUT_STATS = {"input_gram", "input_abs_mean", "input_sq_mean"}
-TOKEN_STATS = {"token_counts"}  # lmshrink.frequencies.Frequencies of the calibration text (no forward pass)
+# lmshrink.frequencies.Frequencies (no forward pass): of the calibration text, and of lmshrink.data.reference_text
+TOKEN_STATS = {"token_counts", "reference_token_counts"}
 GRADIENT_STATS = {"fisher", "output_grad_gram"}  # measured by a backward pass of the calibration loss
 KNOWN_STATS = INPUT_STATS | GRADIENT_STATS | TOKEN_STATS
 CACHE_FORMAT = 1
@@ -75,7 +76,7 @@ def collect_stats(loaded, targets: list[Target], corpus: Corpus, needs, windows:
     if not targets:
         raise InvalidArgument("targets", "is empty", "at least one target to calibrate")
     if needs & TOKEN_STATS:
-        counted = _token_counts(loaded, targets, corpus)
+        counted = _token_counts(loaded, targets, corpus, needs & TOKEN_STATS)
         needs -= TOKEN_STATS
         if not needs:
             return counted
@@ -123,21 +124,28 @@ def worth_caching(seconds: float, size_bytes: int) -> bool:
     return seconds >= CACHE_MIN_SECONDS and seconds >= CACHE_SECONDS_PER_GB * size_bytes / 1e9
 
 
-def _token_counts(loaded, targets, corpus: Corpus) -> dict[str, dict]:
-    # Token frequencies of the whole calibration text with the model's tokenizer (GroupReduce); a model without a
-    # tokenizer gets none, and a method that needs them says so (or takes a --frequencies file).
+def _token_counts(loaded, targets, corpus: Corpus, wanted: set[str]) -> dict[str, dict]:
+    # Token frequencies with the model's tokenizer (GroupReduce, gptq's rare rows) of the whole calibration text and,
+    # when asked, of the reference text; a model without a tokenizer gets none, and a method that needs them says so
+    # (or takes a --frequencies file).
     if getattr(loaded, "tokenizer", None) is None:
         return {t.name: {} for t in targets}
-    if not corpus.train:
+    if "token_counts" in wanted and not corpus.train:
         raise InvalidArgument("--data", f"{corpus.name!r} has no text to count tokens in (token frequencies weigh the rows)",
                               "a text corpus, or TEXT+self (frequencies from TEXT)")
     from lmshrink.frequencies import corpus_frequencies
 
-    counted = {}  # by vocabulary size: counted once for an embedding and its head
-    for t in targets:
-        if t.kind in ("embedding", "lm_head") and t.shape[0] not in counted:  # rows = tokens; other matrices get none
-            counted[t.shape[0]] = corpus_frequencies(loaded, corpus.train, t.shape[0], name=corpus.name)
-    return {t.name: {"token_counts": counted[t.shape[0]]} if t.kind in ("embedding", "lm_head") else {} for t in targets}
+    texts = {"token_counts": (corpus.name, lambda: corpus.train), "reference_token_counts": ("reference", reference_text)}
+    counted: dict[str, dict] = {t.name: {} for t in targets}
+    for stat in sorted(wanted):
+        name, text = texts[stat]
+        by_vocab = {}  # counted once for an embedding and its head
+        for t in targets:
+            if t.kind in ("embedding", "lm_head"):  # rows = tokens; other matrices get none
+                if t.shape[0] not in by_vocab:
+                    by_vocab[t.shape[0]] = corpus_frequencies(loaded, text(), t.shape[0], name=name)
+                counted[t.name][stat] = by_vocab[t.shape[0]]
+    return counted
 
 
 def input_module(loaded, target: Target):

@@ -100,6 +100,14 @@ def pydoc_corpus() -> Corpus:
                   f"English prose; 90% calibration / 10% evaluation)")
 
 
+def reference_text() -> str:
+    """The calibration halves of 'pydoc' and 'stdlib': prose and code that every machine has. Its token counts stand
+    beside a calibration text's where a rarely used token must not mean a token most text needs (gptq's rare rows):
+    a corpus in a peculiar format (WikiText-2 has no bare newline, nor punctuation without a space before it) never
+    uses tokens that ordinary prose and code use all the time."""
+    return pydoc_corpus().train + "\n" + stdlib_corpus().train
+
+
 def default_corpus_name() -> str:
     """'wikitext-2' when the shared data folder has it, else 'pydoc' (English prose on every machine)."""
     shared = shared_data_dir()

@@ -162,7 +162,8 @@ def _compress_head_stages(engine: "Engine", hidden, data) -> list[dict]:
                 hook.remove()
         stats = _finish_input_stats(stats, targets, needs, engine.world, engine.device)
         if wanted & TOKEN_STATS:  # counted on the text itself: no forward pass
-            counts = collect_stats(engine.loaded, targets, data if isinstance(data, Corpus) else load_corpus(data), TOKEN_STATS)
+            counts = collect_stats(engine.loaded, targets, data if isinstance(data, Corpus) else load_corpus(data),
+                                   wanted & TOKEN_STATS)
             stats = {name: {**stats[name], **counts[name]} for name in stats}
         stage_rows = replace_modules(engine.loaded, targets, method, plan, stats, options)
         if plan.bits is not None:
