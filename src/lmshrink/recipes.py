@@ -57,7 +57,8 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
         # and 3 bits everywhere breaks the model (frontier_*.md). Gemma-3-270M on 16k tokens (dense 43.77): the table at
         # 3 bits with attention 5 / MLP 4 gave 51.82; 80% rare rows at 2 bits paid for 6 / 5 and gave 47.25. SmolLM2
         # (a small table, 4k tokens): 80% rare rows 42.06, 50% 39.22, the table at 3 bits 39.87; on 8k tokens 50% rare rows
-        # 45.37 against 44.69 at 3 bits, and 2.2x its perplexity on pydoc and stdlib text (rare_rows_smollm2-135m.md).
+        # 45.54 against 44.69 at 3 bits, and 1.1-1.2x on pydoc and stdlib text (2.2x before rows were also counted in the
+        # reference text, gptq's rare_reference; rare_rows_smollm2-135m.md).
         "bf16_fraction": 0.25,
         "stages": [
             {"targets": ["attention"], "method": "gptq", "ratio": 1.0, "bits": [6, 5], "group_size": 64},
