@@ -7,11 +7,11 @@ Linears and output layers use their input Gram. An embedding tied to the output 
 hidden states), so its logits are what is kept; an untied embedding is looked up by one-hot token ids, whose Gram is
 diagonal, so GPTQ reduces to round to nearest there (stored as such: a recipe may name every table, tied or not).
 
-``--rare-bits B --rare-share S`` store the share S of an embedding's rows that the calibration text uses least (its
-token counts; ties: higher ids first) at B bits, the rest at ``--bits`` (a MixedBitsEmbedding). Rows are rounded
+``--rare-bits B --rare-share S`` store the share S of an embedding's rows used least (token counts; ties: higher ids
+first) at B bits, the rest at ``--bits`` (a MixedBitsEmbedding). Rows are rounded
 independently (one row's error is spread over its own columns), so the common rows come out as they would alone.
 With ``--rare-reference`` (the default) the counts of lmshrink's reference text (Python's prose and code,
-lmshrink.data.reference_text), scaled to the calibration text's total, are added first: calibrated on WikiText-2,
+lmshrink.data.reference_text), scaled to the calibration text's total, are added to its counts: calibrated on WikiText-2,
 whose format has no bare newline and no punctuation without a space before it, SmolLM2's 2-bit half of the rows
 otherwise held 35-43% of the tokens of ordinary prose and code (rare_rows_smollm2-135m.md).
 """
@@ -39,7 +39,7 @@ class GPTQOptions(MethodOptions):
                                  bounds=Bounds(0, 1000, low_open=True))
     rare_bits: int = option(0, f"bits of an embedding's rarest rows (--rare-share of them), one of {SUPPORTED_BITS}; 0: every "
                                "row at --bits", bounds=BITS)
-    rare_share: float = option(0.0, "share of an embedding's rows, least used in the calibration text first, stored at "
+    rare_share: float = option(0.0, "share of an embedding's rows, least used first (see --rare-reference), stored at "
                                     "--rare-bits", bounds=Bounds(0, 1, high_open=True))
     rare_reference: bool = option(True, "count the rows' use in lmshrink's reference text (Python's prose and code) too, "
                                         "so tokens that most text needs are not rare for a calibration text that lacks them")
