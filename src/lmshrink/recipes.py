@@ -50,15 +50,16 @@ BUILTIN_RECIPES: dict[str, dict[str, Any]] = {
     "quarter": {
         "description": "at most a quarter of the original's bfloat16 bytes (groups of 64): gptq on attention at 6 or 5 bits, "
                        "nystrom MLP channels with 5- or 4-bit weights rounded on calibration inputs, gptq on the "
-                       "embedding/head at 4 bits with the 80% or 50% of its rows the calibration text uses least at 2 bits; "
-                       "the budget takes the first of these choices (in that order) that keeps every MLP channel, else 5/4 "
-                       "bits, a 50% share, and the channels that leaves",
+                       "embedding/head at 4 bits with the 80% or 50% of its rows the calibration text and lmshrink's "
+                       "reference text use least at 2 bits; the budget takes the first of these choices (in that order) "
+                       "that keeps every MLP channel, else 5/4 bits, a 50% share, and the channels that leaves",
         # Quantization alone cannot reach a quarter at 4 bits (scales included, 4-bit groups of 64 are 0.28 of bf16),
         # and 3 bits everywhere breaks the model (frontier_*.md). Gemma-3-270M on 16k tokens (dense 43.77): the table at
         # 3 bits with attention 5 / MLP 4 gave 51.82; 80% rare rows at 2 bits paid for 6 / 5 and gave 47.25. SmolLM2
         # (a small table, 4k tokens): 80% rare rows 42.06, 50% 39.22, the table at 3 bits 39.87; on 8k tokens 50% rare rows
         # 45.54 against 44.69 at 3 bits, and 1.1-1.2x on pydoc and stdlib text (2.2x before rows were also counted in the
-        # reference text, gptq's rare_reference; rare_rows_smollm2-135m.md).
+        # reference text, gptq's rare_reference; rare_rows_smollm2-135m.md). With the reference counts, 16k tokens: Gemma
+        # 47.68 (46.28 counted in WikiText-2 alone), SmolLM2 38.70 (37.51) (frontier_*_16k.md).
         "bf16_fraction": 0.25,
         "stages": [
             {"targets": ["attention"], "method": "gptq", "ratio": 1.0, "bits": [6, 5], "group_size": 64},
