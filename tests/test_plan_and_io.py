@@ -186,3 +186,50 @@ def test_default_corpus_without_shared_data_is_english_prose_and_stdlib_stays_av
     assert corpus.name == "python-stdlib" and "standard library" in corpus.source
     assert len(corpus.train) > 1_000_000 and len(corpus.test) > 100_000
     assert "def " in corpus.test and corpus.train[-1] == "\n"  # split at a line break, no overlap
+
+
+_LOAD_CHILD = """
+import resource, sys
+import torch
+import lmshrink
+small, big, headroom = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lmshrink.load(small)  # every module the load path imports, imported before measuring
+torch.set_num_threads(1)
+data = int(next(line for line in open("/proc/self/status") if line.startswith("VmData")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (data + headroom, data + headroom))
+try:
+    loaded = lmshrink.load(big)
+except (MemoryError, RuntimeError, OSError) as error:
+    print("FAILED", type(error).__name__, str(error).splitlines()[0][:200])
+    sys.exit(3)
+print("DONE", sum(p.numel() for p in loaded.model.parameters()))
+"""
+
+
+def test_load_never_holds_the_weights_twice(tmp_path):
+    """lmshrink.load allocates the model once and reads the stored tensors into it one at a time: it runs in a process
+    allowed to grow by 1.4x the weights (an OS-enforced limit); holding every stored tensor before copying them in
+    would need 2x."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=512, max_position_embeddings=128)
+    big = lmshrink.load_model(LlamaForCausalLM(config).eval(), tokenizer=byte_tokenizer())
+    weight_bytes = sum(p.numel() * p.element_size() for p in big.model.parameters())
+    assert weight_bytes > 80e6
+    lmshrink.save(big, tmp_path / "big")
+    lmshrink.save(tiny_llama(), tmp_path / "small")
+    del big
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lmshrink.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed buffers go back to the OS: what is measured is what the code holds
+    done = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(tmp_path / "small"), str(tmp_path / "big"),
+                           str(int(1.4 * weight_bytes))], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and f"DONE {weight_bytes // 4}" in done.stdout, done.stdout + done.stderr[-2000:]

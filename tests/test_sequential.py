@@ -155,15 +155,20 @@ def test_gemma3_fits_the_block_seam(corpus, tmp_path):
         assert torch.allclose(saved.model(input_ids=ids).logits, whole.model(input_ids=ids).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("stat,method", [("fisher", "fwhiten"), ("output_grad_gram", "kfac")])
-def test_exact_gradient_statistics_equal_the_in_memory_ones(checkpoint, corpus, tmp_path, stat, method):
+@pytest.mark.parametrize("stat,method,chunk", [("fisher", "fwhiten", None), ("output_grad_gram", "kfac", None), ("fisher", "fwhiten", 5)])
+def test_exact_gradient_statistics_equal_the_in_memory_ones(checkpoint, corpus, tmp_path, monkeypatch, stat, method, chunk):
     """The block-wise backward pass gives what the whole-model calibration measures: the Fisher (out, in) and the
-    output-gradient Gram (out, out, float64); only the statistic asked for is kept."""
+    output-gradient Gram (out, out, float64); only the statistic asked for is kept. With ``chunk`` the loss's logits
+    are made that many positions at a time (ten chunks a window here), as a large vocabulary's are."""
     from safetensors.torch import load_file
 
+    import lmshrink.models.blocks as blocks
     from lmshrink.calibration import collect_stats
     from lmshrink.plan import select_targets
 
+    if chunk is not None:
+        monkeypatch.setattr(blocks, "LOGIT_CHUNK", chunk)
+        assert len(list(blocks.DecoderStack.logit_chunks(None, WINDOW - 1, "cpu"))) == 10
     plan = _plan(method)
     engine = open_engine(checkpoint, plan, "float32", "cpu", progress=False)
     engine.load_outer()
@@ -549,12 +554,15 @@ def test_two_stages_inside_the_blocks_share_one_calibration_pass(checkpoint, cor
     assert record["met"] and record["measured"] <= int(0.8 * whole_params(checkpoint))
 
 
-def test_gptq_in_the_blocks_and_on_the_tied_table_after_them(corpus, tmp_path):
+def test_gptq_in_the_blocks_and_on_the_tied_table_after_them(corpus, tmp_path, monkeypatch):
     """gptq inside the blocks (open loop: what the whole-model path rounds), and a gptq stage on the tied table run
     after the blocks, weighed by the final hidden states (blocks left dense: the whole-model recipe's table)."""
     from lmshrink.layers.quantized import QuantizedEmbedding, QuantizedLinear
     from lmshrink.recipes import apply_recipe, parse_recipe
 
+    import lmshrink.models.blocks as blocks
+
+    monkeypatch.setattr(blocks, "LOGIT_CHUNK", 7)  # the table's inputs seen a few positions at a time: the same sums
     folder = _checkpoint(tmp_path / "tied", tie=True)
     gptq = {"method": "gptq", "ratio": 1, "bits": 4, "group_size": 16, "calibration_windows": WINDOWS, "window": WINDOW}
 

@@ -41,6 +41,23 @@ def test_sharded_source_lists_from_headers_and_reads_each_tensor(llama, tmp_path
     assert source.declared_dtype() == torch.float32
 
 
+def test_get_into_a_tensor_reads_in_place_or_casts(llama, tmp_path):
+    """``get(name, out=t)``: into a tensor of the stored dtype the bytes land in t's own memory (fill's route: no second
+    copy of a table); into another dtype or a non-contiguous view the values are cast and copied."""
+    source = SafetensorsSource(_save(llama.model, tmp_path / "m"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = llama.model.state_dict()[name]
+    out = torch.nn.Parameter(torch.full(expected.shape, float("nan")))  # fill's targets are parameters
+    pointer = out.data_ptr()
+    assert source.get(name, out=out) is out and out.data_ptr() == pointer and torch.equal(out.detach(), expected)
+    half = torch.zeros(expected.shape, dtype=torch.bfloat16)
+    source.get(name, out=half)
+    assert torch.equal(half, expected.bfloat16())
+    strided = torch.zeros(expected.shape[1], expected.shape[0]).T
+    source.get(name, out=strided)
+    assert torch.equal(strided, expected)
+
+
 def test_single_file_source(llama, tmp_path):
     folder = _save(llama.model, tmp_path / "m", shard=None)
     assert (folder / "model.safetensors").is_file()

@@ -409,26 +409,31 @@ def _stored_tensors(directory: Path) -> tuple[dict[str, Path], dict[str, StoredT
 
 
 def _fill(model: nn.Module, groups: list[list[str]], where: dict[str, Path]) -> None:
-    """Read every stored tensor (refusing non-finite values) into the model, strictly, one weights file at a time."""
-    from safetensors import safe_open
+    """Read every stored tensor (refusing non-finite values) into the model's own tensors, strictly, one tensor at a
+    time: the weights are never held twice (only the tensor being read is)."""
+    from lmshrink.shards import read_safetensors_header, read_tensor
 
-    state = {}
     by_file: dict[Path, list[list[str]]] = {}
     for names in groups:
         by_file.setdefault(where[names[0]], []).append(names)
+    filled: set[str] = set()
+    unexpected: list[str] = []
     for weights, file_groups in by_file.items():
         try:
-            with safe_open(str(weights), framework="pt") as handle:
-                for names in file_groups:
-                    tensor = handle.get_tensor(names[0])
-                    check_finite(tensor, names[0], weights)
-                    state.update(dict.fromkeys(names, tensor))
+            offsets = read_safetensors_header(weights)  # byte ranges (the header was validated by _stored_tensors)
+            for names in file_groups:
+                tensor = read_tensor(offsets[names[0]], names[0])  # read, not mapped: the file never counts twice
+                check_finite(tensor, names[0], weights)
+                # load_state_dict one tensor (and its tied names) at a time: the layers' load hooks run as usual
+                unexpected += model.load_state_dict(dict.fromkeys(names, tensor), strict=False).unexpected_keys
+                filled.update(names)
+                del tensor
         except CorruptFile:
             raise
         except Exception as error:  # noqa: BLE001 - the Rust reader raises its own types for a file changed under it
             raise refuse_unreadable(error, "weights file", weights) from error
-    weights = next(iter(by_file), "weights")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = sorted(set(model.state_dict(keep_vars=True)) - filled)
     if missing or unexpected:  # the header check makes this unreachable; kept so a silent partial load never happens
-        raise CorruptFile(f"MODEL: {str(weights)!r} does not match its manifest: missing {list(missing)[:5]}, "
-                          f"unexpected {list(unexpected)[:5]}")
+        weights = next(iter(by_file), "weights")
+        raise CorruptFile(f"MODEL: {str(weights)!r} does not match its manifest: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")

@@ -155,8 +155,9 @@ def _compress_head_stages(engine: "Engine", hidden, data) -> list[dict]:
         hooks = [input_module(engine.loaded, t).register_forward_hook(input_hook(stats[t.name], needs)) for t in targets]
         try:
             with torch.no_grad():
-                for window in hidden:
-                    engine.stack.logits(window)
+                for window in hidden:  # the head's inputs are seen chunk by chunk: the same sums
+                    for positions in engine.stack.logit_chunks(window.shape[1], window.device):
+                        engine.stack.logits(window, positions)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -409,10 +410,7 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
     total_windows = engine.total_windows or len(hidden)
     grads = engine.boundary()
     for w, h in enumerate(hidden):
-        h = h.detach().requires_grad_(True)
-        ids = windows[w].to(engine.device)
-        loss = F.cross_entropy(stack.logits(h)[0, :-1].float(), ids[1:])
-        grads.append(torch.autograd.grad(loss, h)[0])
+        grads.append(_loss_gradient(stack, h, windows[w].to(engine.device)))
     for index in tqdm(reversed(range(len(stack))), total=len(stack), desc="fisher (backward)", unit="block", disable=not engine.progress):
         block = engine.load_block(index)
         stored = load_file(str(scratch / f"inputs-{index}.safetensors"))
@@ -447,6 +445,20 @@ def exact_fisher(engine: Engine, windows: torch.Tensor, first_inputs, calls, scr
         grads = previous
         release(block)
     return scratch
+
+
+def _loss_gradient(stack: DecoderStack, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The gradient of one window's mean next-token loss with respect to the last block's output ``hidden`` (1, L, d),
+    its logits made a chunk of positions at a time (stack.logit_chunks): the same sum as one cross entropy over the
+    window without holding the window's logits."""
+    hidden = hidden.detach().requires_grad_(True)
+    targets = ids[1:]
+    grad = torch.zeros_like(hidden)
+    for positions in stack.logit_chunks(targets.numel(), hidden.device):
+        logits = stack.logits(hidden, positions)[0].float()
+        loss = F.cross_entropy(logits, targets[positions], reduction="sum") / targets.numel()
+        grad += torch.autograd.grad(loss, hidden)[0]
+    return grad
 
 
 def _save_output_grad_grams(engine: Engine, targets, grams: dict, path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,26 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     if needed > size:
         raise CorruptFile(f"MODEL: shard {path.name!r} is truncated: its header describes {needed:,} bytes, the file has {size:,}")
     return tensors
+
+
+def read_tensor(info: TensorInfo, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor's bytes read from its file (the file is never mapped). Into ``out`` when given: in place when it is a
+    contiguous CPU tensor of the stored dtype and shape (no second copy of a large table), else cast and copied."""
+    direct = (out is not None and out.device.type == "cpu" and out.dtype == info.dtype and out.is_contiguous()
+              and tuple(out.shape) == tuple(info.shape) and out.numel() > 0
+              and sys.byteorder == "little")  # safetensors stores little-endian
+    buffer = out.detach().view(-1).view(torch.uint8).numpy() if direct else bytearray(info.end - info.begin)
+    with open(info.file, "rb") as handle:
+        handle.seek(info.begin)
+        if handle.readinto(buffer) != len(buffer):
+            raise CorruptFile(f"MODEL: shard {info.file.name!r} is truncated (tensor {name!r} is cut short)")
+    if direct:
+        return out
+    tensor = torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape) if buffer else torch.empty(info.shape, dtype=info.dtype)
+    if out is None:
+        return tensor
+    with torch.no_grad():  # out may be a parameter
+        return out.copy_(tensor)
 
 
 class SafetensorsSource:
@@ -130,18 +151,10 @@ class SafetensorsSource:
             return getattr(torch, declared)
         return next((i.dtype for i in self.tensors.values() if i.dtype.is_floating_point), torch.float32)
 
-    def get(self, name: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
-        info = self.tensors[name]
-        buffer = bytearray(info.end - info.begin)
-        with open(info.file, "rb") as handle:
-            handle.seek(info.begin)
-            if handle.readinto(buffer) != len(buffer):
-                raise CorruptFile(f"MODEL: shard {info.file.name!r} is truncated (tensor {name!r} is cut short)")
-        if not buffer:
-            tensor = torch.empty(info.shape, dtype=info.dtype)
-        else:
-            tensor = torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
-        return tensor.to(device=device, dtype=dtype or info.dtype)
+    def get(self, name: str, dtype: torch.dtype | None = None, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` (cast to ``dtype``, on ``device``), or written into ``out`` and ``out`` returned."""
+        tensor = read_tensor(self.tensors[name], name, out)
+        return tensor if out is not None else tensor.to(device=device, dtype=dtype or tensor.dtype)
 
 
 class GGUFSource:
@@ -198,7 +211,7 @@ class GGUFSource:
     def declared_dtype(self) -> torch.dtype:
         return torch.bfloat16  # quantized weights have no float dtype of their own; bf16 holds them with float32's range
 
-    def get(self, name: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None, device=None, out: torch.Tensor | None = None) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
@@ -207,8 +220,11 @@ class GGUFSource:
         result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._mapping,
                                          parsed_parameters={"config": self.config.to_dict(), "tensors": {}})
         array = result.weights if result.weights.flags.writeable else np.array(result.weights)  # unquantized: a view of the file
-        out = torch.from_numpy(np.ascontiguousarray(array)).reshape(self._shapes[name])
-        return out.to(device=device, dtype=dtype or torch.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).reshape(self._shapes[name])
+        if out is None:
+            return tensor.to(device=device, dtype=dtype or torch.float32)
+        with torch.no_grad():
+            return out.copy_(tensor)
 
 
 def open_source(path: str | Path):
@@ -374,7 +390,7 @@ def fill(module: nn.Module, source, prefix: str = "", exclude: tuple[str, ...] =
             if tuple(source.shape(name)) != tuple(target.shape):
                 raise CorruptFile(f"MODEL: tensor {name!r} has shape {tuple(source.shape(name))} in the checkpoint, "
                                   f"the model expects {tuple(target.shape)}")
-            target.copy_(source.get(name, dtype=target.dtype, device=target.device))
+            source.get(name, out=target)
             used.extend(prefix + k for k in keys if prefix + k in available)
     if missing:
         raise CorruptFile(f"MODEL: the checkpoint lacks {len(missing)} tensor(s) the model needs: {missing[:5]}")

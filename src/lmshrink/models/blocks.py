@@ -13,6 +13,7 @@ pass-through stubs, so the final norm, head and any logit soft-capping are the m
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,6 +23,9 @@ from lmshrink.errors import InvalidArgument
 
 # Families known to fit the seam (transformers 5: blocks return the hidden state as one tensor).
 BLOCK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
+# Positions whose logits a block-by-block pass holds at once. A whole window's logits, their log-softmax and its
+# gradient would be a run's largest tensors for a big vocabulary: 512 x 262,144 float32 = 512 MiB each for Gemma 3.
+LOGIT_CHUNK = 64
 
 
 def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
@@ -131,10 +135,17 @@ class DecoderStack:
         first = calls[0][0][0]
         return first, [(args, kwargs) for _, args, kwargs in (c[0] for c in calls)]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The head applied to the last block's output: final norm, output layer, soft-capping as the model does."""
+    def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The head applied to the last block's output: final norm, output layer, soft-capping as the model does;
+        ``positions`` (1-D): only those positions' logits (transformers' ``logits_to_keep``)."""
+        keep = {} if positions is None else {"logits_to_keep": positions}
         with self._stubbed():
-            return self.model(inputs_embeds=hidden, use_cache=False).logits
+            return self.model(inputs_embeds=hidden, use_cache=False, **keep).logits
+
+    def logit_chunks(self, length: int, device) -> Iterator[torch.Tensor]:
+        """Positions 0..length-1 in runs of LOGIT_CHUNK, for ``logits(hidden, positions)``."""
+        for start in range(0, length, LOGIT_CHUNK):
+            yield torch.arange(start, min(start + LOGIT_CHUNK, length), device=device)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
