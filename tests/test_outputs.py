@@ -275,3 +275,19 @@ def test_a_killed_train_lm_does_not_block_the_next(tmp_path, monkeypatch):
     start = time.monotonic()
     assert lstm.train_reference("ptb-small") == directory and trained == ["ptb-small", "ptb-small"]
     assert time.monotonic() - start < 5
+
+
+def test_a_signal_during_the_cleanup_of_a_failed_write_waits_for_the_cleanup(tmp_path, monkeypatch, models):
+    """torchrun's SIGTERM often lands while an error unwinds: it must not stop the partial folder's removal halfway."""
+    real_rmtree = shutil.rmtree
+
+    def signalled_rmtree(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: before the real removal starts
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", signalled_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.reserve(tmp_path / "out") as output, output.staging() as staging:
+            (staging / "half.bin").write_bytes(b"0" * 1024)
+            raise RuntimeError("a worker was lost")
+    assert list(tmp_path.iterdir()) == []  # no partial folder, no lock file

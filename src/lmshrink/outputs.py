@@ -126,14 +126,19 @@ class Output:
     def staging(self) -> Iterator[Path]:
         """A fresh directory to fill; on normal exit it replaces ``target`` atomically, on any error it is removed."""
         with _signals_as_interrupts(before_terminating=self.release) as guard:
-            staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
+            staging = None
             try:
+                with guard.deferred():  # so the folder is never made without its name being kept for the cleanup
+                    staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent))
                 yield staging
                 apply_umask(staging)
                 with guard.deferred():  # an interrupt waits until the swap has finished
                     self._swap(staging)
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                # A signal during the cleanup waits for it: torchrun's SIGTERM often lands while an error unwinds.
+                with guard.deferred():
+                    if staging is not None:
+                        shutil.rmtree(staging, ignore_errors=True)
                 raise
         self.written = True
 
@@ -321,8 +326,9 @@ class _Guard:
             yield
         finally:
             self.deferring = False
-        if self.pending is not None:
-            raise _Interrupted(self.pending)
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            raise _Interrupted(pending)
 
 
 @contextlib.contextmanager
