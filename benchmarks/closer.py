@@ -163,6 +163,8 @@ def main() -> None:
             result = run_child([sys.executable, __file__, "--child", json.dumps(spec)], env)
             key = ("model", "variant", "method", "allocation", "ratio", "calib", "data", "windows", "tokens", "joint", "options",
                    "channel_allocation", "self_share", "mlp_ratio")
+            if previous.exists():  # read again: another invocation may have added rows meanwhile
+                runs = [{"joint": False, "options": {}, **r} for r in json.loads(previous.read_text())["runs"]]
             runs = [r for r in runs if any(r.get(k) != spec.get(k) for k in key)] + [{**spec, **result, "command": _command()}]
             _write(args.name, runs, write_results)
             print(variant, ratio, result, flush=True)
