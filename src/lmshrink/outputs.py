@@ -16,6 +16,7 @@ A run that writes a directory ``DIR`` (``compress --out``, ``import-lm --out``, 
    is removed afterwards. Where the exchange is not available, ``DIR`` is moved to ``.DIR.old`` first and
    moved back if the second rename fails; a crash between the two is repaired by step 2 of the next run.
    SIGTERM is handled like SIGINT while staging: the partial directory is removed, then the signal proceeds.
+   A signal that lands while that removal (or the swap) runs waits for it to finish.
 """
 
 from __future__ import annotations
