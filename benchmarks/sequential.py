@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import RESULTS, command_line, run_child  # noqa: E402
+
 
 def child(spec: dict) -> dict:
     import torch
@@ -60,8 +62,6 @@ def child(spec: dict) -> dict:
 
 
 def main() -> None:
-    from _common import run_child, write_results
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ratios", default="0.6,0.8", help="Comma-separated; the first is run first.")
@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--data", default="wikitext-2")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's choice).")
     parser.add_argument("--name", default="sequential")
+    parser.add_argument("--no-dense", action="store_true", help="Skip the dense row (one per model is enough).")
+    parser.add_argument("--replot", action="store_true", help="Only rewrite the table and the PNG from the JSON.")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -83,8 +85,12 @@ def main() -> None:
              "whole": ("whole", "float32", None), "bf16": ("sequential", "auto", "compressed")}
     runs = [(*kinds[kind], method, float(ratio)) for ratio in args.ratios.split(",") for method in args.methods.split(",")
             for kind in args.paths.split(",")]
-    runs.append(("dense", None, None, None, None))
-    rows, results = [], []
+    if not args.no_dense:
+        runs.append(("dense", None, None, None, None))
+    if args.replot:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        _write(args, _previous(args.name), {"command": saved["command"], "environment": saved["environment"]})
+        return
     env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"}
     with tempfile.TemporaryDirectory(prefix="lmshrink-sequential-") as scratch:
         for number, (path, dtype, calibrate_on, method, ratio) in enumerate(runs):
@@ -92,23 +98,44 @@ def main() -> None:
                     "ratio": ratio, "allocation": args.allocation, "windows": args.windows, "window": args.window,
                     "tokens": args.tokens, "data": args.data, "threads": args.threads, "out": str(Path(scratch) / f"run{number}")}
             result = run_child([sys.executable, __file__, "--child", json.dumps(spec)], env)
-            results.append({**spec, **result, "label": _label(path, dtype, calibrate_on)})
-            rows.append([_label(path, dtype, calibrate_on), method or "-", ratio, result.get("perplexity"), result.get("peak_rss_mib"),
-                         result.get("seconds"), result.get("weights_bytes_on_disk"), result.get("error")])
-            write_results(args.name, {"model": args.model, "allocation": args.allocation, "runs": results},
-                          ["run", "method", "ratio", f"perplexity ({args.tokens} tokens, window {args.window})",
-                           "peak RSS MiB (load + compress + save)", "wall s (load + compress + save)", "weights bytes on disk", "error"],
-                          rows,
-                          notes=[f"{args.windows} calibration windows of {args.window} tokens from {args.data} train; "
-                                 f"allocation {args.allocation}; statistics cache off.",
-                                 "Peak RSS: ru_maxrss of the child process at the end of compression and saving (before evaluation).",
-                                 "Block-by-block outputs are evaluated in float32 (the bf16 run's weights are exactly its bf16 values).",
-                                 "Closed loop: each block is calibrated on the outputs of the already-compressed blocks; open loop: on the "
-                                 "original model's activations (what the whole-model path sees). The Fisher (fwhiten) is always the "
-                                 "original model's (exact, block-wise backward).",
-                                 "2 shared CPU cores: wall times are noisy; compare within one run only."])
-            _plot(args.name, results)
-            print(rows[-1], flush=True)
+            done = {**spec, **result, "label": _label(path, dtype, calibrate_on), "command": command_line()}
+            # Rows of earlier invocations under the same name stay, unless this run measured the same thing again.
+            key = ("model", "path", "method", "dtype", "calibrate_on", "ratio", "allocation", "windows", "window", "tokens", "data")
+            results = [r for r in _previous(args.name) if any(r.get(k) != spec[k] for k in key)] + [done]
+            _write(args, results)
+            print(done, flush=True)
+
+
+def _previous(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    return [{"command": saved["command"], **run} for run in saved["runs"]]  # rows from before per-row commands
+
+
+def _write(args, results: list[dict], kept: dict | None = None) -> None:
+    """The table and the PNG; ``kept``: the command and environment to state (a replot keeps the measuring run's)."""
+    from _common import write_results
+
+    order = {"dense": 0, "whole": 1, "sequential": 2}
+    results = sorted(results, key=lambda r: (r["model"], -(r["ratio"] or 2), order[r["path"]], r["calibrate_on"] or "", r["dtype"] or ""))
+    rows = [[r["label"], r["method"] or "-", r["ratio"], r.get("perplexity"), r.get("peak_rss_mib"), r.get("seconds"),
+             r.get("weights_bytes_on_disk"), r.get("error")] for r in results]
+    write_results(args.name, {"model": args.model, "allocation": args.allocation, "runs": results, **(kept or {})},
+                  ["run", "method", "ratio", f"perplexity ({args.tokens} tokens, window {args.window})",
+                   "peak RSS MiB (load + compress + save)", "wall s (load + compress + save)", "weights bytes on disk", "error"],
+                  rows,
+                  notes=[f"{args.windows} calibration windows of {args.window} tokens from {args.data} train; "
+                         f"allocation {args.allocation}; statistics cache off.",
+                         "Rows of several invocations are merged; each row's own command is in the JSON.",
+                         "Peak RSS: ru_maxrss of the child process at the end of compression and saving (before evaluation).",
+                         "Block-by-block outputs are evaluated in float32 (the bf16 run's weights are exactly its bf16 values).",
+                         "Closed loop: each block is calibrated on the outputs of the already-compressed blocks; open loop: on the "
+                         "original model's activations (what the whole-model path sees). The Fisher (fwhiten) is always the "
+                         "original model's (exact, block-wise backward).",
+                         "2 shared CPU cores: wall times are noisy; compare within one run only."])
+    _plot(args.name, results)
 
 
 def _label(path, dtype, calibrate_on) -> str:
