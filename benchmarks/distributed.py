@@ -1,7 +1,7 @@
 """Distributed block-by-block compression (issue 14): 1 process x 2 threads against 2 processes x 1 thread (torchrun,
 gloo) on this machine, then a scaling model for 7B and 70B on 1, 8 and 64 GPUs built from the measured costs.
 
-    python benchmarks/distributed.py [--model smollm2-135m] [--ratio 0.8] [--windows 8] [--tokens 4096]
+    python benchmarks/distributed.py [--model smollm2-135m] [--ratio 0.8] [--windows 8] [--tokens 4096] [--name NAME]
 
 Each configuration is a child process (torchrun for 2 processes) running compress_sequential (fwhiten, closed loop,
 float32 on the CPU) and the perplexity of its output, with the phases timed by wrapping lmshrink.sequential's own
@@ -165,8 +165,10 @@ def main() -> None:
     parser.add_argument("--data", default="wikitext-2")
     parser.add_argument("--targets", action="append", default=None, help="as compress --targets (default: linears)")
     parser.add_argument("--model-windows", type=int, default=32, help="calibration windows assumed by the scaling model")
+    parser.add_argument("--name", default=None, help="results name (default: distributed, or distributed_MODEL for another model)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    name = args.name or ("distributed" if args.model == "smollm2-135m" else f"distributed_{args.model}")
     if args.child:
         child(json.loads(args.child))
         return
@@ -203,14 +205,14 @@ def main() -> None:
                    "|---|---|---|---|---|---|---|"]
     model_table += [f"| {r['model']} | {r['gpus']} | {r['per_block_calibration_s']:.2f} | {r['per_block_factorize_s']:.2f} | "
                     f"{r['per_block_comm_s']:.2f} | {r['total_min']:.1f} | {100 * r['comm_share']:.0f}% |" for r in model_rows]
-    write_results("distributed", {"runs": runs, "per_matrix": fits, "cpu_factor_flops": cpu_factor_rate, "scaling_model": model_rows,
+    write_results(name, {"runs": runs, "per_matrix": fits, "cpu_factor_flops": cpu_factor_rate, "scaling_model": model_rows,
                                   "assumptions": {"gpu_matmul_flops": GPU_MATMUL_FLOPS, "gpu_factor_flops": GPU_FACTOR_FLOPS,
                                                   "nvlink_bytes_per_s": NVLINK_BYTES, "network_bytes_per_s": NETWORK_BYTES,
                                                   "calibration_flops_per_param_token": CALIBRATION_PASSES,
                                                   "windows": args.model_windows, "window": args.window}},
                   ["run (processes x threads)", "calibration s", "of which Fisher s", "factorize s", "evaluate s", "wall s", "perplexity"],
                   table, notes)
-    with open(SCRIPT.parent / "results" / "distributed.md", "a") as file:
+    with open(SCRIPT.parent / "results" / f"{name}.md", "a") as file:
         file.write("\n".join(model_table) + "\n")
 
 
