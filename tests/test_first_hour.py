@@ -186,6 +186,14 @@ def test_help_and_methods_name_the_lstm_groups_and_allocations():
     assert allocations.split()[0] == "uniform" and "\nsensitivity " in allocations
 
 
+def test_top_level_help_names_every_built_in_model_and_text():
+    from lmshrink.models.builtin import BUILTINS
+
+    help_text = " ".join(CliRunner().invoke(main, ["--help"], terminal_width=400).output.split())
+    assert "gemma3-270m" in BUILTINS and all(name in help_text for name in BUILTINS)
+    assert all(f"'{name}'" in help_text for name in ("wikitext-2", "ptb", "pydoc", "stdlib")) and "+self" in help_text
+
+
 def test_cache_lists_and_clears(tmp_path, monkeypatch):
     from lmshrink.calibration import collect_stats
     from lmshrink.plan import select_targets

@@ -16,6 +16,7 @@ import torch
 from lmshrink.bounds import Bounds
 from lmshrink.data import DATA_CHOICES
 from lmshrink.errors import DistributedError, InvalidArgument, LmshrinkError
+from lmshrink.models.builtin import BUILTINS
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHOD = "fwhiten"  # best measured at --ratio 0.8 on SmolLM2 (benchmarks/results/importance.md)
@@ -154,16 +155,14 @@ MAX_TOKENS = 100_000_000  # evaluation tokens; more than any test set lmshrink r
 MAX_WINDOW = 1 << 20
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+             help="Shrink language models with low-rank and tensor decompositions, and measure what it cost.\n\n"
+                  f"MODEL is a built-in name ({', '.join(BUILTINS)}), a Hugging Face directory, a .gguf file, or a directory "
+                  f"saved by lmshrink. DATA is {DATA_CHOICES} ('wikitext-2' and 'ptb' from the shared data folder, "
+                  "LMSHRINK_DATA; 'pydoc' and 'stdlib' from Python itself).")
 @click.version_option(package_name="lmshrink")
 @click.option("--threads", type=_integer(1, MAX_THREADS), default=None, help=f"CPU threads for torch, 1..{MAX_THREADS} (default: torch's choice).")
 def main(threads):
-    """Shrink language models with low-rank and tensor decompositions, and measure what it cost.
-
-    MODEL is a built-in name (smollm2-135m, minilm-l6), a Hugging Face directory, a .gguf file, or a
-    directory saved by lmshrink. DATA is a text file, a folder with train/test files (WikiText-2, PTB),
-    'wikitext-2' or 'ptb' (from the shared data folder, LMSHRINK_DATA), or 'stdlib'.
-    """
     if threads:
         torch.set_num_threads(threads)
 
