@@ -277,7 +277,7 @@ def test_a_killed_train_lm_does_not_block_the_next(tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
 
 
-def test_a_signal_during_the_cleanup_of_a_failed_write_waits_for_the_cleanup(tmp_path, monkeypatch, models):
+def test_a_signal_during_the_cleanup_of_a_failed_write_waits_for_the_cleanup(tmp_path, monkeypatch):
     """torchrun's SIGTERM often lands while an error unwinds: it must not stop the partial folder's removal halfway."""
     real_rmtree = shutil.rmtree
 
