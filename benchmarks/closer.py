@@ -103,7 +103,7 @@ def child(spec: dict) -> dict:
         loaded = lmshrink.load(out)
     seconds = time.perf_counter() - start
     ppl = corpus_perplexity(loaded, test, tokens=spec["tokens"], window=spec["window"], progress=False)
-    return {"seconds": seconds, "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"]}
+    return {"seconds": seconds, "perplexity": ppl["perplexity"], "eval_tokens": ppl["tokens"], "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -187,10 +187,10 @@ def _write(name: str, runs: list[dict], write_results) -> None:
              (f" self_share={r['self_share']:g}" if r.get("self_share") is not None else ""), r["method"] or "-", r["allocation"] if r["method"] else "-",
              r["ratio"], r["calib"], r["data"], r["windows"], r["tokens"], r.get("perplexity"),
              (r["perplexity"] / dense[r["model"], r["data"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["data"], r["tokens"]) in dense else None,
-             r.get("seconds"), r.get("error")] for r in runs]
+             r.get("seconds"), r.get("threads"), r.get("error")] for r in runs]
     write_results(name, {"runs": runs},
                   ["model", "variant", "method", "allocation", "ratio", "calibration text", "evaluation text", "windows", "eval tokens", "perplexity (test split)", "x dense",
-                   "wall s (compress, incl. load)", "error"], rows,
+                   "wall s (compress, incl. load)", "threads", "error"], rows,
                   notes=["Each row's own command is in the JSON (rows from several invocations are merged).",
                          "Sensitivity: one global budget over the linears; uniform: every matrix at the ratio; window 512.",
                          "x dense: against the dense row of the same model, evaluation text and tokens.",
