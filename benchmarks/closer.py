@@ -142,7 +142,8 @@ def main() -> None:
         run.setdefault("joint", False)  # rows from before --joint
         run.setdefault("options", {})  # rows from before --option
     if args.replot:
-        _write(args.name, runs, write_results)
+        saved = json.loads(previous.read_text())
+        _write(args.name, runs, write_results, {"command": saved["command"], "environment": saved["environment"]})
         return
     env = {**os.environ, "LMSHRINK_NO_STATS_CACHE": "1"}
     todo = [(variant, float(ratio)) for ratio in args.ratios.split(",") for variant in args.variants.split(",")]
@@ -176,7 +177,8 @@ def _command() -> str:
     return command_line()
 
 
-def _write(name: str, runs: list[dict], write_results) -> None:
+def _write(name: str, runs: list[dict], write_results, kept: dict | None = None) -> None:
+    """The table and the PNG; ``kept``: the command and environment to state (a replot keeps the last measuring run's)."""
     order = {v: i for i, v in enumerate(["dense", *VARIANTS])}
     runs = sorted(runs, key=lambda r: (r["model"], r["calib"], -(r["ratio"] or 2), order.get(r["variant"], 9)))
     dense = {(r["model"], r["data"], r["tokens"]): r.get("perplexity") for r in runs if r["variant"] == "dense" and r.get("perplexity")}
@@ -188,7 +190,7 @@ def _write(name: str, runs: list[dict], write_results) -> None:
              r["ratio"], r["calib"], r["data"], r["windows"], r["tokens"], r.get("perplexity"),
              (r["perplexity"] / dense[r["model"], r["data"], r["tokens"]]) if r.get("perplexity") and (r["model"], r["data"], r["tokens"]) in dense else None,
              r.get("seconds"), r.get("threads"), r.get("error")] for r in runs]
-    write_results(name, {"runs": runs},
+    write_results(name, {"runs": runs, **(kept or {})},
                   ["model", "variant", "method", "allocation", "ratio", "calibration text", "evaluation text", "windows", "eval tokens", "perplexity (test split)", "x dense",
                    "wall s (compress, incl. load)", "threads", "error"], rows,
                   notes=["Each row's own command is in the JSON (rows from several invocations are merged).",
