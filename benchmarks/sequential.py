@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, command_line, run_child  # noqa: E402
+from _common import RESULTS, command_line, run_child, write_results  # noqa: E402
 
 
 def child(spec: dict) -> dict:
@@ -116,8 +116,6 @@ def _previous(name: str) -> list[dict]:
 
 def _write(args, results: list[dict], kept: dict | None = None) -> None:
     """The table and the PNG; ``kept``: the command and environment to state (a replot keeps the measuring run's)."""
-    from _common import write_results
-
     order = {"dense": 0, "whole": 1, "sequential": 2}
     results = sorted(results, key=lambda r: (r["model"], -(r["ratio"] or 2), order[r["path"]], r["calibrate_on"] or "", r["dtype"] or ""))
     rows = [[r["label"], r["method"] or "-", r["ratio"], r.get("perplexity"), r.get("peak_rss_mib"), r.get("seconds"),
@@ -152,8 +150,6 @@ def _plot(name: str, results: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from _common import RESULTS
 
     done = [r for r in results if r.get("perplexity") is not None]
     if not done:
