@@ -45,7 +45,8 @@ def one_thread():
 
 def _torchrun(args, cwd, script: str | None = None, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1",
-           "LMSHRINK_NO_STATS_CACHE": "1", "LMSHRINK_DIST_TIMEOUT": "120", "TOKENIZERS_PARALLELISM": "false"}
+           "LMSHRINK_NO_STATS_CACHE": "1", "LMSHRINK_DIST_TIMEOUT": "120", "TOKENIZERS_PARALLELISM": "false",
+           "TMPDIR": str(cwd)}  # a rank killed by a test cannot remove its scratch folder: keep it in the test's folder
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     if script is not None:
         path = Path(cwd) / "worker.py"
