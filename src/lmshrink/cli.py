@@ -16,7 +16,7 @@ import torch
 from lmshrink.bounds import Bounds
 from lmshrink.data import DATA_CHOICES
 from lmshrink.errors import DistributedError, InvalidArgument, LmshrinkError
-from lmshrink.models.builtin import BUILTINS
+from lmshrink.models.builtin import BUILTINS, cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METHOD = "fwhiten"  # best measured at --ratio 0.8 on SmolLM2 (benchmarks/results/importance.md)
@@ -867,8 +867,6 @@ CACHE_PARTS = {"models": "built-in models (fetched again on next use)", "stats":
 
 
 def _cache_entries() -> list[dict]:
-    from lmshrink.models.builtin import cache_dir
-
     entries = []
     for part in CACHE_PARTS:
         folder = cache_dir() / part
@@ -894,7 +892,6 @@ def _cache_entries() -> list[dict]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def cache_list(as_json):
     """Every cache entry with its size on disk."""
-    from lmshrink.models.builtin import cache_dir
 
     entries = _cache_entries()
     total = sum(e["bytes"] for e in entries)
