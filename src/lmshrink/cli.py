@@ -892,7 +892,6 @@ def _cache_entries() -> list[dict]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def cache_list(as_json):
     """Every cache entry with its size on disk."""
-
     entries = _cache_entries()
     total = sum(e["bytes"] for e in entries)
     if as_json:
