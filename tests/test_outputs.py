@@ -291,3 +291,57 @@ def test_a_signal_during_the_cleanup_of_a_failed_write_waits_for_the_cleanup(tmp
             (staging / "half.bin").write_bytes(b"0" * 1024)
             raise RuntimeError("a worker was lost")
     assert list(tmp_path.iterdir()) == []  # no partial folder, no lock file
+
+
+def _scratch_child(parent: Path, end: str) -> subprocess.Popen:
+    """A process that makes a scratch folder in ``parent``, prints its path, then either waits ('wait') or
+    kills itself with SIGKILL ('kill'), which runs no cleanup."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from lmshrink.outputs import scratch_directory
+        with scratch_directory("lmshrink-scratch-", sys.argv[1]) as folder:
+            (folder / "activations.bin").write_bytes(b"0" * 4096)
+            print(folder, flush=True)
+            if {end!r} == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            sys.stdin.readline()
+    """)
+    return subprocess.Popen([sys.executable, "-c", script, str(parent)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_a_scratch_folder_left_by_a_killed_process_is_removed_by_the_next(tmp_path):
+    """A SIGKILLed worker (OOM killer, torchrun) cannot clean up: the next scratch folder made there removes its
+    leftovers, and leaves alone those of living processes, other prefixes and one still being made."""
+    dead = _scratch_child(tmp_path, "kill")
+    dead_folder = Path(dead.stdout.readline().strip())
+    assert dead.wait() == -signal.SIGKILL and (dead_folder / "activations.bin").is_file()
+    living = _scratch_child(tmp_path, "wait")
+    living_folder = Path(living.stdout.readline().strip())
+    being_made = tmp_path / "lmshrink-scratch-beingmade"  # mkdtemp done, lock file not yet: too young to judge
+    being_made.mkdir()
+    other = tmp_path / "lmshrink-blocks-x"
+    other.mkdir()
+    try:
+        with outputs.scratch_directory("lmshrink-scratch-", tmp_path) as mine:
+            assert mine.is_dir() and (mine / outputs.SCRATCH_LOCK).is_file()
+            assert not dead_folder.exists()
+            assert living_folder.is_dir() and being_made.is_dir() and other.is_dir()
+        assert not mine.exists()
+    finally:
+        living.communicate("\n")
+    assert living.returncode == 0 and not living_folder.exists()
+    # An unlocked folder without a lock file is judged dead once it is old.
+    old = time.time() - 2 * 3600
+    os.utime(being_made, (old, old))
+    assert outputs.remove_dead_scratch(tmp_path, "lmshrink-scratch-") == [being_made]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lmshrink-blocks-x"]
+
+
+def test_sigterm_removes_the_scratch_folder_and_ends_the_process(tmp_path):
+    child = _scratch_child(tmp_path, "wait")
+    folder = Path(child.stdout.readline().strip())
+    assert folder.is_dir()
+    child.terminate()
+    assert child.wait(timeout=30) == -signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,11 @@ A run that writes a directory ``DIR`` (``compress --out``, ``import-lm --out``, 
    moved back if the second rename fails; a crash between the two is repaired by step 2 of the next run.
    SIGTERM is handled like SIGINT while staging: the partial directory is removed, then the signal proceeds.
    A signal that lands while that removal (or the swap) runs waits for it to finish.
+
+Scratch folders (``scratch_directory``: a distributed worker's activations, the block engine's output before it is
+measured) live in the system's temporary folder and hold an fcntl lock while their process lives: a process killed
+by SIGKILL (the OOM killer, torchrun tearing a job down) runs no cleanup, so the next scratch_directory call with the
+same prefix removes every folder whose lock nobody holds.
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +49,8 @@ MANIFEST = "lmshrink.json"  # what marks a directory as lmshrink's own (the same
 VIRTUAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
+SCRATCH_LOCK = ".owner.lock"  # inside a scratch folder; locked by the process that uses the folder
+_UNLOCKED_GRACE_S = 3600  # a scratch folder without its lock file is one being made, unless older than this
 
 
 # Outputs this process holds, so that save() inside a command that reserved its --out reuses the reservation
@@ -234,6 +244,73 @@ def _clean_siblings(output: Output) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
         else:
             sibling.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch_directory(prefix: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A new private folder ``PARENT/PREFIX<random>`` (PARENT: the system's temporary folder) for this process,
+    removed on exit, on SIGINT and on SIGTERM. Folders with the same prefix left by dead processes (see the module
+    docstring) are removed first."""
+    parent = Path(tempfile.gettempdir() if parent is None else parent)
+    remove_dead_scratch(parent, prefix)
+    with _signals_as_interrupts() as guard:
+        folder, lock_fd = None, -1
+        try:
+            with guard.deferred():  # the folder and its lock appear together, or neither does
+                folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+                lock_fd = _locked_file(folder / SCRATCH_LOCK)
+            yield folder
+        finally:
+            with guard.deferred():
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                if lock_fd >= 0:
+                    os.close(lock_fd)
+
+
+def remove_dead_scratch(parent: Path, prefix: str) -> list[Path]:
+    """Remove the scratch folders ``PARENT/PREFIX*`` of this user whose lock no living process holds; return them."""
+    removed = []
+    for folder in parent.glob(glob.escape(prefix) + "*") if parent.is_dir() else []:
+        try:
+            info = folder.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        try:
+            fd = os.open(folder / SCRATCH_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:  # killed between mkdtemp and the lock (or being made right now: wait a while)
+            if time.time() - info.st_mtime > _UNLOCKED_GRACE_S:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process is alive
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _locked_file(path: Path) -> int:
+    """Create ``path`` already locked: made under another name, locked, then renamed, so no other process ever
+    finds it unlocked while its owner lives."""
+    making = path.with_name(path.name + ".new")
+    fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(making, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _make_parents(parent: Path, argument: str) -> list[Path]:

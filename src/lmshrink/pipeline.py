@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from lmshrink.errors import DataError, InvalidArgument
 from lmshrink.finetune import finetune as finetune_model
 from lmshrink.io import MANIFEST, load, read_manifest, save
 from lmshrink.models import LoadedModel, load_model
+from lmshrink.outputs import nonfinite_tensors, scratch_directory
 from lmshrink.plan import Plan
 from lmshrink.progress import Stages
 from lmshrink.surgery import CompressionReport, compress
@@ -235,7 +235,7 @@ def _run_whole_model(model, plans, corpus, device, dtype, evaluate, finetune, ou
     from lmshrink.recipes import apply_recipe, check_recipe
     from lmshrink.surgery import check_plan
 
-    with tempfile.TemporaryDirectory(prefix="lmshrink-blocks-") if blocks else contextlib.nullcontext() as scratch:
+    with scratch_directory("lmshrink-blocks-") if blocks else contextlib.nullcontext() as scratch:
         compressed = None
         if blocks:
             report = _compress_block_by_block(model, recipe or plans[0], corpus, Path(scratch) / "model", device or "cpu",
@@ -484,8 +484,6 @@ def fidelity_sentences(corpus) -> list[str]:
 
 
 def check_finite(loaded, flag: str, method: str) -> None:
-    from lmshrink.outputs import nonfinite_tensors
-
     bad = nonfinite_tensors(loaded.model)
     if bad:
         cause = "refinement training" if flag == "--finetune-lr" else f"method {method!r}"

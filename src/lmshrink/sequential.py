@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +49,7 @@ from lmshrink.refit import refit_block
 from lmshrink.shards import ShardWriter, fill, materialize, open_source, release, return_freed_memory
 from lmshrink.devices import dtype_name, resolve_device, resolve_dtype
 from lmshrink.io import check_out, staging_directory, write_manifest
+from lmshrink.outputs import scratch_directory
 from lmshrink.budget import weighted_spectra
 from lmshrink.surgery import CompressionReport, check_plan, compress, factorize_targets, replace_modules
 from lmshrink.version import __version__
@@ -553,7 +553,7 @@ def compress_sequential(source, plan, data: Corpus | str | None, out: str | Path
     rows, outer_reports = [], []
     # Rank 0 writes the output (staged beside it, swapped in at the end); the others only need scratch space.
     staged = staging_directory(out, overwrite) if world.main else contextlib.nullcontext(None)
-    with staged as staging, tempfile.TemporaryDirectory(dir=staging, prefix=".scratch-" if world.main else "lmshrink-scratch-") as scratch:
+    with staged as staging, scratch_directory(".scratch-" if world.main else "lmshrink-scratch-", staging) as scratch:
         engine.scratch, engine.offload_bytes = Path(scratch), offload_bytes
         writer = ShardWriter(staging) if world.main else _NoWriter()  # tensors as held: the working dtype; k-bit scales float16
         engine.load_outer()
