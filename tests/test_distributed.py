@@ -77,12 +77,17 @@ def test_shards_cover_every_window_once_and_packing_balances_cost():
             assert sum(parts, []) == list(range(count))  # contiguous, in order, each window once
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert SINGLE.shard(7) == slice(0, 7)
-    # A LLaMA block (d=64, ffn=128, 2 kv heads): the MLP matrices cost most and go to different ranks first.
+    # A LLaMA block (d=64, ffn=128, 2 kv heads): q k v o gate up down. The down projection (n = ffn) costs most
+    # (measured: about twice the up projection, benchmarks/matrix_cost.md), then gate and up, which an SVD's
+    # m·n·min(m, n) alone would rank equal to it.
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
     costs = [matrix_cost(s) for s in shapes]
+    assert costs[6] > costs[4] == costs[5] > costs[0] == costs[3] > costs[1] == costs[2]
+    assert costs[6] == 64 * 128 * 64 + 128 ** 3 // 8 and costs[4] == 128 * 64 * 64 + 64 ** 3 // 8
     owners = pack_by_cost(costs, 2)
     loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
-    assert owners == [1, 0, 1, 1, 0, 1, 0] and loads[0] == loads[1]  # largest first, each to the least loaded rank
+    # Largest first, each to the least loaded rank: down -> 0, gate -> 1, up -> 1, q -> 0, o -> 0, k -> 1, v -> 1.
+    assert owners == [0, 1, 1, 0, 1, 1, 0] and max(loads) / min(loads) < 1.06
     assert pack_by_cost(costs, 9).count(7) == 0 and sorted(pack_by_cost(costs, 9)) == list(range(7))  # 2 ranks idle
     assert pack_by_cost(costs, 1) == [0] * 7
 
