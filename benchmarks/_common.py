@@ -8,6 +8,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,16 @@ def peak_rss_mib() -> float:
 
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def best_seconds(run, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``run()``, in seconds (the least disturbed by other jobs on the machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def run_child(command: list[str], env: dict | None = None) -> dict:

@@ -12,14 +12,13 @@ each predicts, and the makespan of the longest-processing-time packing that each
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from lmshrink.distributed import matrix_cost, pack_by_cost
 from lmshrink.methods import get_method
 
-from _common import write_results
+from _common import best_seconds, write_results
 
 BLOCKS = {  # (out, in) of a decoder block's linears
     "smollm2-135m": {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -35,15 +34,6 @@ def statistics(m: int, n: int, generator: torch.Generator) -> dict:
     gram = inputs.T @ inputs / inputs.shape[0]
     return {"input_gram": gram, "input_sq_mean": gram.diagonal().clone(), "input_abs_mean": inputs.abs().mean(0),
             "fisher": torch.rand(m, n, generator=generator) + 1e-3}
-
-
-def best_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def makespan(owners: list[int], seconds: list[float], size: int) -> float:

@@ -10,22 +10,12 @@ with torch.linalg.eigh.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from lmshrink.decompose import small_eigh
 
-from _common import write_results
-
-
-def best_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from _common import best_seconds, write_results
 
 
 def main():
