@@ -5,7 +5,7 @@ gloo) on this machine, then a scaling model for 7B and 70B on 1, 8 and 64 GPUs b
 
 Each configuration is a child process (torchrun for 2 processes) running compress_sequential (fwhiten, closed loop,
 float32 on the CPU) and the perplexity of its output, with the phases timed by wrapping lmshrink.sequential's own
-steps: the exact-Fisher pass (``exact_fisher``), the factorization (``_factorize_block``, including sharing the
+steps: the exact-Fisher pass (``exact_fisher``), the factorization (``factorize_targets``, including sharing the
 factors) and the rest of the compression (input statistics, closed-loop forward, reading and writing blocks).
 Every factorization call is timed with its matrix shape, which gives the per-matrix cost fit of the model.
 """
@@ -37,7 +37,7 @@ def child(spec: dict) -> None:
     world = init_world("cpu")
     phases = {"fisher_s": 0.0, "factorize_s": 0.0}
     matrices = []
-    fisher, factorize_block = seq.exact_fisher, seq._factorize_block
+    fisher, factorize_targets = seq.exact_fisher, seq.factorize_targets
 
     def timed_fisher(*args, **kwargs):
         start = time.perf_counter()
@@ -56,14 +56,14 @@ def child(spec: dict) -> None:
             matrices.append({"shape": list(weight.shape), "rank": rank, "seconds": time.perf_counter() - start})
             return factors
 
-    def timed_block(loaded, world_, targets, ranks, method, stats, options):
+    def timed_targets(loaded, targets, ranks, method, *rest):
         start = time.perf_counter()
         try:
-            return factorize_block(loaded, world_, targets, ranks, Timed(method), stats, options)
+            return factorize_targets(loaded, targets, ranks, Timed(method), *rest)
         finally:
             phases["factorize_s"] += time.perf_counter() - start
 
-    seq.exact_fisher, seq._factorize_block = timed_fisher, timed_block
+    seq.exact_fisher, seq.factorize_targets = timed_fisher, timed_targets
     corpus = lmshrink.load_corpus(spec["data"])
     plan = lmshrink.Plan(method="fwhiten", ratio=spec["ratio"], calibration_windows=spec["windows"], window=spec["window"],
                          targets=tuple(spec["targets"]))
