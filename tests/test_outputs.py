@@ -297,7 +297,7 @@ def _scratch_child(parent: Path, end: str) -> subprocess.Popen:
     """A process that makes a scratch folder in ``parent``, prints its path, then either waits ('wait') or
     kills itself with SIGKILL ('kill'), which runs no cleanup."""
     script = textwrap.dedent(f"""
-        import os, signal, sys, time
+        import os, signal, sys
         from lmshrink.outputs import scratch_directory
         with scratch_directory("lmshrink-scratch-", sys.argv[1]) as folder:
             (folder / "activations.bin").write_bytes(b"0" * 4096)
